@@ -1,0 +1,66 @@
+# longpoll: `make run` starts the demo, `make test` runs every test.
+# Both install what is missing first (Debian packages, with sudo when not root).
+
+LUA       ?= lua5.4
+LUA_INC   ?= /usr/include/lua5.4
+CC        ?= gcc
+CFLAGS    ?= -O2 -g
+WARN      := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wstrict-prototypes -Werror=implicit-function-declaration
+CORE_SRC  := src/lp_buf.c src/lp_json.c src/lp_store.c src/lp_uuid.c
+CORE_HDR  := $(wildcard src/*.h)
+BUILD     := build
+MODULE    := $(BUILD)/longpoll/core.so
+SANITIZE  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+HOST      ?= 127.0.0.1
+PORT      ?= 8101
+
+DEBIAN_PACKAGES := lua5.4 liblua5.4-dev lua-cjson lua-luv lua-luv-dev libuv1-dev lua-busted luarocks \
+                   gcc make valgrind
+
+.PHONY: all deps build test test-c test-lua test-asan valgrind run bench soak fuzz lint clean
+
+all: build
+
+deps:
+	@scripts/install-deps $(DEBIAN_PACKAGES)
+
+build: $(MODULE)
+
+$(MODULE): $(CORE_SRC) src/lp_lua.c $(CORE_HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c -o $@
+
+$(BUILD)/test_core: tests/test_core.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_core.c $(CORE_SRC) -o $@
+
+$(BUILD)/test_core_plain: tests/test_core.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g -Isrc tests/test_core.c $(CORE_SRC) -o $@
+
+test-c: $(BUILD)/test_core $(BUILD)/test_core_plain
+	@scripts/run-tests c
+
+test-lua: build
+	@scripts/run-tests lua
+
+# `make test`: deps, build, C tests (ASan+UBSan, then valgrind), every busted spec, one summary line.
+test: deps build $(BUILD)/test_core $(BUILD)/test_core_plain
+	@scripts/run-tests all
+
+$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c $(CORE_HDR)
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c -o $@
+
+test-asan: deps $(BUILD)/asan/longpoll/core.so
+	@scripts/run-tests asan
+
+run: deps build
+	$(LUA) bin/longpoll serve --host $(HOST) --port $(PORT) --static examples/demo
+
+lint:
+	luacheck lua spec bin examples
+	clang-format --dry-run --Werror src/*.c src/*.h tests/*.c
+
+clean:
+	rm -rf $(BUILD)

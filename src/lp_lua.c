@@ -1,0 +1,366 @@
+/* lp_lua: the Lua binding of the core, module longpoll.core. The one file
+ * that includes the Lua headers; errors become `nil, message` here. */
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lp_json.h"
+#include "lp_store.h"
+
+#define STORE_MT "longpoll.Store"
+#define LP_CORE_VERSION "0.1.0"
+
+typedef struct store_ud {
+  lp_store *store; /* NULL once closed */
+  uint64_t *woken; /* handles woken by the last publish */
+  size_t nwoken, woken_cap;
+  int woken_failed; /* out of memory while collecting them */
+  lp_buf out;       /* reused answer buffer */
+} store_ud;
+
+static store_ud *check_store(lua_State *L, int i) {
+  store_ud *u = luaL_checkudata(L, i, STORE_MT);
+  luaL_argcheck(L, u->store != NULL, i, "store is closed");
+  return u;
+}
+
+static int fail(lua_State *L, const char *msg) {
+  luaL_pushfail(L);
+  lua_pushstring(L, msg);
+  return 2;
+}
+
+static lua_Integer opt_int_field(lua_State *L, int t, const char *k, lua_Integer def, lua_Integer min) {
+  lua_getfield(L, t, k);
+  lua_Integer v = def;
+  if (!lua_isnil(L, -1)) {
+    int ok;
+    v = lua_tointegerx(L, -1, &ok);
+    if (!ok || v < min) luaL_error(L, "option '%s' must be an integer >= %d", k, (int)min);
+  }
+  lua_pop(L, 1);
+  return v;
+}
+
+/* core.new_store{max_event_buffer_size=, event_ttl_ms=, delete_after_first=,
+ *   max_category_bytes=, max_categories=, max_waiting_per_category=} */
+static int l_new_store(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lp_store_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.max_event_buffer_size = (size_t)opt_int_field(L, 1, "max_event_buffer_size", 250, 1);
+  cfg.event_ttl_ms = (int64_t)opt_int_field(L, 1, "event_ttl_ms", 0, 0);
+  cfg.max_category_bytes = (size_t)opt_int_field(L, 1, "max_category_bytes", 1024, 1);
+  cfg.max_categories = (size_t)opt_int_field(L, 1, "max_categories", 0, 0);
+  cfg.max_waiting_per_category = (size_t)opt_int_field(L, 1, "max_waiting_per_category", 0, 0);
+  lua_getfield(L, 1, "delete_after_first");
+  cfg.delete_after_first = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  /* userdata first, in a safe empty state, then the resources */
+  store_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
+  memset(u, 0, sizeof *u);
+  luaL_setmetatable(L, STORE_MT);
+  u->store = lp_store_new(&cfg);
+  if (!u->store) return luaL_error(L, "cannot create store (out of memory or no random source)");
+  return 1;
+}
+
+static int store_close(lua_State *L) {
+  store_ud *u = luaL_checkudata(L, 1, STORE_MT);
+  lp_store_free(u->store);
+  u->store = NULL;
+  free(u->woken);
+  u->woken = NULL;
+  u->nwoken = u->woken_cap = 0;
+  lp_buf_free(&u->out);
+  return 0;
+}
+
+static lp_slice check_slice(lua_State *L, int i) {
+  lp_slice s;
+  s.ptr = luaL_checklstring(L, i, &s.len);
+  return s;
+}
+
+static void on_wake(void *ctx, uint64_t handle) {
+  store_ud *u = ctx;
+  if (u->nwoken == u->woken_cap) {
+    size_t cap = u->woken_cap ? u->woken_cap * 2 : 16;
+    uint64_t *w = realloc(u->woken, cap * sizeof *w);
+    if (!w) {
+      u->woken_failed = 1;
+      return;
+    }
+    u->woken = w;
+    u->woken_cap = cap;
+  }
+  u->woken[u->nwoken++] = handle;
+}
+
+static void push_event(lua_State *L, const lp_published *p) {
+  lua_pushlstring(L, p->json, p->json_len);
+  lua_pushstring(L, p->id);
+  lua_pushinteger(L, (lua_Integer)p->timestamp);
+}
+
+/* store:publish(category, data_json, now_ms) -> json, id, timestamp, woken, buffered
+ * woken is an array of subscription handles (possibly empty). */
+static int l_publish(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_slice cat = check_slice(L, 2);
+  lp_slice data = check_slice(L, 3);
+  lua_Integer now = luaL_checkinteger(L, 4);
+  lp_published p;
+  u->nwoken = 0;
+  u->woken_failed = 0;
+  int rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
+  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  push_event(L, &p);
+  lua_createtable(L, (int)u->nwoken, 0);
+  for (size_t i = 0; i < u->nwoken; i++) {
+    lua_pushinteger(L, (lua_Integer)u->woken[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  lua_pushboolean(L, p.buffered);
+  if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
+  return 5;
+}
+
+/* store:restore(category, data_json, id, timestamp) -> json | nil, err */
+static int l_restore(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_slice cat = check_slice(L, 2);
+  lp_slice data = check_slice(L, 3);
+  const char *id = luaL_checkstring(L, 4);
+  lua_Integer ts = luaL_checkinteger(L, 5);
+  lp_published p;
+  int rc = lp_store_restore(u->store, cat, data, id, (int64_t)ts, &p);
+  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  lua_pushlstring(L, p.json, p.json_len);
+  return 1;
+}
+
+#define MAX_CATEGORIES 64
+
+/* Reads a category or an array of them at index i into out; returns the count. */
+static size_t check_categories(lua_State *L, int i, lp_slice *out) {
+  if (lua_type(L, i) == LUA_TSTRING) {
+    out[0] = check_slice(L, i);
+    return 1;
+  }
+  luaL_checktype(L, i, LUA_TTABLE);
+  size_t n = (size_t)lua_rawlen(L, i);
+  luaL_argcheck(L, n >= 1 && n <= MAX_CATEGORIES, i, "1 to 64 categories");
+  for (size_t k = 0; k < n; k++) {
+    lua_rawgeti(L, i, (lua_Integer)k + 1);
+    luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, i, "categories must be strings");
+    out[k].ptr = lua_tolstring(L, -1, &out[k].len);
+    lua_pop(L, 1); /* still referenced by the table */
+  }
+  return n;
+}
+
+/* store:fetch(categories, since_ms, last_id|nil, now_ms) -> body|nil, count, missed
+ * or nil, message for a bad category. */
+static int l_fetch(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_slice cats[MAX_CATEGORIES];
+  size_t n = check_categories(L, 2, cats);
+  lua_Integer since = luaL_checkinteger(L, 3);
+  const char *last_id = luaL_optstring(L, 4, NULL);
+  lua_Integer now = luaL_checkinteger(L, 5);
+  char lower[LP_UUID_LEN + 1];
+  if (last_id) {
+    if (!lp_uuid_is_valid(last_id, strlen(last_id))) return fail(L, "last_id is not a UUID");
+    for (size_t i = 0; i <= LP_UUID_LEN; i++)
+      lower[i] = (char)(last_id[i] >= 'A' && last_id[i] <= 'F' ? last_id[i] + 32 : last_id[i]);
+    last_id = lower;
+  }
+  size_t count;
+  int missed;
+  lp_buf_reset(&u->out);
+  int rc = lp_store_fetch(u->store, cats, n, (int64_t)since, last_id, (int64_t)now, &u->out, &count, &missed);
+  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  if (count == 0) {
+    lua_pushnil(L);
+  } else {
+    lua_pushlstring(L, u->out.data, u->out.len);
+  }
+  lua_pushinteger(L, (lua_Integer)count);
+  lua_pushboolean(L, missed);
+  /* one huge answer should not pin its memory for the store's lifetime */
+  if (u->out.cap > (1u << 20)) lp_buf_free(&u->out);
+  return 3;
+}
+
+/* store:wait(categories) -> handle | nil, message */
+static int l_wait(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_slice cats[MAX_CATEGORIES];
+  size_t n = check_categories(L, 2, cats);
+  uint64_t handle;
+  int rc = lp_store_wait(u->store, cats, n, &handle);
+  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  lua_pushinteger(L, (lua_Integer)handle);
+  return 1;
+}
+
+static int l_cancel(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lua_pushboolean(L, lp_store_cancel(u->store, (uint64_t)luaL_checkinteger(L, 2)));
+  return 1;
+}
+
+static int l_mark_time(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lua_pushinteger(L, (lua_Integer)lp_store_mark_time(u->store, (int64_t)luaL_checkinteger(L, 2)));
+  return 1;
+}
+
+static int l_expire(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lua_pushinteger(L, (lua_Integer)lp_store_expire(u->store, (int64_t)luaL_checkinteger(L, 2)));
+  return 1;
+}
+
+static void set_int(lua_State *L, const char *k, lua_Integer v) {
+  lua_pushinteger(L, v);
+  lua_setfield(L, -2, k);
+}
+
+static void on_category(void *ctx, lp_slice name, size_t events, size_t bytes, size_t waiting) {
+  lua_State *L = ctx;
+  lua_createtable(L, 0, 3);
+  set_int(L, "events", (lua_Integer)events);
+  set_int(L, "bytes", (lua_Integer)bytes);
+  set_int(L, "waiting", (lua_Integer)waiting);
+  lua_pushlstring(L, name.ptr, name.len);
+  lua_insert(L, -2);
+  lua_rawset(L, -3);
+}
+
+/* store:stats([with_categories]) -> table */
+static int l_stats(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_store_stats st;
+  lp_store_get_stats(u->store, &st);
+  lua_createtable(L, 0, 9);
+  set_int(L, "categories", (lua_Integer)st.categories);
+  set_int(L, "events", (lua_Integer)st.events);
+  set_int(L, "event_bytes", (lua_Integer)st.event_bytes);
+  set_int(L, "waiting", (lua_Integer)st.waiting);
+  set_int(L, "published", (lua_Integer)st.published);
+  set_int(L, "delivered", (lua_Integer)st.delivered);
+  set_int(L, "dropped", (lua_Integer)st.dropped);
+  set_int(L, "last_timestamp", (lua_Integer)st.last_timestamp);
+  if (lua_toboolean(L, 2)) {
+    lua_createtable(L, 0, (int)st.categories);
+    lp_store_each_category(u->store, on_category, L);
+    lua_setfield(L, -2, "by_category");
+  }
+  return 1;
+}
+
+/* core.parse_publish(body) -> category, data_json | nil, message
+ * The messages are the wire contract's publish errors. */
+static int l_parse_publish(lua_State *L) {
+  size_t len;
+  const char *body = luaL_checklstring(L, 1, &len);
+  lua_Integer max_cat = luaL_optinteger(L, 2, 1024);
+  lp_publish_body pb;
+  const char *err;
+  if (lp_json_parse_publish(body, len, &pb, &err) != 0) {
+    luaL_pushfail(L);
+    lua_pushfstring(L, "Invalid POST body json: %s.", err);
+    return 2;
+  }
+  int ok_cat = pb.has_category && pb.category.len >= 1 && (lua_Integer)pb.category.len <= max_cat;
+  if (!ok_cat) {
+    lp_buf_free(&pb.category);
+    luaL_pushfail(L);
+    lua_pushfstring(L, "Invalid or missing 'category' arg, must be 1-%d characters long.", (int)max_cat);
+    return 2;
+  }
+  if (!pb.has_data) {
+    lp_buf_free(&pb.category);
+    return fail(L, "Invalid or missing 'data' arg, must be non-nil.");
+  }
+  lua_pushlstring(L, pb.category.data, pb.category.len);
+  lp_buf_free(&pb.category);
+  lua_pushlstring(L, pb.data, pb.data_len);
+  return 2;
+}
+
+/* core.json_check(text) -> true | nil, message */
+static int l_json_check(lua_State *L) {
+  size_t len;
+  const char *text = luaL_checklstring(L, 1, &len);
+  const char *err;
+  if (lp_json_check(text, len, &err) != 0) return fail(L, err);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int l_utf8_valid(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_pushboolean(L, lp_utf8_is_valid(s, len));
+  return 1;
+}
+
+static int l_uuid(lua_State *L) {
+  char id[LP_UUID_LEN + 1];
+  if (lp_uuid_v4(id) != 0) return fail(L, "the OS random source failed");
+  lua_pushstring(L, id);
+  return 1;
+}
+
+static int l_is_uuid(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  lua_pushboolean(L, lp_uuid_is_valid(s, len));
+  return 1;
+}
+
+static int l_json_string(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  if (!lp_utf8_is_valid(s, len)) return fail(L, "not valid UTF-8");
+  lp_buf b = LP_BUF_INIT;
+  if (lp_json_append_string(&b, s, len) != 0) {
+    lp_buf_free(&b);
+    return luaL_error(L, "out of memory");
+  }
+  lua_pushlstring(L, b.data, b.len);
+  lp_buf_free(&b);
+  return 1;
+}
+
+static const luaL_Reg store_methods[] = {{"publish", l_publish}, {"restore", l_restore},
+                                         {"fetch", l_fetch},     {"wait", l_wait},
+                                         {"cancel", l_cancel},   {"mark_time", l_mark_time},
+                                         {"expire", l_expire},   {"stats", l_stats},
+                                         {"close", store_close}, {NULL, NULL}};
+
+static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
+
+static const luaL_Reg core_functions[] = {{"new_store", l_new_store},   {"parse_publish", l_parse_publish},
+                                          {"json_check", l_json_check}, {"json_string", l_json_string},
+                                          {"utf8_valid", l_utf8_valid}, {"uuid", l_uuid},
+                                          {"is_uuid", l_is_uuid},       {NULL, NULL}};
+
+int luaopen_longpoll_core(lua_State *L) {
+  if (luaL_newmetatable(L, STORE_MT)) {
+    luaL_setfuncs(L, store_meta, 0);
+    luaL_newlib(L, store_methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, core_functions);
+  lua_pushliteral(L, "longpoll.core");
+  lua_setfield(L, -2, "_NAME");
+  lua_pushliteral(L, LP_CORE_VERSION);
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}

@@ -1,0 +1,114 @@
+/* lp_store: the sans-I/O heart of longpoll. Categories map to bounded event
+ * buffers; waiting subscriptions hang off their categories. Time is always an
+ * argument (epoch milliseconds); nothing here reads a clock or a socket. */
+#ifndef LP_STORE_H
+#define LP_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "lp_buf.h"
+#include "lp_uuid.h"
+
+enum {
+  LP_OK = 0,
+  LP_ENOMEM = -1,
+  LP_EINVAL = -2,  /* empty or oversized category, bad arguments */
+  LP_EUTF8 = -3,   /* category is not valid UTF-8 */
+  LP_EORDER = -4,  /* a restored event is older than one already stored */
+  LP_ERANDOM = -5, /* the OS random source failed */
+  LP_ELIMIT = -6,  /* a resource cap was reached */
+};
+
+/* A short message for an LP_E* code (static storage). */
+const char *lp_strerror(int code);
+
+typedef struct lp_store_config {
+  size_t max_event_buffer_size;    /* events kept per category, >= 1 */
+  int64_t event_ttl_ms;            /* 0: events never expire */
+  int delete_after_first;          /* golongpoll's DeleteEventAfterFirstRetrieval */
+  size_t max_category_bytes;       /* 1024 in the wire contract */
+  size_t max_categories;           /* 0: no cap */
+  size_t max_waiting_per_category; /* 0: no cap */
+} lp_store_config;
+
+typedef struct lp_slice {
+  const char *ptr;
+  size_t len;
+} lp_slice;
+
+/* What a publish produced. json points into the store and stays valid until
+ * the next call on the store. */
+typedef struct lp_published {
+  char id[LP_UUID_LEN + 1];
+  int64_t timestamp;
+  uint64_t seq;
+  const char *json; /* {"timestamp":..,"category":..,"data":..,"id":".."} */
+  size_t json_len;
+  int buffered; /* 0 when delete-after-first handed it to waiters instead */
+} lp_published;
+
+typedef struct lp_store lp_store;
+
+/* Called once per subscription woken by a publish; the subscription has
+ * already been removed from every category, so its handle is dead. */
+typedef void (*lp_wake_fn)(void *ctx, uint64_t handle);
+
+/* Returns an owned store (free with lp_store_free), or NULL when memory runs
+ * out or the config is invalid. The config is copied. */
+lp_store *lp_store_new(const lp_store_config *cfg);
+/* Frees the store, its events and its subscriptions. NULL is allowed. */
+void lp_store_free(lp_store *s);
+
+/* Publishes data_json (valid JSON text, checked by the caller) in category at
+ * now_ms. Waiting subscriptions of the category are woken through wake(ctx,
+ * handle). On success fills *out. */
+int lp_store_publish(lp_store *s, lp_slice category, lp_slice data_json, int64_t now_ms, lp_wake_fn wake, void *ctx,
+                     lp_published *out);
+
+/* Puts back an event read from persistence, keeping its id and timestamp.
+ * Events must come oldest first (LP_EORDER otherwise). Wakes nobody. */
+int lp_store_restore(lp_store *s, lp_slice category, lp_slice data_json, const char *id, int64_t timestamp,
+                     lp_published *out);
+
+/* Appends to out the answer {"events":[...]} (with "missed":true when the
+ * cursor is older than events the buffers dropped) holding the events of the
+ * categories after the cursor (since_ms, last_id), oldest first, and sets
+ * *count. last_id may be NULL. Nothing is appended when *count is 0. With
+ * delete-after-first, the events returned are removed. */
+int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t ncategories, int64_t since_ms, const char *last_id,
+                   int64_t now_ms, lp_buf *out, size_t *count, int *missed);
+
+/* Registers a waiting subscription on the categories (1 or more). Returns
+ * LP_OK and a handle, which stays valid until the subscription is woken or
+ * cancelled. */
+int lp_store_wait(lp_store *s, const lp_slice *categories, size_t ncategories, uint64_t *handle);
+/* Removes a waiting subscription: 1 when it was waiting, 0 for a dead handle. */
+int lp_store_cancel(lp_store *s, uint64_t handle);
+
+/* A timestamp for a timeout answer: max(now, last issued). Every later event
+ * gets a larger timestamp, so a client continuing from it misses nothing. */
+int64_t lp_store_mark_time(lp_store *s, int64_t now_ms);
+
+/* Drops expired events and frees categories left empty. Returns how many
+ * events were dropped. */
+size_t lp_store_expire(lp_store *s, int64_t now_ms);
+
+typedef struct lp_store_stats {
+  size_t categories;
+  size_t events;
+  size_t event_bytes; /* bytes of event JSON held */
+  size_t waiting;     /* waiting subscriptions */
+  uint64_t published;
+  uint64_t delivered; /* events handed out, counted once per subscriber */
+  uint64_t dropped;   /* events dropped by size or TTL */
+  int64_t last_timestamp;
+} lp_store_stats;
+
+void lp_store_get_stats(const lp_store *s, lp_store_stats *st);
+
+/* Per-category detail: calls fn for each category (order unspecified). */
+typedef void (*lp_category_fn)(void *ctx, lp_slice name, size_t events, size_t bytes, size_t waiting);
+void lp_store_each_category(const lp_store *s, lp_category_fn fn, void *ctx);
+
+#endif

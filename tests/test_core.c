@@ -1,0 +1,388 @@
+/* C tests of the core with fake time: every store rule of the wire contract.
+ * TAP output; built with ASan+UBSan and run under valgrind by `make test`. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lp_json.h"
+#include "lp_store.h"
+
+static int test_no = 0, failures = 0;
+
+#define CHECK(cond)                                                     \
+  do {                                                                  \
+    if (!(cond)) {                                                      \
+      printf("# %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+      ok = 0;                                                           \
+    }                                                                   \
+  } while (0)
+
+static void report(const char *name, int ok) {
+  test_no++;
+  if (!ok) failures++;
+  printf("%sok %d - %s\n", ok ? "" : "not ", test_no, name);
+}
+
+static lp_slice S(const char *s) { return (lp_slice){s, strlen(s)}; }
+
+static lp_store *new_store(size_t size, int64_t ttl, int daf) {
+  lp_store_config cfg = {size, ttl, daf, 1024, 0, 0};
+  return lp_store_new(&cfg);
+}
+
+typedef struct woken {
+  uint64_t handles[64];
+  size_t n;
+} woken;
+
+static void on_wake(void *ctx, uint64_t h) {
+  woken *w = ctx;
+  if (w->n < 64) w->handles[w->n++] = h;
+}
+
+static lp_published pub(lp_store *s, const char *cat, const char *data, int64_t now) {
+  lp_published p;
+  memset(&p, 0, sizeof p);
+  int rc = lp_store_publish(s, S(cat), S(data), now, NULL, NULL, &p);
+  if (rc != LP_OK) printf("# publish failed: %s\n", lp_strerror(rc));
+  return p;
+}
+
+/* fetch of one category; returns count and leaves the answer in out */
+static size_t fetch1(lp_store *s, const char *cat, int64_t since, const char *last_id, int64_t now, lp_buf *out,
+                     int *missed) {
+  size_t count = 0;
+  int m = 0;
+  lp_buf_reset(out);
+  lp_slice c = S(cat);
+  lp_store_fetch(s, &c, 1, since, last_id, now, out, &count, &m);
+  if (missed) *missed = m;
+  if (out->len) lp_buf_append_char(out, '\0');
+  return count;
+}
+
+static int contains(const lp_buf *b, const char *needle) { return b->len && strstr(b->data, needle) != NULL; }
+
+static void test_publish_and_fetch_order(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_published a = pub(s, "news", "\"a\"", 1000);
+  lp_published b = pub(s, "news", "{\"x\":[1,2]}", 1001);
+  pub(s, "other", "3", 1002);
+  CHECK(a.timestamp == 1000 && b.timestamp == 1001);
+  CHECK(strlen(a.id) == 36 && a.id[14] == '4' && strchr("89ab", a.id[19]));
+  CHECK(strcmp(a.id, b.id) != 0);
+  lp_buf out = LP_BUF_INIT;
+  size_t n = fetch1(s, "news", 0, NULL, 2000, &out, NULL);
+  CHECK(n == 2);
+  char expect[512];
+  snprintf(expect, sizeof expect,
+           "{\"events\":[{\"timestamp\":1000,\"category\":\"news\",\"data\":\"a\",\"id\":\"%s\"},"
+           "{\"timestamp\":1001,\"category\":\"news\",\"data\":{\"x\":[1,2]},\"id\":\"%s\"}]}",
+           a.id, b.id);
+  CHECK(out.len && strcmp(out.data, expect) == 0);
+  CHECK(fetch1(s, "news", 1000, NULL, 2000, &out, NULL) == 1); /* strictly after since_time */
+  CHECK(fetch1(s, "news", 1001, NULL, 2000, &out, NULL) == 0);
+  CHECK(fetch1(s, "nothing", 0, NULL, 2000, &out, NULL) == 0);
+  CHECK(fetch1(s, "news", 5000, NULL, 2000, &out, NULL) == 0); /* since_time in the future */
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("publish and fetch: order, shape, since_time strictly after", ok);
+}
+
+static void test_same_millisecond_cursor(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_published e[4];
+  for (int i = 0; i < 4; i++) e[i] = pub(s, "c", "1", 7000); /* all in one millisecond */
+  lp_buf out = LP_BUF_INIT;
+  CHECK(fetch1(s, "c", 7000, e[1].id, 8000, &out, NULL) == 2);
+  CHECK(contains(&out, e[2].id) && contains(&out, e[3].id) && !contains(&out, e[1].id));
+  CHECK(fetch1(s, "c", 7000, e[3].id, 8000, &out, NULL) == 0);
+  CHECK(fetch1(s, "c", 7000, NULL, 8000, &out, NULL) == 0); /* no last_id: that ms was seen */
+  CHECK(fetch1(s, "c", 6999, NULL, 8000, &out, NULL) == 4);
+  /* an unknown (evicted) last_id: every event of that millisecond is newer */
+  CHECK(fetch1(s, "c", 7000, "00000000-0000-4000-8000-000000000000", 8000, &out, NULL) == 4);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("several events in one millisecond: the (since_time, last_id) cursor", ok);
+}
+
+static void test_overflow_and_missed(void) {
+  int ok = 1;
+  lp_store *s = new_store(3, 0, 0);
+  lp_published e[5];
+  for (int i = 0; i < 5; i++) e[i] = pub(s, "c", "1", 100 + i);
+  lp_buf out = LP_BUF_INIT;
+  int missed = 0;
+  CHECK(fetch1(s, "c", 0, NULL, 200, &out, &missed) == 3);
+  CHECK(missed == 1 && contains(&out, "\"missed\":true") && !contains(&out, e[1].id) && contains(&out, e[2].id));
+  CHECK(fetch1(s, "c", 101, e[1].id, 200, &out, &missed) == 3);
+  CHECK(missed == 0); /* the client saw the newest dropped event itself */
+  CHECK(fetch1(s, "c", 102, e[2].id, 200, &out, &missed) == 2 && missed == 0);
+  CHECK(fetch1(s, "c", 100, e[0].id, 200, &out, &missed) == 3 && missed == 1);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.events == 3 && st.dropped == 2 && st.categories == 1);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("buffer overflow drops the oldest first and reports missed", ok);
+}
+
+static void test_ttl(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 1000, 0);
+  pub(s, "a", "1", 10000);
+  pub(s, "b", "2", 10500);
+  lp_buf out = LP_BUF_INIT;
+  CHECK(fetch1(s, "a", 0, NULL, 10999, &out, NULL) == 1);
+  CHECK(fetch1(s, "a", 0, NULL, 11000, &out, NULL) == 0); /* expired at exactly ttl */
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 1 && st.events == 1); /* "a" was freed */
+  CHECK(lp_store_expire(s, 11500) == 1);
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 0 && st.events == 0 && st.event_bytes == 0);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("TTL drops events and frees empty categories", ok);
+}
+
+static void test_category_with_waiter_survives_ttl(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 1000, 0);
+  pub(s, "a", "1", 0);
+  uint64_t h;
+  lp_slice a = S("a");
+  CHECK(lp_store_wait(s, &a, 1, &h) == LP_OK);
+  lp_store_expire(s, 5000);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 1 && st.events == 0 && st.waiting == 1);
+  CHECK(lp_store_cancel(s, h) == 1);
+  CHECK(lp_store_cancel(s, h) == 0); /* a dead handle */
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 0 && st.waiting == 0);
+  lp_store_free(s);
+  report("a category with a waiting subscriber is kept; cancel frees it", ok);
+}
+
+static void test_wake_and_cancel(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_slice a = S("a"), b = S("b"), ab[2] = {S("a"), S("b")};
+  uint64_t h1, h2, h3, h4;
+  CHECK(lp_store_wait(s, &a, 1, &h1) == LP_OK);
+  CHECK(lp_store_wait(s, &a, 1, &h2) == LP_OK);
+  CHECK(lp_store_wait(s, &b, 1, &h3) == LP_OK);
+  CHECK(lp_store_wait(s, ab, 2, &h4) == LP_OK);
+  CHECK(lp_store_cancel(s, h2) == 1);
+  woken w = {{0}, 0};
+  lp_published p;
+  CHECK(lp_store_publish(s, a, S("1"), 10, on_wake, &w, &p) == LP_OK);
+  CHECK(w.n == 2);
+  int saw1 = 0, saw4 = 0;
+  for (size_t i = 0; i < w.n; i++) saw1 |= w.handles[i] == h1, saw4 |= w.handles[i] == h4;
+  CHECK(saw1 && saw4);
+  /* h4 waited on both: being woken by "a" removed it from "b" too */
+  w.n = 0;
+  CHECK(lp_store_publish(s, b, S("2"), 11, on_wake, &w, &p) == LP_OK);
+  CHECK(w.n == 1 && w.handles[0] == h3);
+  CHECK(lp_store_cancel(s, h1) == 0 && lp_store_cancel(s, h4) == 0);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.waiting == 0 && st.delivered == 3);
+  lp_store_free(s);
+  report("publish wakes every waiter of its category once; cancel is O(1) and idempotent", ok);
+}
+
+static void test_delete_after_first(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 1);
+  lp_buf out = LP_BUF_INIT;
+  /* with a waiter: handed to it, never buffered */
+  lp_slice a = S("a");
+  uint64_t h;
+  CHECK(lp_store_wait(s, &a, 1, &h) == LP_OK);
+  woken w = {{0}, 0};
+  lp_published p;
+  CHECK(lp_store_publish(s, a, S("\"x\""), 10, on_wake, &w, &p) == LP_OK);
+  CHECK(w.n == 1 && p.buffered == 0 && strstr(p.json, "\"x\"") != NULL);
+  CHECK(fetch1(s, "a", 0, NULL, 20, &out, NULL) == 0);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 0 && st.events == 0);
+  /* without: buffered, then removed by the first fetch */
+  pub(s, "a", "1", 30);
+  pub(s, "a", "2", 31);
+  CHECK(fetch1(s, "a", 30, NULL, 40, &out, NULL) == 1);
+  CHECK(fetch1(s, "a", 30, NULL, 40, &out, NULL) == 0);
+  CHECK(fetch1(s, "a", 0, NULL, 40, &out, NULL) == 1); /* the older one was not handed out */
+  CHECK(fetch1(s, "a", 0, NULL, 40, &out, NULL) == 0);
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 0 && st.events == 0);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("delete after first retrieval, with and without waiting subscribers", ok);
+}
+
+static void test_clock_steps_back(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_published a = pub(s, "c", "1", 5000);
+  lp_published b = pub(s, "c", "2", 3000); /* the wall clock went back */
+  CHECK(b.timestamp == 5000 && b.seq > a.seq);
+  int64_t t = lp_store_mark_time(s, 4000);
+  CHECK(t == 5000);
+  lp_published c = pub(s, "c", "3", 4500);
+  CHECK(c.timestamp == 5001); /* never equal to a timeout answer's timestamp */
+  lp_buf out = LP_BUF_INIT;
+  CHECK(fetch1(s, "c", t, NULL, 6000, &out, NULL) == 1 && contains(&out, c.id));
+  CHECK(fetch1(s, "c", 5000, a.id, 6000, &out, NULL) == 2);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("timestamps never decrease when the clock steps back; timeout marks are safe", ok);
+}
+
+static void test_multi_category_cursor(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_published a1 = pub(s, "a", "1", 100);
+  lp_published b1 = pub(s, "b", "1", 100);
+  lp_published a2 = pub(s, "a", "2", 100);
+  lp_published b2 = pub(s, "b", "2", 101);
+  lp_slice ab[2] = {S("a"), S("b")};
+  lp_buf out = LP_BUF_INIT;
+  size_t count;
+  int missed;
+  CHECK(lp_store_fetch(s, ab, 2, 0, NULL, 200, &out, &count, &missed) == LP_OK && count == 4);
+  lp_buf_append_char(&out, '\0');
+  const char *p1 = strstr(out.data, a1.id), *p2 = strstr(out.data, b1.id), *p3 = strstr(out.data, a2.id),
+             *p4 = strstr(out.data, b2.id);
+  CHECK(p1 && p2 && p3 && p4 && p1 < p2 && p2 < p3 && p3 < p4);
+  lp_buf_reset(&out);
+  /* last_id from "b" positions the cursor in "a" too */
+  CHECK(lp_store_fetch(s, ab, 2, 100, b1.id, 200, &out, &count, &missed) == LP_OK && count == 2);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("several categories: one merged stream, one cursor", ok);
+}
+
+static void test_bad_categories_and_limits(void) {
+  int ok = 1;
+  lp_store_config cfg = {10, 0, 0, 8, 2, 1};
+  lp_store *s = lp_store_new(&cfg);
+  lp_published p;
+  CHECK(lp_store_publish(s, S(""), S("1"), 1, NULL, NULL, &p) == LP_EINVAL);
+  CHECK(lp_store_publish(s, S("123456789"), S("1"), 1, NULL, NULL, &p) == LP_EINVAL);
+  CHECK(lp_store_publish(s, (lp_slice){"\xff\xfe", 2}, S("1"), 1, NULL, NULL, &p) == LP_EUTF8);
+  CHECK(lp_store_publish(s, S("a"), S("1"), 1, NULL, NULL, &p) == LP_OK);
+  CHECK(lp_store_publish(s, S("b"), S("1"), 1, NULL, NULL, &p) == LP_OK);
+  CHECK(lp_store_publish(s, S("c"), S("1"), 1, NULL, NULL, &p) == LP_ELIMIT); /* max_categories */
+  uint64_t h;
+  lp_slice a = S("a");
+  CHECK(lp_store_wait(s, &a, 1, &h) == LP_OK);
+  CHECK(lp_store_wait(s, &a, 1, &h) == LP_ELIMIT); /* max_waiting_per_category */
+  CHECK(lp_store_publish(s, S("a\"\\\n"), S("1"), 1, NULL, NULL, &p) == LP_ELIMIT);
+  lp_store_free(s);
+  lp_store *t = new_store(10, 0, 0);
+  CHECK(lp_store_publish(t, S("q\"\\\n\x01/"), S("1"), 1, NULL, NULL, &p) == LP_OK);
+  CHECK(strstr(p.json, "\"category\":\"q\\\"\\\\\\n\\u0001/\"") != NULL);
+  lp_store_free(t);
+  report("bad categories, category escaping, caps on categories and waiters", ok);
+}
+
+static void test_restore(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_published p;
+  const char *id = "7C17587A-3437-4861-BEF7-8F29905589E4";
+  CHECK(lp_store_restore(s, S("n"), S("1"), id, 500, &p) == LP_OK);
+  CHECK(strstr(p.json, "7c17587a-3437-4861-bef7-8f29905589e4") != NULL);
+  CHECK(lp_store_restore(s, S("n"), S("2"), "not-a-uuid", 600, &p) == LP_EINVAL);
+  CHECK(lp_store_restore(s, S("n"), S("2"), id, 400, &p) == LP_EORDER);
+  lp_published q = pub(s, "n", "3", 100); /* the clock is behind the restored events */
+  CHECK(q.timestamp == 500);
+  lp_store_free(s);
+  report("restore keeps ids and timestamps and refuses events out of order", ok);
+}
+
+static void test_memory_returns_to_baseline(void) {
+  int ok = 1;
+  lp_store *s = new_store(4, 1000, 0);
+  char name[32];
+  for (int i = 0; i < 100000; i++) {
+    snprintf(name, sizeof name, "category-%d", i);
+    pub(s, name, "{\"n\":1}", 10000 + i / 100);
+  }
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 100000 && st.events == 100000);
+  CHECK(lp_store_expire(s, 1000000) == 100000);
+  lp_store_get_stats(s, &st);
+  CHECK(st.categories == 0 && st.events == 0 && st.event_bytes == 0);
+  lp_store_free(s);
+  report("100,000 categories created and expired leave nothing behind", ok);
+}
+
+static void test_json_publish_body(void) {
+  int ok = 1;
+  lp_publish_body pb;
+  const char *err = NULL;
+  const char *body = " {\"category\":\"n\\u00e9ws\",\"data\":12345678901234567890123} ";
+  CHECK(lp_json_parse_publish(body, strlen(body), &pb, &err) == 0);
+  CHECK(pb.has_category && pb.category.len == 5 && memcmp(pb.category.data, "n\xc3\xa9ws", 5) == 0);
+  CHECK(pb.has_data && pb.data_len == 23 && memcmp(pb.data, "12345678901234567890123", 23) == 0);
+  lp_buf_free(&pb.category);
+  const char *bad[] = {"",
+                       "[]",
+                       "{\"category\":\"a\",\"data\":1} x",
+                       "{\"category\":\"a\",\"data\":01}",
+                       "{\"category\":\"a\",\"data\":\"\\ud800\"}",
+                       "{\"category\":\"a\" \"data\":1}",
+                       "{\"data\":[1,]}",
+                       "{\"data\":\"\xff\"}",
+                       "{\"a\":tru}",
+                       "{"};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+    int rc = lp_json_parse_publish(bad[i], strlen(bad[i]), &pb, &err);
+    if (rc == 0) printf("# accepted: %s\n", bad[i]), lp_buf_free(&pb.category);
+    CHECK(rc == -1);
+  }
+  body = "{\"category\":5,\"data\":null}";
+  CHECK(lp_json_parse_publish(body, strlen(body), &pb, &err) == 0 && !pb.has_category && pb.category_bad_type &&
+        !pb.has_data);
+  lp_buf_free(&pb.category);
+  /* nesting deeper than the limit is an error, not a crash */
+  size_t depth = 100000;
+  char *deep = malloc(depth * 2 + 32);
+  size_t n = (size_t)sprintf(deep, "{\"data\":");
+  for (size_t i = 0; i < depth; i++) deep[n++] = '[';
+  for (size_t i = 0; i < depth; i++) deep[n++] = ']';
+  deep[n++] = '}';
+  CHECK(lp_json_parse_publish(deep, n, &pb, &err) == -1 && strstr(err, "deep") != NULL);
+  free(deep);
+  {
+    const char *j = "[[[{\"a\":[1,2,{}]}]]]";
+    CHECK(lp_json_check(j, strlen(j), &err) == 0);
+  }
+  report("publish body parsing: raw data, escapes, strictness, depth limit", ok);
+}
+
+int main(void) {
+  test_publish_and_fetch_order();
+  test_same_millisecond_cursor();
+  test_overflow_and_missed();
+  test_ttl();
+  test_category_with_waiter_survives_ttl();
+  test_wake_and_cancel();
+  test_delete_after_first();
+  test_clock_steps_back();
+  test_multi_category_cursor();
+  test_bad_categories_and_limits();
+  test_restore();
+  test_memory_returns_to_baseline();
+  test_json_publish_body();
+  printf("1..%d\n", test_no);
+  return failures ? 1 : 0;
+}
