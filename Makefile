@@ -26,9 +26,9 @@ deps:
 
 build: $(MODULE)
 
-$(MODULE): $(CORE_SRC) src/lp_lua.c $(CORE_HDR)
+$(MODULE): $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c -o $@
+	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c -o $@
 
 $(BUILD)/test_core: tests/test_core.c $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
@@ -48,9 +48,9 @@ test-lua: build
 test: deps build $(BUILD)/test_core $(BUILD)/test_core_plain
 	@scripts/run-tests all
 
-$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c $(CORE_HDR)
+$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c -o $@
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c -o $@
 
 test-asan: deps $(BUILD)/asan/longpoll/core.so
 	@scripts/run-tests asan

@@ -8,6 +8,8 @@
 #include "lp_json.h"
 #include "lp_store.h"
 
+int lp_lua_json_encode(lua_State *L); /* lp_lua_json.c */
+
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"
 
@@ -348,7 +350,7 @@ static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_c
 static const luaL_Reg core_functions[] = {{"new_store", l_new_store},   {"parse_publish", l_parse_publish},
                                           {"json_check", l_json_check}, {"json_string", l_json_string},
                                           {"utf8_valid", l_utf8_valid}, {"uuid", l_uuid},
-                                          {"is_uuid", l_is_uuid},       {NULL, NULL}};
+                                          {"is_uuid", l_is_uuid}, {"json_encode", lp_lua_json_encode},       {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

@@ -1,0 +1,170 @@
+-- The command line of bin/longpoll: flag parsing, and `serve`, which mounts
+-- the manager's handlers on the built-in server and shuts down gracefully.
+local uv = require "luv"
+
+local M = {}
+
+local USAGE = [[
+usage: longpoll serve [flags]
+
+Serves golongpoll-compatible long-poll pub-sub over HTTP.
+
+flags:
+  --host ADDR            address to listen on (default 127.0.0.1; "::1" for IPv6)
+  --port N               port (default 8101; 0 picks a free one, printed on start)
+  --subscribe-path PATH  subscription handler path (default /events)
+  --publish-path PATH    publish handler path (default /publish; empty turns it off)
+  --max-timeout S        largest 'timeout' a subscriber may ask for (default 110)
+  --buffer-size N        events kept per category (default 250)
+  --ttl S                seconds an event is kept (default: forever)
+  --delete-after-first   remove an event once it has been handed out
+  --static DIR           serve the files of DIR under / (index.html for /)
+  --js-prefix PATH       where the browser client is served (default /js/, as /js/longpoll.js)
+  --persist FILE         keep events in FILE (one JSON per line), restored on start
+  --flush-ms N           with --persist: write batches every N ms (default 1000)
+  --fsync                with --persist: fsync every flush
+  --error-status N       HTTP status of subscribe errors: 200 (golongpoll) or 400
+  --max-connections N    connection cap (default 10000)
+  --log-level LEVEL      debug, info, warn or error (default warn)
+  --quiet                no start-up line
+  -h, --help             this text
+
+SIGINT or SIGTERM: stop accepting, answer waiting polls with the timeout
+answer, flush add-ons, exit 0.
+]]
+
+local FLAGS = {
+  ["--host"] = "string", ["--port"] = "integer", ["--subscribe-path"] = "string",
+  ["--publish-path"] = "string", ["--max-timeout"] = "integer", ["--buffer-size"] = "integer",
+  ["--ttl"] = "number", ["--delete-after-first"] = "boolean", ["--static"] = "string",
+  ["--js-prefix"] = "string", ["--persist"] = "string", ["--flush-ms"] = "integer",
+  ["--fsync"] = "boolean", ["--error-status"] = "integer", ["--max-connections"] = "integer",
+  ["--log-level"] = "string", ["--quiet"] = "boolean",
+}
+
+-- Returns a table of flag values (keys without the dashes), or nil, message.
+function M.parse(args, first)
+  local out = {}
+  local i = first or 1
+  while i <= #args do
+    local a = args[i]
+    local name, inline = a:match("^(%-%-[%w-]+)=(.*)$")
+    name = name or a
+    local kind = FLAGS[name]
+    if a == "-h" or a == "--help" then
+      out.help = true
+    elseif not kind then
+      return nil, ("unknown flag '%s'"):format(a)
+    elseif kind == "boolean" then
+      if inline then return nil, ("flag %s takes no value"):format(name) end
+      out[name:sub(3)] = true
+    else
+      local v = inline
+      if v == nil then
+        i = i + 1
+        v = args[i]
+      end
+      if v == nil then return nil, ("flag %s needs a value"):format(name) end
+      if kind == "integer" then
+        v = v:match("^%d+$") and math.tointeger(tonumber(v))
+        if not v then return nil, ("flag %s needs a whole number"):format(name) end
+      elseif kind == "number" then
+        v = tonumber(v)
+        if not v or v <= 0 then return nil, ("flag %s needs a positive number"):format(name) end
+      end
+      out[name:sub(3)] = v
+    end
+    i = i + 1
+  end
+  return out
+end
+
+local function die(msg)
+  io.stderr:write("longpoll: ", msg, "\n(see longpoll serve --help)\n")
+  return 2
+end
+
+local function module_dir()
+  local path = package.searchpath("longpoll.manager", package.path)
+  return path and path:match("^(.*)/manager%.lua$")
+end
+
+function M.serve(flags)
+  local longpoll = require "longpoll"
+  local server_mod = require "longpoll.server"
+  local add_ons = {}
+  if flags.persist then
+    local file, err = require("longpoll.addons").file {
+      path = flags.persist, flush_interval_ms = flags["flush-ms"] or 1000, fsync = flags.fsync or false,
+      max_event_buffer_size = flags["buffer-size"], event_ttl_seconds = flags.ttl,
+    }
+    if not file then return die(err) end
+    add_ons[#add_ons + 1] = file
+  end
+  local manager, err = longpoll.start {
+    max_longpoll_timeout_seconds = flags["max-timeout"],
+    max_event_buffer_size = flags["buffer-size"],
+    event_ttl_seconds = flags.ttl,
+    delete_event_after_first_retrieval = flags["delete-after-first"] or nil,
+    subscribe_error_status = flags["error-status"],
+    add_on = #add_ons > 0 and add_ons or nil,
+    logger = { level = flags["log-level"] or "warn" },
+  }
+  if not manager then return die(err) end
+  local srv, serr = server_mod.new {
+    host = flags.host or "127.0.0.1", port = flags.port or 8101,
+    max_connections = flags["max-connections"],
+    logger = manager.logger,
+  }
+  if not srv then return die(serr) end
+  srv:route("GET", flags["subscribe-path"] or "/events", manager.subscription_handler)
+  local publish_path = flags["publish-path"] or "/publish"
+  if publish_path ~= "" then srv:route("*", publish_path, manager.publish_handler) end
+  -- the browser client is served from the installed module's js/ folder
+  local dir = module_dir()
+  if dir then srv:static(flags["js-prefix"] or "/js/", dir .. "/js") end
+  if flags.static then srv:static("/", flags.static) end
+  local port, lerr = srv:listen()
+  if not port then return die("cannot listen: " .. tostring(lerr)) end
+  if not flags.quiet then
+    local host = srv.host:find(":") and ("[" .. srv.host .. "]") or srv.host
+    io.stdout:write(("longpoll listening on http://%s:%d/\n"):format(host, port))
+    io.stdout:flush()
+  end
+  local signals = {}
+  local stopping = false
+  local function stop()
+    if stopping then return end
+    stopping = true
+    for _, s in ipairs(signals) do s:close() end
+    -- waiting polls get the timeout answer, add-ons flush, then the server closes
+    manager:shutdown_with_timeout(5, function()
+      srv:close(function() end)
+    end)
+  end
+  for _, name in ipairs { "sigint", "sigterm" } do
+    local s = uv.new_signal()
+    s:start(name, stop)
+    signals[#signals + 1] = s
+  end
+  uv.run()
+  return 0
+end
+
+function M.main(args)
+  args = args or {}
+  if args[1] == "-h" or args[1] == "--help" or args[1] == "help" then
+    io.stdout:write(USAGE)
+    return 0
+  end
+  if args[1] ~= "serve" then return die(args[1] and ("unknown command '" .. args[1] .. "'") or "missing command") end
+  local flags, err = M.parse(args, 2)
+  if not flags then return die(err) end
+  if flags.help then
+    io.stdout:write(USAGE)
+    return 0
+  end
+  return M.serve(flags)
+end
+
+return M

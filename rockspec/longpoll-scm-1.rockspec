@@ -1,0 +1,51 @@
+-- LuaRocks build of longpoll: the C core, the Lua modules, bin/longpoll and the JS client.
+package = "longpoll"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/longpoll/longpoll.git",
+}
+description = {
+  summary = "HTTP long-poll pub-sub for Lua 5.4, wire-compatible with golongpoll",
+  detailed = [[
+    A C core keeps events per category in bounded buffers with TTL; luv-based
+    HTTP handlers serve golongpoll's API so its Go and JS clients work
+    unchanged. Includes a Lua client, a browser client, file persistence and a
+    standalone server (bin/longpoll).
+  ]],
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.4",
+  "luv",
+  "lua-cjson",
+}
+build = {
+  type = "builtin",
+  modules = {
+    ["longpoll.core"] = {
+      sources = {
+        "src/lp_buf.c", "src/lp_json.c", "src/lp_store.c", "src/lp_uuid.c",
+        "src/lp_lua.c", "src/lp_lua_json.c",
+      },
+      defines = { "_GNU_SOURCE" },
+      incdirs = { "src" },
+    },
+    ["longpoll"] = "lua/longpoll/init.lua",
+    ["longpoll.manager"] = "lua/longpoll/manager.lua",
+    ["longpoll.options"] = "lua/longpoll/options.lua",
+    ["longpoll.log"] = "lua/longpoll/log.lua",
+    ["longpoll.timeouts"] = "lua/longpoll/timeouts.lua",
+    ["longpoll.cli"] = "lua/longpoll/cli.lua",
+    ["longpoll.server"] = "lua/longpoll/server.lua",
+    ["longpoll.http.parser"] = "lua/longpoll/http/parser.lua",
+    ["longpoll.http.request"] = "lua/longpoll/http/request.lua",
+    ["longpoll.http.response"] = "lua/longpoll/http/response.lua",
+    ["longpoll.http.util"] = "lua/longpoll/http/util.lua",
+  },
+  install = {
+    bin = { longpoll = "bin/longpoll" },
+    lua = {
+      ["longpoll.js.longpoll"] = "lua/longpoll/js/longpoll.js",
+    },
+  },
+}
