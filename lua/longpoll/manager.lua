@@ -89,6 +89,13 @@ function Manager:_publish_json(category, data_json, data)
         waiting[handle] = nil
         timeouts:cancel(handle)
         send_json(res, 200, body)
+      else
+        local watcher = self.watchers[handle]
+        if watcher then
+          self.watchers[handle] = nil
+          local ok, err = pcall(watcher, event)
+          if not ok then self:_log("error", "watcher failed", { error = tostring(err) }) end
+        end
       end
     end
   end
@@ -120,6 +127,26 @@ function Manager:publish_json(category, data_json)
   if not ok then return nil, "data_json is not JSON: " .. err end
   if data_json:match("^%s*null%s*$") then return nil, "data must not be null" end
   return self:_publish_json(category, data_json)
+end
+
+-- manager:watch(categories, on_event) -> handle | nil, message
+-- Calls on_event(event) once, for the next event published in any of the
+-- categories (a string or a list), then forgets the watch: a caller that wants
+-- more watches again (fetching with its cursor first). For in-process
+-- listeners and streaming handlers (SSE).
+function Manager:watch(categories, on_event)
+  if self.closed then return nil, "manager is shut down" end
+  local handle, err = self.store:wait(categories)
+  if not handle then return nil, err end
+  self.watchers[handle] = on_event
+  return handle
+end
+
+-- manager:unwatch(handle): ends a watch; true when it was still pending.
+function Manager:unwatch(handle)
+  if not self.watchers[handle] then return false end
+  self.watchers[handle] = nil
+  return self.store:cancel(handle)
 end
 
 function Manager:_answer_timeout(handle)
@@ -233,6 +260,7 @@ function Manager:_stop_serving()
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do self:_answer_timeout(handle) end
+  self.watchers = {}
   self.timeouts:close()
   if self.purge_timer then Timeouts.close_handle(self.purge_timer) end
 end
@@ -344,7 +372,8 @@ function M.start(options)
     ttl_ms = ttl_ms,
     logger = log.new(o.logger),
     add_ons = add_on_list(o.add_on),
-    waiting = {}, -- subscription handle -> res
+    waiting = {}, -- subscription handle -> res of a waiting long poll
+    watchers = {}, -- subscription handle -> function(event), see manager:watch
     store = core.new_store {
       max_event_buffer_size = o.max_event_buffer_size,
       event_ttl_ms = ttl_ms,
