@@ -15,7 +15,7 @@ HOST      ?= 127.0.0.1
 PORT      ?= 8101
 
 DEBIAN_PACKAGES := lua5.4 liblua5.4-dev lua-cjson lua-luv lua-luv-dev libuv1-dev lua-busted luarocks \
-                   gcc make valgrind
+                   gcc make valgrind libhiredis-dev lua-check clang-format
 
 .PHONY: all deps build test test-c test-lua test-asan valgrind run bench soak fuzz lint clean
 
@@ -59,8 +59,7 @@ run: deps build
 	$(LUA) bin/longpoll serve --host $(HOST) --port $(PORT) --static examples/demo
 
 lint:
-	luacheck lua spec bin examples
-	clang-format --dry-run --Werror src/*.c src/*.h tests/*.c
+	@scripts/test-lint
 
 clean:
 	rm -rf $(BUILD)

@@ -347,10 +347,10 @@ static const luaL_Reg store_methods[] = {{"publish", l_publish}, {"restore", l_r
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
-static const luaL_Reg core_functions[] = {{"new_store", l_new_store},   {"parse_publish", l_parse_publish},
-                                          {"json_check", l_json_check}, {"json_string", l_json_string},
-                                          {"utf8_valid", l_utf8_valid}, {"uuid", l_uuid},
-                                          {"is_uuid", l_is_uuid}, {"json_encode", lp_lua_json_encode},       {NULL, NULL}};
+static const luaL_Reg core_functions[] = {
+    {"new_store", l_new_store},     {"parse_publish", l_parse_publish},  {"json_check", l_json_check},
+    {"json_string", l_json_string}, {"utf8_valid", l_utf8_valid},        {"uuid", l_uuid},
+    {"is_uuid", l_is_uuid},         {"json_encode", lp_lua_json_encode}, {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

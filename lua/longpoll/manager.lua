@@ -208,8 +208,8 @@ function Manager:_subscribe(req, res)
   if sub.since then
     local body, count_or_err = store:fetch(sub.categories, sub.since, sub.last_id, now_ms())
     if body then return send_json(res, 200, body) end
-    if count_or_err == nil then -- fetch failed
-      return send_json(res, self.options.subscribe_error_status, error_body(tostring(select(2, store:fetch(sub.categories, 0, nil, 0)))))
+    if type(count_or_err) == "string" then
+      return send_json(res, self.options.subscribe_error_status, error_body(count_or_err))
     end
   end
   local handle, werr = store:wait(sub.categories)
