@@ -1,0 +1,65 @@
+-- The request object handlers receive: the parser's table, completed with the decoded path and
+-- query and given shared methods (no per-request closures: 50,000 waiting long polls are common).
+local util = require "longpoll.http.util"
+
+local find, sub, lower = string.find, string.sub, string.lower
+
+local request = {}
+
+local Request = {}
+Request.__index = Request
+
+-- All values of a query parameter in order ({} when absent).
+function Request:query_all(key)
+  return util.query_values(self.raw_query, key)
+end
+
+-- user, password from "Authorization: Basic ..."; nil when absent or malformed.
+function Request:basic_auth()
+  local auth = self.headers.authorization
+  if not auth or lower(sub(auth, 1, 6)) ~= "basic " then
+    return nil
+  end
+  local _, _, token = find(auth, "^%s*(%S+)%s*$", 7)
+  local decoded = token and util.base64_decode(token)
+  local colon = decoded and find(decoded, ":", 1, true)
+  if not colon then
+    return nil
+  end
+  return sub(decoded, 1, colon - 1), sub(decoded, colon + 1)
+end
+
+-- Turns a parsed request (see longpoll.http.parser) into a request object in place.
+-- Returns it, or nil, message when the target cannot be decoded (the caller answers 400).
+function request.new(parsed, remote_addr)
+  local target = parsed.target
+  local q = find(target, "?", 1, true)
+  local raw_path = q and sub(target, 1, q - 1) or target
+  local raw_query = q and sub(target, q + 1) or ""
+  -- absolute-form ("http://host/path", RFC 9112 3.2.2): only the path matters here.
+  if not find(raw_path, "^/") then
+    local _, e = find(raw_path, "^[%a][%w+.-]*://[^/]*")
+    if e then
+      raw_path = sub(raw_path, e + 1)
+      if raw_path == "" then
+        raw_path = "/"
+      end
+    elseif raw_path ~= "*" then
+      return nil, "invalid request target"
+    end
+  end
+  local path = util.decode(raw_path, false)
+  if not path then
+    return nil, "invalid percent-encoding in path"
+  end
+  local query, count = util.parse_query(raw_query)
+  if not query then
+    return nil, count
+  end
+  parsed.path, parsed.raw_path, parsed.raw_query = path, raw_path, raw_query
+  parsed.query, parsed.query_count = query, count
+  parsed.remote_addr = remote_addr
+  return setmetatable(parsed, Request)
+end
+
+return request

@@ -1,0 +1,162 @@
+-- Small HTTP helpers shared by the server, requests and responses: percent-decoding, query
+-- strings, the Date header, MIME types, status texts and base64 (for Basic auth).
+local util = {}
+
+local byte, char, find, gsub, sub, lower = string.byte, string.char, string.find, string.gsub,
+  string.sub, string.lower
+local tonumber, os_date, os_time = tonumber, os.date, os.time
+
+local function hex_to_char(h)
+  return char(tonumber(h, 16))
+end
+
+-- Decodes %XX escapes ('+' becomes a space when plus_is_space, as in query strings).
+-- Returns nil on a malformed escape so the caller can answer 400 instead of guessing.
+function util.decode(s, plus_is_space)
+  if plus_is_space and find(s, "+", 1, true) then
+    s = gsub(s, "+", " ")
+  end
+  if not find(s, "%", 1, true) then
+    return s
+  end
+  -- Every '%' must be followed by two hex digits; checked before decoding because a decoded
+  -- "%25" yields a literal '%' that must not be mistaken for a bad escape.
+  if find(s, "%%%X") or find(s, "%%%x%X") or find(s, "%%%x?$") then
+    return nil
+  end
+  return (gsub(s, "%%(%x%x)", hex_to_char))
+end
+
+-- Parses "a=1&b=2&a=3" into { a = "1", b = "2" } (first value wins) and the number of pairs.
+-- Returns nil, message on invalid percent-encoding.
+function util.parse_query(qs)
+  local first, count = {}, 0
+  if qs == nil or qs == "" then
+    return first, 0
+  end
+  local decode = util.decode
+  for pair in string.gmatch(qs, "[^&]+") do
+    local eq = find(pair, "=", 1, true)
+    local k, v
+    if eq then
+      k, v = decode(sub(pair, 1, eq - 1), true), decode(sub(pair, eq + 1), true)
+    else
+      k, v = decode(pair, true), ""
+    end
+    if not k or not v then
+      return nil, "invalid percent-encoding in query"
+    end
+    count = count + 1
+    if first[k] == nil then
+      first[k] = v
+    end
+  end
+  return first, count
+end
+
+-- All values of one key, in order; the query was validated when the request was built.
+function util.query_values(qs, key)
+  local out = {}
+  if qs == nil or qs == "" then
+    return out
+  end
+  local decode = util.decode
+  for pair in string.gmatch(qs, "[^&]+") do
+    local eq = find(pair, "=", 1, true)
+    local k = decode(eq and sub(pair, 1, eq - 1) or pair, true)
+    if k == key then
+      out[#out + 1] = eq and decode(sub(pair, eq + 1), true) or ""
+    end
+  end
+  return out
+end
+
+-- The Date header changes once a second; formatting it per response would be wasted work.
+local date_second, date_text = -1, ""
+function util.http_date(t)
+  if t then
+    return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
+  end
+  local now = os_time()
+  if now ~= date_second then
+    date_second = now
+    date_text = os_date("!%a, %d %b %Y %H:%M:%S GMT", now)
+  end
+  return date_text
+end
+
+util.mime_types = {
+  html = "text/html; charset=utf-8",
+  htm = "text/html; charset=utf-8",
+  css = "text/css; charset=utf-8",
+  js = "application/javascript; charset=utf-8",
+  mjs = "application/javascript; charset=utf-8",
+  json = "application/json",
+  map = "application/json",
+  txt = "text/plain; charset=utf-8",
+  md = "text/markdown; charset=utf-8",
+  xml = "application/xml",
+  svg = "image/svg+xml",
+  png = "image/png",
+  jpg = "image/jpeg",
+  jpeg = "image/jpeg",
+  gif = "image/gif",
+  webp = "image/webp",
+  ico = "image/x-icon",
+  wasm = "application/wasm",
+  woff = "font/woff",
+  woff2 = "font/woff2",
+  pdf = "application/pdf",
+}
+
+function util.mime_type(path)
+  local ext = string.match(path, "%.([%w]+)$")
+  return ext and util.mime_types[lower(ext)] or "application/octet-stream"
+end
+
+util.status_text = {
+  [100] = "Continue", [101] = "Switching Protocols",
+  [200] = "OK", [201] = "Created", [202] = "Accepted", [204] = "No Content",
+  [206] = "Partial Content",
+  [301] = "Moved Permanently", [302] = "Found", [303] = "See Other", [304] = "Not Modified",
+  [307] = "Temporary Redirect", [308] = "Permanent Redirect",
+  [400] = "Bad Request", [401] = "Unauthorized", [403] = "Forbidden", [404] = "Not Found",
+  [405] = "Method Not Allowed", [408] = "Request Timeout", [409] = "Conflict", [410] = "Gone",
+  [411] = "Length Required", [413] = "Content Too Large", [414] = "URI Too Long",
+  [415] = "Unsupported Media Type", [417] = "Expectation Failed", [429] = "Too Many Requests",
+  [431] = "Request Header Fields Too Large",
+  [500] = "Internal Server Error", [501] = "Not Implemented", [502] = "Bad Gateway",
+  [503] = "Service Unavailable", [504] = "Gateway Timeout", [505] = "HTTP Version Not Supported",
+}
+
+local b64 = {}
+do
+  local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+  for i = 1, 64 do
+    b64[byte(alphabet, i)] = i - 1
+  end
+end
+
+-- Standard base64 with optional '=' padding; nil when the input is not valid base64.
+function util.base64_decode(s)
+  s = gsub(s, "=+$", "")
+  local n = #s
+  if n % 4 == 1 or find(s, "[^%w+/]") then
+    return nil
+  end
+  local out = {}
+  for i = 1, n, 4 do
+    local a, b, c, d = byte(s, i, i + 3)
+    local v = (b64[a] << 18) | (b64[b] << 12) | ((c and b64[c] or 0) << 6) | (d and b64[d] or 0)
+    if d then
+      out[#out + 1] = char(v >> 16, (v >> 8) & 255, v & 255)
+    elseif c then
+      out[#out + 1] = char(v >> 16, (v >> 8) & 255)
+    else
+      out[#out + 1] = char(v >> 16)
+    end
+  end
+  return table.concat(out)
+end
+
+return util
