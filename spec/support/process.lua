@@ -1,0 +1,74 @@
+-- Test helper: runs bin/longpoll (or any lua5.4 script) as a child process
+-- inside async.run, reads its start-up line for the port, and stops it.
+local uv = require "luv"
+local async = require "support.async"
+
+local process = {}
+
+local Child = {}
+Child.__index = Child
+
+-- Starts `lua5.4 <args...>` from the repository root. Returns a child with
+-- child.port (from "listening on http://host:PORT/"), child:stop(signal) ->
+-- exit code, signal. Raises when no start-up line comes within 5 s.
+function process.start(args, opts)
+  opts = opts or {}
+  local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
+  local self = setmetatable({ out = "", err = "", exited = async.event(), started = async.event() }, Child)
+  local env = { "LUA_PATH=./lua/?.lua;./lua/?/init.lua;;", "LUA_CPATH=./build/?.so;;", "PATH=" .. os.getenv("PATH") }
+  for _, e in ipairs(opts.env or {}) do env[#env + 1] = e end
+  local handle, pid = uv.spawn("lua5.4", { args = args, stdio = { nil, stdout, stderr }, env = env },
+    function(code, signal)
+      self.code, self.signal = code, signal
+      self.exited:set(code, signal)
+    end)
+  assert(handle, pid)
+  self.handle, self.pid = handle, pid
+  stdout:read_start(function(_, data)
+    if data then
+      self.out = self.out .. data
+      local port = self.out:match("listening on http://[^\n]-:(%d+)/")
+      if port and not self.port then
+        self.port = tonumber(port)
+        self.started:set(self.port)
+      end
+    elseif not stdout:is_closing() then
+      stdout:close()
+    end
+  end)
+  stderr:read_start(function(_, data)
+    if data then self.err = self.err .. data elseif not stderr:is_closing() then stderr:close() end
+  end)
+  self.pipes = { stdout, stderr }
+  if opts.wait_port ~= false then
+    local ok = self.started:wait(opts.start_timeout_ms or 5000)
+    if not ok then
+      self:stop("sigkill")
+      error("child did not start: " .. self.err, 2)
+    end
+  end
+  return self
+end
+
+-- Waits for the child to exit by itself (or kills it after timeout_ms).
+function Child:wait(timeout_ms)
+  local code, signal = self.exited:wait(timeout_ms or 5000)
+  if code == nil then
+    self.handle:kill("sigkill")
+    code, signal = self.exited:wait(2000)
+  end
+  for _ = 1, 20 do
+    if self.pipes[1]:is_closing() and self.pipes[2]:is_closing() then break end
+    async.sleep(10)
+  end
+  for _, p in ipairs(self.pipes) do if not p:is_closing() then p:close() end end
+  if not self.handle:is_closing() then self.handle:close() end
+  return code, signal
+end
+
+function Child:stop(signal, timeout_ms)
+  if self.code == nil then self.handle:kill(signal or "sigterm") end
+  return self:wait(timeout_ms)
+end
+
+return process
