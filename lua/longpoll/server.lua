@@ -493,7 +493,16 @@ function Server:find_handler(req)
       return mount.handler
     end
   end
-  return nil
+  return self._fallback
+end
+
+-- Handler for requests no route or static mount matches: an application's
+-- own router (patterns, path parameters) goes here.
+function Server:fallback(handler)
+  if type(handler) ~= "function" then
+    error("fallback: handler must be a function", 2)
+  end
+  self._fallback = handler
 end
 
 function Server:accept(err)

@@ -11,7 +11,21 @@ Request.__index = Request
 
 -- All values of a query parameter in order ({} when absent).
 function Request:query_all(key)
+  local override = self.query_override
+  if override and override[key] then
+    return { table.unpack(override[key]) }
+  end
   return util.query_values(self.raw_query, key)
+end
+
+-- Replaces a query parameter for the handlers that run next (a wrapper
+-- mapping a path segment to a category, say). value: a string, a list of
+-- strings, or nil to remove it.
+function Request:set_query(key, value)
+  local values = type(value) == "table" and value or { value }
+  self.query[key] = values[1]
+  self.query_override = self.query_override or {}
+  self.query_override[key] = values
 end
 
 -- user, password from "Authorization: Basic ..."; nil when absent or malformed.

@@ -129,9 +129,9 @@ util.status_text = {
   [503] = "Service Unavailable", [504] = "Gateway Timeout", [505] = "HTTP Version Not Supported",
 }
 
+local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 local b64 = {}
 do
-  local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
   for i = 1, 64 do
     b64[byte(alphabet, i)] = i - 1
   end
@@ -155,6 +155,24 @@ function util.base64_decode(s)
     else
       out[#out + 1] = char(v >> 16)
     end
+  end
+  return table.concat(out)
+end
+
+-- Standard base64 with '=' padding (for Authorization: Basic).
+function util.base64_encode(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = byte(s, i, i + 2)
+    local v = (a << 16) | ((b or 0) << 8) | (c or 0)
+    local quad = {}
+    for k = 1, 4 do
+      local digit = ((v >> (24 - 6 * k)) & 63) + 1
+      quad[k] = sub(alphabet, digit, digit)
+    end
+    if not c then quad[4] = "=" end
+    if not b then quad[3] = "=" end
+    out[#out + 1] = table.concat(quad)
   end
   return table.concat(out)
 end
