@@ -53,9 +53,9 @@ describe("examples", function()
   it("router.lua mounts the handlers inside its own routes", function()
     with_example("examples/router.lua", function(port)
       assert.equals(200, (async.http(port, { path = "/" })))
-      local status, _, body = async.http(port, { method = "POST", path = "/api/v1/rooms/lobby/messages", body = "hi all" })
+      local status, _, posted = async.http(port, { method = "POST", path = "/api/v1/rooms/lobby/messages", body = "hi all" })
       assert.equals(200, status)
-      local id = cjson.decode(body).id
+      local id = cjson.decode(posted).id
       local _, _, got = async.http(port, { path = "/api/v1/rooms/lobby/events?timeout=1&since_time=0" })
       local event = cjson.decode(got).events[1]
       assert.equals(id, event.id)
