@@ -36,8 +36,8 @@ describe("examples", function()
       local _, _, ok_body = async.http(port, { path = path, headers = { Authorization = "Basic " .. b64("alice:wonderland") } })
       assert.equals("no events before timeout", cjson.decode(ok_body).timeout)
 
-      local publish = function(headers, body)
-        local s, _, b = async.http(port, { method = "POST", path = "/publish", headers = headers, body = body })
+      local publish = function(headers, request_body)
+        local s, _, b = async.http(port, { method = "POST", path = "/publish", headers = headers, body = request_body })
         return s, cjson.decode(b)
       end
       assert.equals(403, (publish({}, '{"category":"public","data":1}')))
