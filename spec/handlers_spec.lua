@@ -133,10 +133,10 @@ describe("subscription handler", function()
         local _, body = t.get({ { "category", "gone" }, { "timeout", "10" } })
         assert.equals("still here", body.events[1].data)
       end)
-      async.sleep(100)
+      async.wait_for(function() return t.manager:stats().waiting == 2 end)
       assert.equals(2, t.manager:stats().waiting)
       conn:close()
-      async.sleep(100)
+      async.wait_for(function() return t.manager:stats().waiting == 1 end)
       assert.equals(1, t.manager:stats().waiting)
       t.manager:publish("gone", "still here")
       async.wait_all({ other })
@@ -155,10 +155,7 @@ describe("subscription handler", function()
           if body.events and body.events[1].data == "go" then got = got + 1 end
         end)
       end
-      for _ = 1, 100 do
-        if t.manager:stats().waiting == n then break end
-        async.sleep(50)
-      end
+      async.wait_for(function() return t.manager:stats().waiting == n end, 10000)
       assert.equals(n, t.manager:stats().waiting)
       t.manager:publish("crowd", "go")
       async.wait_all(tasks)

@@ -332,7 +332,7 @@ describe("http server", function()
       assert.is_true(uv.now() - t0 >= 290)
       assert.same("", conn:read_raw(10)) -- closed silently
       conn:close()
-      async.sleep(20)
+      async.wait_for(function() return srv:connection_count() == 0 end)
       assert.same(0, srv:connection_count())
     end)
   end)
@@ -667,7 +667,8 @@ describe("http server", function()
       for i = 1, 300 do
         assert.is_true(results[i], "client " .. i)
       end
-      async.sleep(20)
+      -- the clients closed; the server notices each EOF
+      async.wait_for(function() return srv:connection_count() == 0 end)
       assert.same(0, srv:connection_count())
     end, 15000)
   end)

@@ -125,6 +125,19 @@ function async.sleep(ms)
   wait(waiter(), ms)
 end
 
+-- Polls pred() every 10 ms until it is true (returns true) or timeout_ms
+-- passes (returns false): for conditions a busy machine reaches late.
+function async.wait_for(pred, timeout_ms)
+  local deadline = uv.now() + (timeout_ms or 2000)
+  while not pred() do
+    if uv.now() >= deadline then
+      return false
+    end
+    async.sleep(10)
+  end
+  return true
+end
+
 -- Runs fn concurrently; returns a task for wait_all.
 function async.spawn(fn)
   return start(fn)

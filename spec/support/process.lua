@@ -15,7 +15,12 @@ function process.start(args, opts)
   opts = opts or {}
   local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
   local self = setmetatable({ out = "", err = "", exited = async.event(), started = async.event() }, Child)
-  local env = { "LUA_PATH=./lua/?.lua;./lua/?/init.lua;;", "LUA_CPATH=./build/?.so;;", "PATH=" .. os.getenv("PATH") }
+  -- children load the same core as the tests (the sanitizer build under `make test-asan`)
+  local env = { "LUA_PATH=./lua/?.lua;./lua/?/init.lua;;",
+    "LUA_CPATH=" .. (os.getenv("LONGPOLL_CPATH") or "./build/?.so") .. ";;", "PATH=" .. os.getenv("PATH") }
+  for _, name in ipairs { "LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
+    if os.getenv(name) then env[#env + 1] = name .. "=" .. os.getenv(name) end
+  end
   for _, e in ipairs(opts.env or {}) do env[#env + 1] = e end
   local handle, pid = uv.spawn("lua5.4", { args = args, stdio = { nil, stdout, stderr }, env = env },
     function(code, signal)
