@@ -24,7 +24,11 @@ all: build
 deps:
 	@scripts/install-deps $(DEBIAN_PACKAGES)
 
+# Besides the module, two links (git-ignored) let `lua5.4 -e 'require "longpoll"'`
+# work from the repository root with Lua's default search paths.
 build: $(MODULE)
+	@ln -sfn lua/longpoll longpoll
+	@ln -sf ../../$(MODULE) lua/longpoll/core.so
 
 $(MODULE): $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
