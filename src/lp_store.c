@@ -41,7 +41,8 @@ struct lp_category {
   uint64_t hash;
   lp_event **ring; /* events oldest first, from ring[head]; grows up to the buffer size */
   size_t ring_cap, head, count;
-  size_t bytes; /* JSON bytes of its events */
+  size_t bytes;    /* JSON bytes of its events */
+  size_t heap_pos; /* index + 1 in the store's by-size heap; 0 when not in it */
   lp_wait *waiters;
   size_t nwaiters;
   /* The newest event dropped by size or TTL, to tell a client it missed some. */
@@ -76,6 +77,11 @@ struct lp_store {
   int64_t min_next_timestamp;
   lp_store_stats stats;
   lp_buf scratch;
+  /* With max_buffered_bytes: categories holding events, largest first (a
+   * binary max-heap on bytes), so the cap evicts from the largest in O(log n). */
+  lp_category **heap;
+  size_t heap_len, heap_cap;
+  lp_category *publishing; /* the category being published to: make_room must not free it */
 };
 
 const char *lp_strerror(int code) {
@@ -180,6 +186,69 @@ static void free_category_if_unused(lp_store *s, lp_category *c) {
   if (c->count == 0 && c->nwaiters == 0) free_category(s, c);
 }
 
+/* ---- the by-size heap (only with max_buffered_bytes) ---- */
+
+static void heap_set(lp_store *s, size_t i, lp_category *c) {
+  s->heap[i] = c;
+  c->heap_pos = i + 1;
+}
+
+static void heap_up(lp_store *s, size_t i) {
+  lp_category *c = s->heap[i];
+  while (i > 0 && s->heap[(i - 1) / 2]->bytes < c->bytes) {
+    heap_set(s, i, s->heap[(i - 1) / 2]);
+    i = (i - 1) / 2;
+  }
+  heap_set(s, i, c);
+}
+
+static void heap_down(lp_store *s, size_t i) {
+  lp_category *c = s->heap[i];
+  for (;;) {
+    size_t l = 2 * i + 1, r = l + 1, big = i;
+    size_t big_bytes = c->bytes;
+    if (l < s->heap_len && s->heap[l]->bytes > big_bytes) big = l, big_bytes = s->heap[l]->bytes;
+    if (r < s->heap_len && s->heap[r]->bytes > big_bytes) big = r;
+    if (big == i) break;
+    heap_set(s, i, s->heap[big]);
+    i = big;
+  }
+  heap_set(s, i, c);
+}
+
+static void heap_remove(lp_store *s, lp_category *c) {
+  size_t i = c->heap_pos - 1;
+  c->heap_pos = 0;
+  lp_category *last = s->heap[--s->heap_len];
+  if (last == c) return;
+  heap_set(s, i, last);
+  heap_up(s, i);
+  heap_down(s, last->heap_pos - 1);
+}
+
+/* Re-positions c after its byte count changed; only growing a category that
+ * was not in the heap allocates. */
+static int heap_update(lp_store *s, lp_category *c) {
+  if (!s->cfg.max_buffered_bytes) return LP_OK;
+  if (c->count == 0) {
+    if (c->heap_pos) heap_remove(s, c);
+    return LP_OK;
+  }
+  if (!c->heap_pos) {
+    if (s->heap_len == s->heap_cap) {
+      size_t cap = s->heap_cap ? s->heap_cap * 2 : 64;
+      lp_category **h = realloc(s->heap, cap * sizeof *h);
+      if (!h) return LP_ENOMEM;
+      s->heap = h;
+      s->heap_cap = cap;
+    }
+    heap_set(s, s->heap_len++, c);
+  }
+  heap_up(s, c->heap_pos - 1);
+  heap_down(s, c->heap_pos - 1);
+  return LP_OK;
+}
+
 /* ---- events ---- */
 
 static lp_event *ring_at(const lp_category *c, size_t i) { return c->ring[(c->head + i) % c->ring_cap]; }
@@ -195,11 +264,14 @@ static void unlink_global(lp_store *s, lp_event *e) {
     s->newest = e->older;
 }
 
+/* Takes e out of the store-wide list and the byte counts, then frees it; the
+ * caller has already removed it from its category's ring. */
 static void forget_event(lp_store *s, lp_event *e) {
   unlink_global(s, e);
   e->category->bytes -= e->json_len;
   s->stats.events--;
   s->stats.event_bytes -= e->json_len;
+  heap_update(s, e->category); /* shrinking never allocates */
   free(e);
 }
 
@@ -272,6 +344,20 @@ static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
   c->bytes += e->json_len;
   s->stats.events++;
   s->stats.event_bytes += e->json_len;
+  return heap_update(s, c);
+}
+
+/* Makes room for `bytes` more under max_buffered_bytes by dropping the oldest
+ * events of the largest categories. LP_ELIMIT when one event is over the cap. */
+static int make_room(lp_store *s, size_t bytes) {
+  size_t cap = s->cfg.max_buffered_bytes;
+  if (!cap) return LP_OK;
+  if (bytes > cap) return LP_ELIMIT;
+  while (s->stats.event_bytes + bytes > cap && s->heap_len > 0) {
+    lp_category *c = s->heap[0];
+    drop_oldest(s, c);
+    if (c->count == 0 && c->nwaiters == 0 && c != s->publishing) free_category_if_unused(s, c);
+  }
   return LP_OK;
 }
 
@@ -441,7 +527,10 @@ int lp_store_publish(lp_store *s, lp_slice category, lp_slice data, int64_t now_
   size_t woken = c->nwaiters;
   int buffered = !(s->cfg.delete_after_first && woken > 0);
   if (buffered) {
-    rc = buffer_event(s, c, e);
+    s->publishing = c;
+    rc = make_room(s, e->json_len);
+    s->publishing = NULL;
+    if (rc == LP_OK) rc = buffer_event(s, c, e);
     if (rc != LP_OK) {
       free(e);
       free_category_if_unused(s, c);
@@ -486,7 +575,10 @@ int lp_store_restore(lp_store *s, lp_slice category, lp_slice data, const char *
     return LP_ENOMEM;
   }
   e->seq = ++s->next_seq;
-  rc = buffer_event(s, c, e);
+  s->publishing = c;
+  rc = make_room(s, e->json_len);
+  s->publishing = NULL;
+  if (rc == LP_OK) rc = buffer_event(s, c, e);
   if (rc != LP_OK) {
     free(e);
     free_category_if_unused(s, c);
@@ -673,6 +765,7 @@ void lp_store_free(lp_store *s) {
   free(s->slots);
   free(s->free_slots);
   free(s->retired);
+  free(s->heap);
   lp_buf_free(&s->scratch);
   free(s);
 }

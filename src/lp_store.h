@@ -30,6 +30,7 @@ typedef struct lp_store_config {
   size_t max_category_bytes;       /* 1024 in the wire contract */
   size_t max_categories;           /* 0: no cap */
   size_t max_waiting_per_category; /* 0: no cap */
+  size_t max_buffered_bytes;       /* 0: no cap; over it the oldest events of the largest categories go */
 } lp_store_config;
 
 typedef struct lp_slice {

@@ -26,7 +26,7 @@ static void report(const char *name, int ok) {
 static lp_slice S(const char *s) { return (lp_slice){s, strlen(s)}; }
 
 static lp_store *new_store(size_t size, int64_t ttl, int daf) {
-  lp_store_config cfg = {size, ttl, daf, 1024, 0, 0};
+  lp_store_config cfg = {size, ttl, daf, 1024, 0, 0, 0};
   return lp_store_new(&cfg);
 }
 
@@ -270,7 +270,7 @@ static void test_multi_category_cursor(void) {
 
 static void test_bad_categories_and_limits(void) {
   int ok = 1;
-  lp_store_config cfg = {10, 0, 0, 8, 2, 1};
+  lp_store_config cfg = {10, 0, 0, 8, 2, 1, 0};
   lp_store *s = lp_store_new(&cfg);
   lp_published p;
   CHECK(lp_store_publish(s, S(""), S("1"), 1, NULL, NULL, &p) == LP_EINVAL);
@@ -369,6 +369,48 @@ static void test_json_publish_body(void) {
   report("publish body parsing: raw data, escapes, strictness, depth limit", ok);
 }
 
+static void test_max_buffered_bytes(void) {
+  int ok = 1;
+  lp_store_config cfg = {100, 0, 0, 1024, 0, 0, 1000};
+  lp_store *s = lp_store_new(&cfg);
+  char big[201];
+  memset(big, 'x', 200);
+  big[0] = big[199] = '"';
+  big[200] = '\0';
+  lp_published small = pub(s, "small", "1", 1);
+  for (int i = 0; i < 10; i++) pub(s, "large", big, 2 + i);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.event_bytes <= 1000);
+  CHECK(st.dropped > 0);
+  lp_buf out = LP_BUF_INIT;
+  int missed = 0;
+  /* the largest category paid for the cap; the small one kept its event */
+  CHECK(fetch1(s, "small", 0, NULL, 100, &out, &missed) == 1 && contains(&out, small.id) && !missed);
+  size_t large = fetch1(s, "large", 0, NULL, 100, &out, &missed);
+  CHECK(large >= 1 && large < 10 && missed);
+  CHECK(contains(&out, "\"timestamp\":11,")); /* the newest is kept */
+  /* one event over the whole cap is refused */
+  char *huge = malloc(1100);
+  memset(huge, 'y', 1099);
+  huge[0] = huge[1098] = '"';
+  huge[1099] = '\0';
+  lp_published p;
+  CHECK(lp_store_publish(s, S("small"), S(huge), 200, NULL, NULL, &p) == LP_ELIMIT);
+  free(huge);
+  /* many categories: eviction empties and frees the largest ones first */
+  char name[16];
+  for (int i = 0; i < 50; i++) {
+    snprintf(name, sizeof name, "c%d", i);
+    pub(s, name, big, 300 + i);
+  }
+  lp_store_get_stats(s, &st);
+  CHECK(st.event_bytes <= 1000 && st.categories <= 6);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("max_buffered_bytes drops the oldest events of the largest categories", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -383,6 +425,7 @@ int main(void) {
   test_restore();
   test_memory_returns_to_baseline();
   test_json_publish_body();
+  test_max_buffered_bytes();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }
