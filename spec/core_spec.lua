@@ -89,7 +89,7 @@ describe("longpoll.core store", function()
   end)
 
   it("rejects bad categories with a message", function()
-    assert.same({ nil, "category is not valid UTF-8" }, { store:publish("\255", "1", 1) })
+    assert.same({ nil, "category is not valid UTF-8", "EUTF8" }, { store:publish("\255", "1", 1) })
     local ok, msg = store:publish("", "1", 1)
     assert.is_nil(ok)
     assert.matches("invalid category", msg)
@@ -100,7 +100,8 @@ describe("longpoll.core store", function()
   it("restores events keeping ids and refusing disorder", function()
     local id = core.uuid()
     assert.truthy(store:restore("r", '{"a":1}', id, 700))
-    assert.same({ nil, "event is older than the events already stored" }, { store:restore("r", "1", core.uuid(), 600) })
+    assert.same({ nil, "event is older than the events already stored", "EORDER" },
+      { store:restore("r", "1", core.uuid(), 600) })
     assert.equals(id, events_of((store:fetch("r", 0, nil, 800)))[1].id)
   end)
 

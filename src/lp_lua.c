@@ -33,6 +33,17 @@ static int fail(lua_State *L, const char *msg) {
   return 2;
 }
 
+/* nil, message, code: the code names the error for callers that map it to a
+ * status ("ECATEGORIES", "ETOOBIG", ...). */
+static int fail_store(lua_State *L, int rc) {
+  static const char *const names[] = {"OK",      "ENOMEM", "EINVAL",      "EUTF8",    "EORDER",
+                                      "ERANDOM", "ELIMIT", "ECATEGORIES", "EWAITERS", "ETOOBIG"};
+  luaL_pushfail(L);
+  lua_pushstring(L, lp_strerror(rc));
+  lua_pushstring(L, (-rc >= 0 && -rc < (int)(sizeof names / sizeof *names)) ? names[-rc] : "EUNKNOWN");
+  return 3;
+}
+
 static lua_Integer opt_int_field(lua_State *L, int t, const char *k, lua_Integer def, lua_Integer min) {
   lua_getfield(L, t, k);
   lua_Integer v = def;
@@ -118,7 +129,7 @@ static int l_publish(lua_State *L) {
   u->nwoken = 0;
   u->woken_failed = 0;
   int rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
-  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  if (rc != LP_OK) return fail_store(L, rc);
   push_event(L, &p);
   lua_createtable(L, (int)u->nwoken, 0);
   for (size_t i = 0; i < u->nwoken; i++) {
@@ -139,7 +150,7 @@ static int l_restore(lua_State *L) {
   lua_Integer ts = luaL_checkinteger(L, 5);
   lp_published p;
   int rc = lp_store_restore(u->store, cat, data, id, (int64_t)ts, &p);
-  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  if (rc != LP_OK) return fail_store(L, rc);
   lua_pushlstring(L, p.json, p.json_len);
   return 1;
 }
@@ -184,7 +195,7 @@ static int l_fetch(lua_State *L) {
   int missed;
   lp_buf_reset(&u->out);
   int rc = lp_store_fetch(u->store, cats, n, (int64_t)since, last_id, (int64_t)now, &u->out, &count, &missed);
-  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  if (rc != LP_OK) return fail_store(L, rc);
   if (count == 0) {
     lua_pushnil(L);
   } else {
@@ -204,7 +215,7 @@ static int l_wait(lua_State *L) {
   size_t n = check_categories(L, 2, cats);
   uint64_t handle;
   int rc = lp_store_wait(u->store, cats, n, &handle);
-  if (rc != LP_OK) return fail(L, lp_strerror(rc));
+  if (rc != LP_OK) return fail_store(L, rc);
   lua_pushinteger(L, (lua_Integer)handle);
   return 1;
 }

@@ -93,6 +93,9 @@ const char *lp_strerror(int code) {
     case LP_EORDER: return "event is older than the events already stored";
     case LP_ERANDOM: return "the OS random source failed";
     case LP_ELIMIT: return "limit reached";
+    case LP_ECATEGORIES: return "too many categories (max_categories)";
+    case LP_EWAITERS: return "too many waiting subscribers in this category (max_waiting_per_category)";
+    case LP_ETOOBIG: return "event is larger than max_buffered_bytes";
     default: return "unknown error";
   }
 }
@@ -154,7 +157,7 @@ static int get_category(lp_store *s, lp_slice name, lp_category **out) {
     *out = c;
     return LP_OK;
   }
-  if (s->cfg.max_categories && s->ncategories >= s->cfg.max_categories) return LP_ELIMIT;
+  if (s->cfg.max_categories && s->ncategories >= s->cfg.max_categories) return LP_ECATEGORIES;
   if (s->ncategories >= s->nbuckets && rehash(s, s->nbuckets * 2) != 0) return LP_ENOMEM;
   c = calloc(1, sizeof *c + name.len + 1);
   if (!c) return LP_ENOMEM;
@@ -348,11 +351,11 @@ static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
 }
 
 /* Makes room for `bytes` more under max_buffered_bytes by dropping the oldest
- * events of the largest categories. LP_ELIMIT when one event is over the cap. */
+ * events of the largest categories. LP_ETOOBIG when one event is over the cap. */
 static int make_room(lp_store *s, size_t bytes) {
   size_t cap = s->cfg.max_buffered_bytes;
   if (!cap) return LP_OK;
-  if (bytes > cap) return LP_ELIMIT;
+  if (bytes > cap) return LP_ETOOBIG;
   while (s->stats.event_bytes + bytes > cap && s->heap_len > 0) {
     lp_category *c = s->heap[0];
     drop_oldest(s, c);
@@ -438,7 +441,7 @@ int lp_store_wait(lp_store *s, const lp_slice *categories, size_t n, uint64_t *h
     rc = get_category(s, categories[i], &c);
     if (rc == LP_OK && s->cfg.max_waiting_per_category && c->nwaiters >= s->cfg.max_waiting_per_category) {
       free_category_if_unused(s, c);
-      rc = LP_ELIMIT;
+      rc = LP_EWAITERS;
     }
     if (rc != LP_OK) {
       end_sub(s, sub); /* unlinks the waits made so far */

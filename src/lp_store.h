@@ -13,11 +13,14 @@
 enum {
   LP_OK = 0,
   LP_ENOMEM = -1,
-  LP_EINVAL = -2,  /* empty or oversized category, bad arguments */
-  LP_EUTF8 = -3,   /* category is not valid UTF-8 */
-  LP_EORDER = -4,  /* a restored event is older than one already stored */
-  LP_ERANDOM = -5, /* the OS random source failed */
-  LP_ELIMIT = -6,  /* a resource cap was reached */
+  LP_EINVAL = -2,      /* empty or oversized category, bad arguments */
+  LP_EUTF8 = -3,       /* category is not valid UTF-8 */
+  LP_EORDER = -4,      /* a restored event is older than one already stored */
+  LP_ERANDOM = -5,     /* the OS random source failed */
+  LP_ELIMIT = -6,      /* a resource cap was reached (handles) */
+  LP_ECATEGORIES = -7, /* max_categories reached */
+  LP_EWAITERS = -8,    /* max_waiting_per_category reached */
+  LP_ETOOBIG = -9,     /* one event is larger than max_buffered_bytes */
 };
 
 /* A short message for an LP_E* code (static storage). */

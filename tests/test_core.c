@@ -278,12 +278,12 @@ static void test_bad_categories_and_limits(void) {
   CHECK(lp_store_publish(s, (lp_slice){"\xff\xfe", 2}, S("1"), 1, NULL, NULL, &p) == LP_EUTF8);
   CHECK(lp_store_publish(s, S("a"), S("1"), 1, NULL, NULL, &p) == LP_OK);
   CHECK(lp_store_publish(s, S("b"), S("1"), 1, NULL, NULL, &p) == LP_OK);
-  CHECK(lp_store_publish(s, S("c"), S("1"), 1, NULL, NULL, &p) == LP_ELIMIT); /* max_categories */
+  CHECK(lp_store_publish(s, S("c"), S("1"), 1, NULL, NULL, &p) == LP_ECATEGORIES);
   uint64_t h;
   lp_slice a = S("a");
   CHECK(lp_store_wait(s, &a, 1, &h) == LP_OK);
-  CHECK(lp_store_wait(s, &a, 1, &h) == LP_ELIMIT); /* max_waiting_per_category */
-  CHECK(lp_store_publish(s, S("a\"\\\n"), S("1"), 1, NULL, NULL, &p) == LP_ELIMIT);
+  CHECK(lp_store_wait(s, &a, 1, &h) == LP_EWAITERS);
+  CHECK(lp_store_publish(s, S("a\"\\\n"), S("1"), 1, NULL, NULL, &p) == LP_ECATEGORIES);
   lp_store_free(s);
   lp_store *t = new_store(10, 0, 0);
   CHECK(lp_store_publish(t, S("q\"\\\n\x01/"), S("1"), 1, NULL, NULL, &p) == LP_OK);
@@ -396,7 +396,7 @@ static void test_max_buffered_bytes(void) {
   huge[0] = huge[1098] = '"';
   huge[1099] = '\0';
   lp_published p;
-  CHECK(lp_store_publish(s, S("small"), S(huge), 200, NULL, NULL, &p) == LP_ELIMIT);
+  CHECK(lp_store_publish(s, S("small"), S(huge), 200, NULL, NULL, &p) == LP_ETOOBIG);
   free(huge);
   /* many categories: eviction empties and frees the largest ones first */
   char name[16];

@@ -77,7 +77,7 @@ end
 function Manager:_publish_json(category, data_json, data)
   if self.closed then return nil, "manager is shut down" end
   local json, id, timestamp, woken = self.store:publish(category, data_json, now_ms())
-  if not json then return nil, id end
+  if not json then return nil, id, timestamp end -- message, error code
   local event = new_event(category, data, data_json, json, id, timestamp)
   if #woken > 0 then
     local body = '{"events":[' .. json .. "]}"
@@ -214,7 +214,8 @@ function Manager:_subscribe(req, res)
   end
   local handle, werr = store:wait(sub.categories)
   if not handle then
-    return send_json(res, 503, error_body("cannot wait: " .. werr))
+    self:_log("warn", "subscriber refused", { error = werr })
+    return send_json(res, 503, error_body(werr))
   end
   self.waiting[handle] = res
   self.timeouts:add(handle, sub.timeout * 1000)
@@ -238,9 +239,9 @@ function Manager:_publish_request(req, res)
     self:_log("warn", "bad publish request", { error = data_json })
     return send_json(res, 400, error_body(data_json))
   end
-  local event, err = self:_publish_json(category, data_json)
+  local event, err, code = self:_publish_json(category, data_json)
   if not event then
-    local status = self.closed and 503 or 400
+    local status = (self.closed or code == "ECATEGORIES") and 503 or code == "ETOOBIG" and 413 or 400
     return send_json(res, status, error_body(err))
   end
   return send_json(res, 200, '{"success":true}')
@@ -382,6 +383,7 @@ function M.start(options)
       max_categories = o.max_categories,
       max_waiting_per_category = o.max_waiting_per_category,
     },
+      max_buffered_bytes = o.max_buffered_bytes,
     closed = false,
   }, Manager)
   manager.timeouts = Timeouts.new(function(handle) manager:_answer_timeout(handle) end)

@@ -59,6 +59,7 @@ local SPEC = {
   max_category_bytes = { 1024, integer(1, 1048576) },
   max_categories = { 0, integer(0) },                       -- 0: no cap
   max_waiting_per_category = { 0, integer(0) },             -- 0: no cap
+  max_buffered_bytes = { 0, integer(0) },                   -- 0: no cap
   max_categories_per_subscription = { 16, integer(1, 64) },
   purge_interval_seconds = { nil, function(v) if type(v) ~= "number" or v <= 0 then return "must be a positive number" end end },
   cors = { nil, any_table },
