@@ -59,6 +59,16 @@ $(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c $(COR
 test-asan: deps $(BUILD)/asan/longpoll/core.so
 	@scripts/run-tests asan
 
+# Long-running jobs, not part of `make test`; each prints progress as it goes.
+bench: deps build
+	@bench/run
+
+soak: deps build
+	@scripts/soak 10
+
+fuzz:
+	@fuzz/run.sh 600
+
 run: deps build
 	$(LUA) bin/longpoll serve --host $(HOST) --port $(PORT) --static examples/demo
 
