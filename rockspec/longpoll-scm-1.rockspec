@@ -19,6 +19,10 @@ dependencies = {
   "luv",
   "lua-cjson",
 }
+-- hiredis (Debian: libhiredis-dev) for the Redis engine's protocol module
+external_dependencies = {
+  HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
+}
 build = {
   type = "builtin",
   modules = {
@@ -29,6 +33,12 @@ build = {
       },
       defines = { "_GNU_SOURCE" },
       incdirs = { "src" },
+    },
+    ["longpoll.hiredis"] = {
+      sources = { "src/lp_hiredis.c" },
+      libraries = { "hiredis" },
+      incdirs = { "$(HIREDIS_INCDIR)" },
+      libdirs = { "$(HIREDIS_LIBDIR)" },
     },
     ["longpoll"] = "lua/longpoll/init.lua",
     ["longpoll.manager"] = "lua/longpoll/manager.lua",
@@ -41,6 +51,12 @@ build = {
     ["longpoll.http.request"] = "lua/longpoll/http/request.lua",
     ["longpoll.http.response"] = "lua/longpoll/http/response.lua",
     ["longpoll.http.util"] = "lua/longpoll/http/util.lua",
+    ["longpoll.addons"] = "lua/longpoll/addons/init.lua",
+    ["longpoll.addons.file"] = "lua/longpoll/addons/file.lua",
+    ["longpoll.redis.config"] = "lua/longpoll/redis/config.lua",
+    ["longpoll.redis.connection"] = "lua/longpoll/redis/connection.lua",
+    ["longpoll.redis.engine"] = "lua/longpoll/redis/engine.lua",
+    ["longpoll.redis.scripts"] = "lua/longpoll/redis/scripts.lua",
   },
   install = {
     bin = { longpoll = "bin/longpoll" },

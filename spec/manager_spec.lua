@@ -132,6 +132,37 @@ describe("manager add-ons", function()
     assert.matches("refused: event is older", err)
   end)
 
+  it("gives on_start the options and restores an event held by two add-ons once", function()
+    local id = core.uuid()
+    local seen_options
+    local function keeper()
+      return { on_start = function(options)
+        seen_options = options
+        local done = false
+        return function()
+          if done then return nil end
+          done = true
+          return { id = id, timestamp = 1000, category = "c", data_json = "1" }
+        end
+      end }
+    end
+    local m = assert(longpoll.start { max_event_buffer_size = 7, add_on = { keeper(), keeper() } })
+    assert.equals(7, seen_options.max_event_buffer_size)
+    assert.has_error(function() seen_options.max_event_buffer_size = 1 end)
+    assert.equals(1, m:stats().events)
+    m:shutdown()
+  end)
+
+  it("shuts down the add-ons that started when a later one fails", function()
+    local closed = false
+    local good = { on_start = function() return nil end, on_shutdown = function() closed = true end }
+    local bad = { on_start = function() error("no disk") end }
+    local m, err = longpoll.start { add_on = { good, bad } }
+    assert.is_nil(m)
+    assert.matches("add%-on 2: on_start failed: .*no disk", err)
+    assert.is_true(closed)
+  end)
+
   it("reports an on_start failure from start", function()
     local m, err = longpoll.start { add_on = { on_start = function() error("disk on fire") end } }
     assert.is_nil(m)

@@ -324,14 +324,24 @@ end
 
 local M = {}
 
+-- A read-only view of the manager's options for add-ons (buffer size, TTL...).
+local function readonly(t)
+  return setmetatable({}, { __index = t, __newindex = function() error("options are read-only", 2) end })
+end
+
 -- Loads the events the add-ons kept, oldest first, before anyone is served.
+-- manager.started_add_ons lists those whose on_start ran (to undo on failure).
 local function restore(manager)
   local ttl_ms = manager.ttl_ms
   local now = now_ms()
+  local started = manager.started_add_ons
+  local restored = {} -- ids already restored: two persistence add-ons may hold the same events
+  local view = readonly(manager.options)
   for i, a in ipairs(manager.add_ons) do
     if a.on_start then
-      local ok, iter, state, init = pcall(a.on_start)
+      local ok, iter, state, init = pcall(a.on_start, view)
       if not ok then return nil, ("add-on %d: on_start failed: %s"):format(i, tostring(iter)) end
+      started[#started + 1] = a
       if iter ~= nil then
         if type(iter) ~= "function" then return nil, ("add-on %d: on_start must return an iterator"):format(i) end
         while true do
@@ -342,7 +352,8 @@ local function restore(manager)
           if type(e) ~= "table" or type(e.category) ~= "string" or math.type(e.timestamp) ~= "integer" then
             return nil, ("add-on %d: a stored event lacks category or an integer timestamp"):format(i)
           end
-          if ttl_ms == 0 or now - e.timestamp < ttl_ms then
+          if (ttl_ms == 0 or now - e.timestamp < ttl_ms) and not restored[e.id] then
+            restored[e.id] = true
             local data_json = e.data_json
             if data_json == nil then
               local err
@@ -375,6 +386,7 @@ function M.start(options)
     add_ons = add_on_list(o.add_on),
     waiting = {}, -- subscription handle -> res of a waiting long poll
     watchers = {}, -- subscription handle -> function(event), see manager:watch
+    started_add_ons = {},
     store = core.new_store {
       max_event_buffer_size = o.max_event_buffer_size,
       event_ttl_ms = ttl_ms,
@@ -389,6 +401,10 @@ function M.start(options)
   manager.timeouts = Timeouts.new(function(handle) manager:_answer_timeout(handle) end)
   local ok, rerr = restore(manager)
   if not ok then
+    -- add-ons that did start get their shutdown, so they release files and timers
+    for _, a in ipairs(manager.started_add_ons) do
+      if a.on_shutdown then pcall(a.on_shutdown, function() end) end
+    end
     manager.timeouts:close()
     manager.store:close()
     return nil, rerr
