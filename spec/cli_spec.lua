@@ -64,6 +64,25 @@ describe("bin/longpoll", function()
     end, 15000)
   end)
 
+  it("keeps events across a restart with --persist", function()
+    local file = os.tmpname()
+    os.remove(file)
+    async.run(function()
+      local args = { "bin/longpoll", "serve", "--port", "0", "--persist", file, "--flush-ms", "50" }
+      local first = process.start(args)
+      local status = async.http(first.port, { method = "POST", path = "/publish", body = '{"category":"p","data":12345678901234567890}' })
+      assert.equals(200, status)
+      local _, _, before = async.http(first.port, { path = "/events?category=p&timeout=1&since_time=0" })
+      assert.equals(0, (first:stop("sigterm")))
+      local second = process.start(args)
+      local _, _, after = async.http(second.port, { path = "/events?category=p&timeout=1&since_time=0" })
+      assert.equals(before, after) -- same id, timestamp and digits
+      assert.truthy(after:find("12345678901234567890", 1, true))
+      assert.equals(0, (second:stop("sigterm")))
+    end, 15000)
+    os.remove(file)
+  end)
+
   it("listens on IPv6", function()
     async.run(function()
       local child = process.start { "bin/longpoll", "serve", "--host", "::1", "--port", "0" }
