@@ -570,6 +570,31 @@ function Server:sweep()
   end
 end
 
+-- Writing to a socket the peer has reset raises SIGPIPE, whose default action ends the
+-- process; libuv leaves that to the application. While any server listens, one process-wide
+-- signal handle catches it, so the write fails with EPIPE and only that connection is dropped.
+local sigpipe, sigpipe_holders = nil, 0
+
+local function hold_sigpipe()
+  sigpipe_holders = sigpipe_holders + 1
+  if not sigpipe then
+    sigpipe = uv.new_signal()
+    sigpipe:start("sigpipe", function() end)
+    sigpipe:unref()
+  end
+end
+
+-- Returns true when the handle is being closed: on_closed runs once it is.
+local function release_sigpipe(on_closed)
+  sigpipe_holders = sigpipe_holders - 1
+  if sigpipe_holders == 0 and sigpipe then
+    sigpipe:close(on_closed)
+    sigpipe = nil
+    return true
+  end
+  return false
+end
+
 function Server:listen()
   if self._tcp then
     return nil, "already listening"
@@ -602,6 +627,8 @@ function Server:listen()
   timer:unref()
   self._timer = timer
   self._handles = self._handles + 1
+  hold_sigpipe()
+  self._holds_sigpipe = true
   log(self, "info", "listening", { host = self.host, port = self.port })
   return self.port
 end
@@ -611,8 +638,25 @@ function Server:connection_count()
 end
 
 function Server:maybe_closed()
+  if not self._closing then
+    return
+  end
+  -- The sweep timer outlives the connections (it cuts those whose output is never read, see
+  -- close()); it goes once it is the last handle.
+  local timer = self._timer
+  if timer and self._handles == 1 then
+    self._timer = nil
+    timer:close(self._on_handle_closed)
+    return
+  end
+  if self._handles == 0 and self._holds_sigpipe then
+    self._holds_sigpipe = false
+    if release_sigpipe(function() self:maybe_closed() end) then
+      return
+    end
+  end
   local cb = self._close_cb
-  if self._closing and self._handles == 0 and cb then
+  if self._handles == 0 and cb then
     self._close_cb = nil
     cb()
   end
@@ -627,10 +671,8 @@ function Server:close(callback)
     self._tcp:close(self._on_handle_closed)
     self._tcp = nil
   end
-  if self._timer then
-    self._timer:close(self._on_handle_closed)
-    self._timer = nil
-  end
+  -- The sweep timer keeps running: a connection closed below lingers at most LINGER_MS, even
+  -- when its client never reads the output still queued (which would hold the close forever).
   local conns = {}
   for conn in pairs(self._conns) do
     conns[#conns + 1] = conn
