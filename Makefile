@@ -10,6 +10,8 @@ CORE_SRC  := src/lp_buf.c src/lp_json.c src/lp_store.c src/lp_uuid.c
 CORE_HDR  := $(wildcard src/*.h)
 BUILD     := build
 MODULE    := $(BUILD)/longpoll/core.so
+# the Redis engine's protocol module (hiredis), separate so the core never links it
+HIREDIS   := $(BUILD)/longpoll/hiredis.so
 SANITIZE  := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 HOST      ?= 127.0.0.1
 PORT      ?= 8101
@@ -24,15 +26,20 @@ all: build
 deps:
 	@scripts/install-deps $(DEBIAN_PACKAGES)
 
-# Besides the module, two links (git-ignored) let `lua5.4 -e 'require "longpoll"'`
+# Besides the modules, links (git-ignored) let `lua5.4 -e 'require "longpoll"'`
 # work from the repository root with Lua's default search paths.
-build: $(MODULE)
+build: $(MODULE) $(HIREDIS)
 	@ln -sfn lua/longpoll longpoll
 	@ln -sf ../../$(MODULE) lua/longpoll/core.so
+	@ln -sf ../../$(HIREDIS) lua/longpoll/hiredis.so
 
 $(MODULE): $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c -o $@
+
+$(HIREDIS): src/lp_hiredis.c
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) src/lp_hiredis.c -o $@ -lhiredis
 
 $(BUILD)/test_core: tests/test_core.c $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
@@ -56,7 +63,11 @@ $(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c $(COR
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c -o $@
 
-test-asan: deps $(BUILD)/asan/longpoll/core.so
+$(BUILD)/asan/longpoll/hiredis.so: src/lp_hiredis.c
+	@mkdir -p $(dir $@)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) src/lp_hiredis.c -o $@ -lhiredis
+
+test-asan: deps $(BUILD)/asan/longpoll/core.so $(BUILD)/asan/longpoll/hiredis.so
 	@scripts/run-tests asan
 
 # Long-running jobs, not part of `make test`; each prints progress as it goes.

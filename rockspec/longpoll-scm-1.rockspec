@@ -51,6 +51,11 @@ build = {
     ["longpoll.http.request"] = "lua/longpoll/http/request.lua",
     ["longpoll.http.response"] = "lua/longpoll/http/response.lua",
     ["longpoll.http.util"] = "lua/longpoll/http/util.lua",
+    ["longpoll.client"] = "lua/longpoll/client.lua",
+    ["longpoll.http.client"] = "lua/longpoll/http/client.lua",
+    ["longpoll.sse"] = "lua/longpoll/sse.lua",
+    ["longpoll.stats"] = "lua/longpoll/stats.lua",
+    ["longpoll.cors"] = "lua/longpoll/cors.lua",
     ["longpoll.addons"] = "lua/longpoll/addons/init.lua",
     ["longpoll.addons.file"] = "lua/longpoll/addons/file.lua",
     ["longpoll.redis.config"] = "lua/longpoll/redis/config.lua",
@@ -62,6 +67,7 @@ build = {
     bin = { longpoll = "bin/longpoll" },
     lua = {
       ["longpoll.js.longpoll"] = "lua/longpoll/js/longpoll.js",
+      ["longpoll.js.longpoll_mjs"] = "lua/longpoll/js/longpoll.mjs",
     },
   },
 }

@@ -226,6 +226,26 @@ static int l_cancel(lua_State *L) {
   return 1;
 }
 
+/* store:take_waiters(category) -> array of handles | nil, message
+ * Ends the subscriptions waiting on category without storing an event: the
+ * Redis engine wakes them for events that live in Redis. */
+static int l_take_waiters(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_slice cat = check_slice(L, 2);
+  size_t count;
+  u->nwoken = 0;
+  u->woken_failed = 0;
+  int rc = lp_store_take_waiters(u->store, cat, on_wake, u, &count);
+  if (rc != LP_OK) return fail_store(L, rc);
+  if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
+  lua_createtable(L, (int)u->nwoken, 0);
+  for (size_t i = 0; i < u->nwoken; i++) {
+    lua_pushinteger(L, (lua_Integer)u->woken[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  return 1;
+}
+
 static int l_mark_time(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lua_pushinteger(L, (lua_Integer)lp_store_mark_time(u->store, (int64_t)luaL_checkinteger(L, 2)));
@@ -356,6 +376,8 @@ static const luaL_Reg store_methods[] = {{"publish", l_publish}, {"restore", l_r
                                          {"cancel", l_cancel},   {"mark_time", l_mark_time},
                                          {"expire", l_expire},   {"stats", l_stats},
                                          {"close", store_close}, {NULL, NULL}};
+/* for engines that keep events elsewhere (Redis) */
+static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}, {NULL, NULL}};
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
@@ -368,6 +390,7 @@ int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {
     luaL_setfuncs(L, store_meta, 0);
     luaL_newlib(L, store_methods);
+    luaL_setfuncs(L, store_engine_methods, 0);
     lua_setfield(L, -2, "__index");
   }
   lua_pop(L, 1);

@@ -474,6 +474,37 @@ int lp_store_cancel(lp_store *s, uint64_t handle) {
   return 1;
 }
 
+/* Ends every subscription waiting on c (and its waits on other categories),
+ * calling wake for each; c itself is left for the caller to free. Every waiter
+ * leaves before its callback runs, so a callback may publish or wait again
+ * without seeing a half-updated list. */
+static size_t wake_waiters(lp_store *s, lp_category *c, lp_wake_fn wake, void *ctx) {
+  size_t n = 0;
+  while (c->waiters) {
+    lp_sub *sub = c->waiters->sub;
+    uint64_t handle = sub->handle;
+    for (size_t i = 0; i < sub->nwaits; i++) unlink_wait(&sub->waits[i]);
+    for (size_t i = 0; i < sub->nwaits; i++)
+      if (sub->waits[i].category != c) free_category_if_unused(s, sub->waits[i].category);
+    sub->nwaits = 0;
+    end_sub(s, sub);
+    n++;
+    if (wake) wake(ctx, handle);
+  }
+  return n;
+}
+
+int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void *ctx, size_t *count) {
+  *count = 0;
+  int rc = check_name(s, category);
+  if (rc != LP_OK) return rc;
+  lp_category *c = find_category(s, category, hash_bytes(s->hash_seed, category.ptr, category.len));
+  if (!c) return LP_OK;
+  *count = wake_waiters(s, c, wake, ctx);
+  free_category_if_unused(s, c);
+  return LP_OK;
+}
+
 /* ---- time ---- */
 
 static int64_t next_timestamp(lp_store *s, int64_t now_ms) {
@@ -544,18 +575,7 @@ int lp_store_publish(lp_store *s, lp_slice category, lp_slice data, int64_t now_
   }
   s->stats.published++;
   s->stats.delivered += woken;
-  /* Every waiter leaves before any callback runs, so a callback may publish
-   * or wait again without seeing a half-updated list. */
-  while (c->waiters) {
-    lp_sub *sub = c->waiters->sub;
-    uint64_t handle = sub->handle;
-    for (size_t i = 0; i < sub->nwaits; i++) unlink_wait(&sub->waits[i]);
-    for (size_t i = 0; i < sub->nwaits; i++)
-      if (sub->waits[i].category != c) free_category_if_unused(s, sub->waits[i].category);
-    sub->nwaits = 0;
-    end_sub(s, sub);
-    if (wake) wake(ctx, handle);
-  }
+  wake_waiters(s, c, wake, ctx);
   fill_published(e, buffered, out);
   if (!buffered) free_category_if_unused(s, c);
   return LP_OK;

@@ -89,6 +89,11 @@ int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t ncategories, 
 int lp_store_wait(lp_store *s, const lp_slice *categories, size_t ncategories, uint64_t *handle);
 /* Removes a waiting subscription: 1 when it was waiting, 0 for a dead handle. */
 int lp_store_cancel(lp_store *s, uint64_t handle);
+/* Ends every subscription waiting on category without storing an event (an
+ * event stored elsewhere, e.g. in Redis, arrived): wake(ctx, handle) is called
+ * for each, as a publish would, and *count set. A category nobody waits on is
+ * LP_OK with *count 0. */
+int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void *ctx, size_t *count);
 
 /* A timestamp for a timeout answer: max(now, last issued). Every later event
  * gets a larger timestamp, so a client continuing from it misses nothing. */

@@ -411,6 +411,45 @@ static void test_max_buffered_bytes(void) {
   report("max_buffered_bytes drops the oldest events of the largest categories", ok);
 }
 
+static void test_take_waiters(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  lp_slice a = S("a"), b = S("b"), ab[2] = {S("a"), S("b")};
+  uint64_t h1, h2, h3;
+  CHECK(lp_store_wait(s, &a, 1, &h1) == LP_OK);
+  CHECK(lp_store_wait(s, ab, 2, &h2) == LP_OK);
+  CHECK(lp_store_wait(s, &b, 1, &h3) == LP_OK);
+  woken w = {{0}, 0};
+  size_t n = 99;
+  CHECK(lp_store_take_waiters(s, a, on_wake, &w, &n) == LP_OK);
+  CHECK(n == 2 && w.n == 2);
+  int saw1 = 0, saw2 = 0;
+  for (size_t i = 0; i < w.n; i++) saw1 |= w.handles[i] == h1, saw2 |= w.handles[i] == h2;
+  CHECK(saw1 && saw2);
+  CHECK(lp_store_cancel(s, h1) == 0 && lp_store_cancel(s, h2) == 0); /* their handles are dead */
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  /* nothing was stored or delivered; "a" was freed, "b" keeps its other waiter */
+  CHECK(st.events == 0 && st.published == 0 && st.delivered == 0 && st.waiting == 1 && st.categories == 1);
+  w.n = 0;
+  CHECK(lp_store_take_waiters(s, a, on_wake, &w, &n) == LP_OK && n == 0 && w.n == 0);
+  CHECK(lp_store_take_waiters(s, S("never"), on_wake, &w, &n) == LP_OK && n == 0);
+  CHECK(lp_store_take_waiters(s, S(""), on_wake, &w, &n) == LP_EINVAL && n == 0);
+  CHECK(lp_store_take_waiters(s, b, NULL, NULL, &n) == LP_OK && n == 1);
+  lp_buf out = LP_BUF_INIT;
+  CHECK(fetch1(s, "b", 0, NULL, 10, &out, NULL) == 0); /* no event appeared */
+  lp_store_get_stats(s, &st);
+  CHECK(st.waiting == 0 && st.categories == 0);
+  /* a waiter taken can wait again at once, and a publish still wakes it */
+  CHECK(lp_store_wait(s, &a, 1, &h1) == LP_OK);
+  w.n = 0;
+  lp_published p;
+  CHECK(lp_store_publish(s, a, S("1"), 10, on_wake, &w, &p) == LP_OK && w.n == 1 && w.handles[0] == h1);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("take_waiters ends the waits of a category without storing an event", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -426,6 +465,7 @@ int main(void) {
   test_memory_returns_to_baseline();
   test_json_publish_body();
   test_max_buffered_bytes();
+  test_take_waiters();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

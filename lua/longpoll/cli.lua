@@ -14,6 +14,9 @@ flags:
   --port N               port (default 8101; 0 picks a free one, printed on start)
   --subscribe-path PATH  subscription handler path (default /events)
   --publish-path PATH    publish handler path (default /publish; empty turns it off)
+  --sse-path PATH        Server-Sent Events handler path (default /sse; empty turns it off)
+  --stats-path PATH      stats handler path, JSON or Prometheus (default /stats; empty turns it off)
+  --cors ORIGIN          allow cross-origin requests from ORIGIN (repeatable; "*" for any)
   --max-timeout S        largest 'timeout' a subscriber may ask for (default 110)
   --buffer-size N        events kept per category (default 250)
   --ttl S                seconds an event is kept (default: forever)
@@ -25,6 +28,9 @@ flags:
   --fsync                with --persist: fsync every flush
   --error-status N       HTTP status of subscribe errors: 200 (golongpoll) or 400
   --max-connections N    connection cap (default 10000)
+  --redis URL            share events with other servers through Redis (redis://host:port/db);
+                         start fails when Redis does not answer (docs/scaling.md)
+  --redis-prefix P       prefix of the Redis keys and channels (default longpoll:)
   --log-level LEVEL      debug, info, warn or error (default warn)
   --quiet                no start-up line
   -h, --help             this text
@@ -40,6 +46,8 @@ local FLAGS = {
   ["--js-prefix"] = "string", ["--persist"] = "string", ["--flush-ms"] = "integer",
   ["--fsync"] = "boolean", ["--error-status"] = "integer", ["--max-connections"] = "integer",
   ["--log-level"] = "string", ["--quiet"] = "boolean",
+  ["--redis"] = "string", ["--redis-prefix"] = "string",
+  ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
 }
 
 -- Returns a table of flag values (keys without the dashes), or nil, message.
@@ -72,11 +80,25 @@ function M.parse(args, first)
         v = tonumber(v)
         if not v or v <= 0 then return nil, ("flag %s needs a positive number"):format(name) end
       end
-      out[name:sub(3)] = v
+      if kind == "repeatable" then -- every occurrence adds to a list
+        local list = out[name:sub(3)] or {}
+        list[#list + 1] = v
+        out[name:sub(3)] = list
+      else
+        out[name:sub(3)] = v
+      end
     end
     i = i + 1
   end
   return out
+end
+
+-- The origins given with --cors: "*" anywhere allows any origin.
+function M.cors_origins(list)
+  for _, o in ipairs(list) do
+    if o == "*" then return "*" end
+  end
+  return list
 end
 
 local function die(msg)
@@ -101,6 +123,7 @@ function M.serve(flags)
     if not file then return die(err) end
     add_ons[#add_ons + 1] = file
   end
+  if flags["redis-prefix"] and not flags.redis then return die("--redis-prefix needs --redis") end
   local manager, err = longpoll.start {
     max_longpoll_timeout_seconds = flags["max-timeout"],
     max_event_buffer_size = flags["buffer-size"],
@@ -109,6 +132,8 @@ function M.serve(flags)
     subscribe_error_status = flags["error-status"],
     add_on = #add_ons > 0 and add_ons or nil,
     logger = { level = flags["log-level"] or "warn" },
+    redis = flags.redis and { url = flags.redis, prefix = flags["redis-prefix"] } or nil,
+    cors = flags.cors and { origins = M.cors_origins(flags.cors) } or nil,
   }
   if not manager then return die(err) end
   local srv, serr = server_mod.new {
@@ -120,6 +145,17 @@ function M.serve(flags)
   srv:route("GET", flags["subscribe-path"] or "/events", manager.subscription_handler)
   local publish_path = flags["publish-path"] or "/publish"
   if publish_path ~= "" then srv:route("*", publish_path, manager.publish_handler) end
+  local sse_path, stats_path = flags["sse-path"] or "/sse", flags["stats-path"] or "/stats"
+  for flag, path in pairs { ["--sse-path"] = sse_path, ["--stats-path"] = stats_path } do
+    if path ~= "" and path:sub(1, 1) ~= "/" then return die(flag .. " must start with '/'") end
+  end
+  if sse_path ~= "" then srv:route("GET", sse_path, manager.sse_handler) end
+  if stats_path ~= "" then srv:route("GET", stats_path, manager.stats_handler) end
+  if flags.cors then -- preflight requests come as OPTIONS (publish is mounted for every method)
+    srv:route("OPTIONS", flags["subscribe-path"] or "/events", manager.subscription_handler)
+    if sse_path ~= "" then srv:route("OPTIONS", sse_path, manager.sse_handler) end
+    if stats_path ~= "" then srv:route("OPTIONS", stats_path, manager.stats_handler) end
+  end
   -- the browser client is served from the installed module's js/ folder
   local dir = module_dir()
   if dir then srv:static(flags["js-prefix"] or "/js/", dir .. "/js") end

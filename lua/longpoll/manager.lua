@@ -106,19 +106,29 @@ function Manager:_publish_json(category, data_json, data)
   return event
 end
 
--- manager:publish(category, data) -> event | nil, message
-function Manager:publish(category, data)
+-- Publishes and tells callback(event) (or, in Redis mode, callback(nil, message) when Redis
+-- failed). In memory the event is returned and callback runs before that; with the `redis`
+-- option publishing is asynchronous: true means the event is on its way to Redis.
+function Manager:_publish_with(category, data_json, data, callback)
+  if self.engine then return self:_publish_json(category, data_json, data, callback) end
+  local event, err, code = self:_publish_json(category, data_json, data)
+  if event and callback then callback(event) end
+  return event, err, code
+end
+
+-- manager:publish(category, data[, callback]) -> event (true in Redis mode) | nil, message
+function Manager:publish(category, data, callback)
   if type(category) ~= "string" or #category == 0 or #category > self.options.max_category_bytes then
     return nil, ("category must be a string of 1 to %d bytes"):format(self.options.max_category_bytes)
   end
   if data == nil then return nil, "data must not be nil" end
   local data_json, err = core.json_encode(data)
   if not data_json then return nil, "data cannot be encoded as JSON: " .. err end
-  return self:_publish_json(category, data_json, data)
+  return self:_publish_with(category, data_json, data, callback)
 end
 
--- manager:publish_json(category, json_text): publishes JSON text as given.
-function Manager:publish_json(category, data_json)
+-- manager:publish_json(category, json_text[, callback]): publishes JSON text as given.
+function Manager:publish_json(category, data_json, callback)
   if type(category) ~= "string" or #category == 0 or #category > self.options.max_category_bytes then
     return nil, ("category must be a string of 1 to %d bytes"):format(self.options.max_category_bytes)
   end
@@ -126,7 +136,7 @@ function Manager:publish_json(category, data_json)
   local ok, err = core.json_check(data_json)
   if not ok then return nil, "data_json is not JSON: " .. err end
   if data_json:match("^%s*null%s*$") then return nil, "data must not be null" end
-  return self:_publish_json(category, data_json)
+  return self:_publish_with(category, data_json, nil, callback)
 end
 
 -- manager:watch(categories, on_event) -> handle | nil, message
@@ -179,12 +189,18 @@ function Manager:_parse_subscription(req)
     end
     if not core.utf8_valid(c) then return nil, "Invalid subscription category, must be valid UTF-8." end
   end
+  -- an empty value counts as absent, as in golongpoll (its JS client sends `last_id=`)
   local since = req.query.since_time
+  if since == "" then since = nil end
   if since ~= nil then
-    since = since:match("^%-?%d+$") and math.tointeger(tonumber(since))
+    -- as Go's strconv.ParseInt(s, 10, 64): an optional sign, digits, within int64 (Lua
+    -- reads a decimal integer out of range as a float, which is refused here)
+    local n = since:match("^[+-]?%d+$") and tonumber(since)
+    since = math.type(n) == "integer" and n or nil
     if not since then return nil, "Invalid 'since_time' arg." end
   end
   local last_id = req.query.last_id
+  if last_id == "" then last_id = nil end
   if last_id ~= nil then
     if since == nil then return nil, "Must provide 'since_time' arg when providing 'last_id'." end
     if not core.is_uuid(last_id) then return nil, "Param 'last_id' was not a valid UUID." end
@@ -239,6 +255,14 @@ function Manager:_publish_request(req, res)
     self:_log("warn", "bad publish request", { error = data_json })
     return send_json(res, 400, error_body(data_json))
   end
+  if self.engine then -- Redis mode: answered once Redis stored the event (503 when it could not)
+    local queued, qerr, qcode = self:_publish_json(category, data_json, nil, function(event, perr)
+      if event then return send_json(res, 200, '{"success":true}') end
+      return send_json(res, 503, error_body(perr))
+    end)
+    if not queued then return send_json(res, qcode == "EINVAL" and 400 or 503, error_body(qerr)) end
+    return
+  end
   local event, err, code = self:_publish_json(category, data_json)
   if not event then
     local status = (self.closed or code == "ECATEGORIES") and 503 or code == "ETOOBIG" and 413 or 400
@@ -261,6 +285,7 @@ function Manager:_stop_serving()
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do self:_answer_timeout(handle) end
+  if self.sse then self.sse:close() end -- ends the SSE streams cleanly
   self.watchers = {}
   self.timeouts:close()
   if self.purge_timer then Timeouts.close_handle(self.purge_timer) end
@@ -376,7 +401,6 @@ end
 function M.start(options)
   local o, err = options_mod.check(options)
   if not o then return nil, err end
-  if o.redis then return nil, "option 'redis' needs the Redis engine (longpoll.redis), which is not available" end
   local ttl_ms = (o.event_ttl_seconds == options_mod.FOREVER or o.event_ttl_seconds == math.huge) and 0
     or math.max(1, math.floor(o.event_ttl_seconds * 1000))
   local manager = setmetatable({
@@ -394,12 +418,18 @@ function M.start(options)
       max_category_bytes = o.max_category_bytes,
       max_categories = o.max_categories,
       max_waiting_per_category = o.max_waiting_per_category,
-    },
       max_buffered_bytes = o.max_buffered_bytes,
+    },
     closed = false,
   }, Manager)
   manager.timeouts = Timeouts.new(function(handle) manager:_answer_timeout(handle) end)
-  local ok, rerr = restore(manager)
+  local ok, rerr
+  if o.redis then -- events live in Redis: the engine replaces publish/subscribe internals
+    ok, rerr = require("longpoll.redis.engine").attach(manager,
+      { send_json = send_json, error_body = error_body, new_event = new_event })
+  else
+    ok, rerr = restore(manager)
+  end
   if not ok then
     -- add-ons that did start get their shutdown, so they release files and timers
     for _, a in ipairs(manager.started_add_ons) do
@@ -423,6 +453,10 @@ function M.start(options)
   -- handlers are plain functions (no colon), ready to be wrapped
   manager.subscription_handler = function(req, res) return manager:_subscribe(req, res) end
   manager.publish_handler = function(req, res) return manager:_publish_request(req, res) end
+  -- extensions (docs/extensions.md): SSE, stats, and CORS around all four handlers
+  manager.sse_handler = require("longpoll.sse").attach(manager)
+  manager.stats_handler = require("longpoll.stats").handler(manager)
+  if o.cors then require("longpoll.cors").apply(manager) end
   manager:_log("info", "manager started", { max_event_buffer_size = o.max_event_buffer_size, ttl_ms = ttl_ms })
   return manager
 end

@@ -44,10 +44,6 @@ local function status(v)
   if v ~= 200 and v ~= 400 then return "must be 200 (golongpoll's behaviour) or 400" end
 end
 
-local function any_table(v)
-  if type(v) ~= "table" then return "must be a table" end
-end
-
 local SPEC = {
   max_longpoll_timeout_seconds = { 110, integer(1, 86400) },
   max_event_buffer_size = { 250, integer(1, 100000000) },
@@ -62,8 +58,8 @@ local SPEC = {
   max_buffered_bytes = { 0, integer(0) },                   -- 0: no cap
   max_categories_per_subscription = { 16, integer(1, 64) },
   purge_interval_seconds = { nil, function(v) if type(v) ~= "number" or v <= 0 then return "must be a positive number" end end },
-  cors = { nil, any_table },
-  redis = { nil, any_table },
+  cors = { nil, function(v) return require("longpoll.cors").check(v) end },
+  redis = { nil, function(v) return require("longpoll.redis.config").check(v) end },
   sse_heartbeat_seconds = { 15, integer(1, 3600) },
 }
 
@@ -84,6 +80,13 @@ function M.check(options)
       if err then return nil, ("option '%s' %s"):format(k, err) end
       out[k] = v
     end
+  end
+  if out.redis and out.delete_event_after_first_retrieval then
+    return nil, "option 'delete_event_after_first_retrieval' cannot be used with 'redis'"
+      .. " (the nodes could not agree on which retrieval is the first)"
+  end
+  if out.redis and out.max_buffered_bytes > 0 then
+    return nil, "option 'max_buffered_bytes' cannot be used with 'redis' (events are kept in Redis: set maxmemory there)"
   end
   return out
 end

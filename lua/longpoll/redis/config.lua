@@ -1,0 +1,106 @@
+-- The `redis` option of longpoll.start: its checks (one message naming the
+-- key that is wrong) and the parsed form the engine uses.
+--   redis = { url = "redis://[[user]:password@]host[:port][/db]", prefix = "longpoll:",
+--             connect_timeout_ms = 2000, command_timeout_ms = 5000,
+--             reconnect_min_ms = 100, reconnect_max_ms = 2000 }
+local M = {}
+
+M.DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+local URL_FORM = "redis://[[user]:password@]host[:port][/db]"
+
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+-- Parses a redis:// URL. Returns { host, port, db, user, password } or nil, message.
+function M.parse_url(url)
+  if type(url) ~= "string" then return nil, "must be a string, " .. URL_FORM end
+  local rest = url:match("^redis://(.*)$")
+  if not rest then return nil, ("must look like %s (got %q)"):format(URL_FORM, url) end
+  if rest:find("[?#]") then return nil, "must not carry a query or a fragment" end
+  local out = { port = 6379, db = 0 }
+  local userinfo, hostpart = rest:match("^(.*)@([^@]*)$")
+  if userinfo then
+    local user, password = userinfo:match("^([^:]*):(.*)$")
+    if not user then return nil, "must write credentials as user:password@ or :password@" end
+    if password == "" then return nil, "has an empty password" end
+    if user ~= "" then out.user = unescape(user) end
+    out.password = unescape(password)
+  else
+    hostpart = rest
+  end
+  local hostport, db = hostpart:match("^([^/]*)/(.*)$")
+  if hostport then
+    if db ~= "" then
+      local n = db:match("^%d+$") and math.tointeger(tonumber(db))
+      if not n or n > 1000000 then return nil, ("has a bad database number %q"):format(db) end
+      out.db = n
+    end
+  else
+    hostport = hostpart
+  end
+  local host, port
+  if hostport:sub(1, 1) == "[" then -- [IPv6 address]:port
+    host, port = hostport:match("^%[([^%]]+)%](.*)$")
+  else
+    host, port = hostport:match("^([^:]*)(.*)$")
+  end
+  if not host or host == "" then return nil, ("has no host (%s)"):format(URL_FORM) end
+  if port ~= "" then
+    local n = port:match("^:(%d+)$")
+    n = n and math.tointeger(tonumber(n))
+    if not n or n < 1 or n > 65535 then return nil, ("has a bad port %q"):format(port:sub(2)) end
+    out.port = n
+  end
+  out.host = host
+  return out
+end
+
+local function integer(min, max)
+  return function(v)
+    if math.type(v) ~= "integer" then return "must be an integer" end
+    if v < min or v > max then return ("must be between %d and %d"):format(min, max) end
+  end
+end
+
+local KEYS = {
+  url = { M.DEFAULT_URL, function(v) local ok, err = M.parse_url(v); if not ok then return err end end },
+  prefix = { "longpoll:", function(v)
+    if type(v) ~= "string" or #v < 1 or #v > 256 then return "must be a string of 1 to 256 bytes" end
+  end },
+  connect_timeout_ms = { 2000, integer(1, 600000) },
+  command_timeout_ms = { 5000, integer(1, 600000) },
+  reconnect_min_ms = { 100, integer(1, 600000) },
+  reconnect_max_ms = { 2000, integer(1, 600000) },
+}
+
+-- Checks the option's value: nil when fine, otherwise the message that
+-- follows "option 'redis' ".
+function M.check(v)
+  if type(v) ~= "table" then return "must be a table such as { url = \"" .. M.DEFAULT_URL .. "\" }" end
+  for k in pairs(v) do
+    if not KEYS[k] then return ("has an unknown key '%s'"):format(tostring(k)) end
+  end
+  for k, spec in pairs(KEYS) do
+    if v[k] ~= nil then
+      local err = spec[2](v[k])
+      if err then return ("key '%s' %s"):format(k, err) end
+    end
+  end
+  local min, max = v.reconnect_min_ms or KEYS.reconnect_min_ms[1], v.reconnect_max_ms or KEYS.reconnect_max_ms[1]
+  if min > max then return "key 'reconnect_min_ms' must not exceed 'reconnect_max_ms'" end
+end
+
+-- The checked option with defaults filled in and the URL parsed.
+function M.resolve(v)
+  local out = {}
+  for k, spec in pairs(KEYS) do
+    if v[k] == nil then out[k] = spec[1] else out[k] = v[k] end
+  end
+  local u = assert(M.parse_url(out.url))
+  for k, x in pairs(u) do out[k] = x end
+  return out
+end
+
+return M

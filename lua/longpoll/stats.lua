@@ -1,0 +1,151 @@
+-- The stats endpoint: the manager's figures as JSON, or in the Prometheus text exposition
+-- format for scrapers (Accept: text/plain, or ?format=prometheus).
+local uv = require "luv"
+local core = require "longpoll.core"
+
+local concat, format, gsub, find, lower, sort = table.concat, string.format, string.gsub,
+  string.find, string.lower, table.sort
+
+local M = {}
+
+local NO_CACHE = {
+  { "Cache-Control", "no-cache, no-store, must-revalidate" },
+  { "Pragma", "no-cache" },
+  { "Expires", "0" },
+  { "X-Content-Type-Options", "nosniff" },
+}
+
+M.PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+-- name, type, help, key in the stats table
+local METRICS = {
+  { "longpoll_categories", "gauge", "Categories with buffered events or waiting subscribers.", "categories" },
+  { "longpoll_buffered_events", "gauge", "Events held in the buffers.", "events" },
+  { "longpoll_buffered_bytes", "gauge", "Bytes of event JSON held in the buffers.", "event_bytes" },
+  { "longpoll_waiting_subscribers", "gauge", "Waiting subscriptions: long polls, SSE streams and watches.", "waiting" },
+  { "longpoll_long_polls", "gauge", "Long-poll requests waiting for an event.", "long_polls" },
+  { "longpoll_sse_streams", "gauge", "Open Server-Sent Events streams.", "sse_streams" },
+  { "longpoll_published_events_total", "counter", "Events published since start.", "published" },
+  { "longpoll_delivered_events_total", "counter", "Events handed out from the buffers since start.", "delivered" },
+  { "longpoll_dropped_events_total", "counter", "Events dropped by buffer size or TTL since start.", "dropped" },
+  { "longpoll_last_event_timestamp_milliseconds", "gauge", "Timestamp of the newest event (epoch ms).", "last_timestamp" },
+  { "longpoll_uptime_seconds", "gauge", "Seconds since the manager started.", "uptime_seconds" },
+}
+
+local CATEGORY_METRICS = {
+  { "longpoll_category_buffered_events", "Events buffered in the category.", "events" },
+  { "longpoll_category_buffered_bytes", "Bytes of event JSON buffered in the category.", "bytes" },
+  { "longpoll_category_waiting_subscribers", "Subscriptions waiting on the category.", "waiting" },
+}
+
+-- JSON keys in output order (the manager's names)
+local JSON_KEYS = { "categories", "events", "event_bytes", "waiting", "long_polls", "sse_streams", "published", "delivered",
+  "dropped", "last_timestamp" }
+
+local function number(v)
+  if math.type(v) == "integer" then return format("%d", v) end
+  return format("%.3f", v)
+end
+
+-- Prometheus label values escape backslash, double quote and line feed.
+function M.escape_label(s)
+  return (gsub(s, '[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+end
+
+-- The figures: the manager's stats plus uptime and open SSE streams; nil once shut down.
+function M.collect(manager, started, with_categories)
+  if manager.closed then return nil end
+  local s = manager:stats(with_categories)
+  s.uptime_seconds = (uv.hrtime() - started) / 1e9
+  s.sse_streams = manager.sse and manager.sse.count or 0
+  if manager.sse then s.delivered = s.delivered - manager.sse.refetched end
+  s.long_polls = s.timeouts_pending
+  s.timeouts_pending = nil
+  return s
+end
+
+local function sorted_names(by_category)
+  local names = {}
+  for name in pairs(by_category) do names[#names + 1] = name end
+  sort(names)
+  return names
+end
+
+function M.json(s)
+  local out = {}
+  for _, k in ipairs(JSON_KEYS) do out[#out + 1] = format('"%s":%s', k, number(s[k] or 0)) end
+  out[#out + 1] = '"uptime_seconds":' .. number(s.uptime_seconds)
+  if s.by_category then
+    local parts = {}
+    for _, name in ipairs(sorted_names(s.by_category)) do
+      local c = s.by_category[name]
+      parts[#parts + 1] = format('%s:{"events":%d,"bytes":%d,"waiting":%d}', core.json_string(name),
+        c.events, c.bytes, c.waiting)
+    end
+    out[#out + 1] = '"by_category":{' .. concat(parts, ",") .. "}"
+  end
+  return "{" .. concat(out, ",") .. "}"
+end
+
+function M.prometheus(s)
+  local out = {}
+  for _, m in ipairs(METRICS) do
+    out[#out + 1] = format("# HELP %s %s\n# TYPE %s %s\n%s %s\n", m[1], m[3], m[1], m[2], m[1], number(s[m[4]] or 0))
+  end
+  if s.by_category then
+    local names = sorted_names(s.by_category)
+    for _, m in ipairs(CATEGORY_METRICS) do
+      out[#out + 1] = format("# HELP %s %s\n# TYPE %s gauge\n", m[1], m[2], m[1])
+      for _, name in ipairs(names) do
+        out[#out + 1] = format('%s{category="%s"} %d\n', m[1], M.escape_label(name), s.by_category[name][m[3]])
+      end
+    end
+  end
+  return concat(out)
+end
+
+-- Prometheus when asked by ?format=prometheus, or by an Accept that names text/plain (or
+-- OpenMetrics) and not JSON; JSON otherwise. nil, message for an unknown format.
+local function wants_prometheus(req)
+  local f = req.query.format
+  if f ~= nil then
+    if f == "prometheus" then return true end
+    if f == "json" then return false end
+    return nil, "Invalid 'format' arg: must be json or prometheus."
+  end
+  local accept = req.headers.accept
+  if not accept then return false end
+  accept = lower(accept)
+  if find(accept, "application/json", 1, true) then return false end
+  return find(accept, "text/plain", 1, true) ~= nil or find(accept, "application/openmetrics-text", 1, true) ~= nil
+end
+
+-- Returns the stats handler of a manager, a plain function(req, res).
+function M.handler(manager)
+  local started = uv.hrtime()
+  return function(req, res)
+    for i = 1, #NO_CACHE do res:set_header(NO_CACHE[i][1], NO_CACHE[i][2]) end
+    -- the answer depends on Accept (CORS may have put Origin there already)
+    local vary = res:get_header("Vary")
+    res:set_header("Vary", vary and (vary .. ", Accept") or "Accept")
+    local prom, err = wants_prometheus(req)
+    if prom == nil then
+      res:set_header("Content-Type", "application/json")
+      return res:send(400, '{"error":' .. core.json_string(err) .. "}")
+    end
+    local c = req.query.categories
+    local s = M.collect(manager, started, c ~= nil and c ~= "" and c ~= "0" and c ~= "false")
+    if not s then
+      res:set_header("Content-Type", "application/json")
+      return res:send(503, '{"error":"manager is shut down"}')
+    end
+    if prom then
+      res:set_header("Content-Type", M.PROMETHEUS_TYPE)
+      return res:send(200, M.prometheus(s))
+    end
+    res:set_header("Content-Type", "application/json")
+    return res:send(200, M.json(s))
+  end
+end
+
+return M

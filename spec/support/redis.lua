@@ -1,0 +1,101 @@
+-- Test helper: a private redis-server on a free port of 127.0.0.1 (never the
+-- default port), started daemonized in a temporary directory and killed
+-- afterwards. Blocking calls: use it outside the loop or between steps.
+local uv = require "luv"
+
+local M = {}
+
+local function sh(cmd)
+  local ok = os.execute(cmd .. " >/dev/null 2>&1")
+  return ok == true or ok == 0
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+-- A port nobody listens on right now.
+function M.free_port()
+  local tcp = uv.new_tcp()
+  assert(tcp:bind("127.0.0.1", 0))
+  local port = tcp:getsockname().port
+  tcp:close()
+  uv.run("nowait")
+  return port
+end
+
+function M.available()
+  return sh("command -v redis-server") and sh("command -v redis-cli")
+end
+
+local Server = {}
+Server.__index = Server
+
+-- Runs redis-cli against this server; returns its output (trailing newline removed).
+function Server:cli(args)
+  local p = io.popen(("redis-cli -p %d %s 2>&1"):format(self.port, args))
+  local out = p:read("a")
+  p:close()
+  return (out:gsub("\n$", ""))
+end
+
+function Server:pid()
+  local s = read_file(self.dir .. "/redis.pid")
+  return s and tonumber(s:match("%d+"))
+end
+
+function Server:running()
+  return self:cli("PING") == "PONG"
+end
+
+-- Starts (or restarts, keeping its directory and its data files) the server.
+function Server:start()
+  local args = { "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--daemonize", "yes",
+    "--dir", self.dir, "--pidfile", self.dir .. "/redis.pid", "--logfile", self.dir .. "/redis.log",
+    "--save", "''" }
+  if self.persist then
+    args[#args + 1] = "--appendonly yes --appendfsync always"
+  else
+    args[#args + 1] = "--appendonly no"
+  end
+  assert(sh(table.concat(args, " ")), "redis-server did not start")
+  for _ = 1, 200 do
+    if self:running() then return self end
+    sh("sleep 0.02")
+  end
+  error("redis-server on port " .. self.port .. " did not answer: " .. (read_file(self.dir .. "/redis.log") or ""))
+end
+
+-- Kills the server with SIGKILL (no shutdown, no save) and waits until it is gone.
+function Server:kill()
+  local pid = self:pid()
+  if pid then sh("kill -9 " .. pid) end
+  for _ = 1, 200 do
+    if not self:running() then break end
+    sh("sleep 0.02")
+  end
+  os.remove(self.dir .. "/redis.pid")
+end
+
+function Server:stop()
+  self:kill()
+  sh("rm -rf '" .. self.dir .. "'")
+end
+
+-- opts.persist: append-only file with fsync on every write, so a killed
+-- server comes back with everything it acknowledged.
+function M.start(opts)
+  opts = opts or {}
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(sh("mkdir -p '" .. dir .. "'"))
+  local self = setmetatable({ port = opts.port or M.free_port(), dir = dir, persist = opts.persist }, Server)
+  self.url = ("redis://127.0.0.1:%d/0"):format(self.port)
+  return self:start()
+end
+
+return M
