@@ -229,27 +229,28 @@ static void heap_remove(lp_store *s, lp_category *c) {
   heap_down(s, last->heap_pos - 1);
 }
 
-/* Re-positions c after its byte count changed; only growing a category that
- * was not in the heap allocates. */
-static int heap_update(lp_store *s, lp_category *c) {
-  if (!s->cfg.max_buffered_bytes) return LP_OK;
+/* Makes sure c can join the heap without allocating: called before an event
+ * is linked anywhere, so running out of memory changes nothing. */
+static int heap_reserve(lp_store *s, const lp_category *c) {
+  if (!s->cfg.max_buffered_bytes || c->heap_pos || s->heap_len < s->heap_cap) return LP_OK;
+  size_t cap = s->heap_cap ? s->heap_cap * 2 : 64;
+  lp_category **h = realloc(s->heap, cap * sizeof *h);
+  if (!h) return LP_ENOMEM;
+  s->heap = h;
+  s->heap_cap = cap;
+  return LP_OK;
+}
+
+/* Re-positions c after its byte count changed; never allocates (see heap_reserve). */
+static void heap_update(lp_store *s, lp_category *c) {
+  if (!s->cfg.max_buffered_bytes) return;
   if (c->count == 0) {
     if (c->heap_pos) heap_remove(s, c);
-    return LP_OK;
+    return;
   }
-  if (!c->heap_pos) {
-    if (s->heap_len == s->heap_cap) {
-      size_t cap = s->heap_cap ? s->heap_cap * 2 : 64;
-      lp_category **h = realloc(s->heap, cap * sizeof *h);
-      if (!h) return LP_ENOMEM;
-      s->heap = h;
-      s->heap_cap = cap;
-    }
-    heap_set(s, s->heap_len++, c);
-  }
+  if (!c->heap_pos) heap_set(s, s->heap_len++, c);
   heap_up(s, c->heap_pos - 1);
   heap_down(s, c->heap_pos - 1);
-  return LP_OK;
 }
 
 /* ---- events ---- */
@@ -274,7 +275,7 @@ static void forget_event(lp_store *s, lp_event *e) {
   e->category->bytes -= e->json_len;
   s->stats.events--;
   s->stats.event_bytes -= e->json_len;
-  heap_update(s, e->category); /* shrinking never allocates */
+  heap_update(s, e->category);
   free(e);
 }
 
@@ -335,7 +336,8 @@ static lp_event *make_event(lp_store *s, lp_slice category, lp_slice data, const
 }
 
 static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
-  int rc = ring_push(s, c, e);
+  int rc = heap_reserve(s, c);
+  if (rc == LP_OK) rc = ring_push(s, c, e);
   if (rc != LP_OK) return rc;
   e->category = c;
   e->older = s->newest;
@@ -347,7 +349,8 @@ static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
   c->bytes += e->json_len;
   s->stats.events++;
   s->stats.event_bytes += e->json_len;
-  return heap_update(s, c);
+  heap_update(s, c);
+  return LP_OK;
 }
 
 /* Makes room for `bytes` more under max_buffered_bytes by dropping the oldest
@@ -439,6 +442,10 @@ int lp_store_wait(lp_store *s, const lp_slice *categories, size_t n, uint64_t *h
   for (size_t i = 0; i < n; i++) {
     lp_category *c;
     rc = get_category(s, categories[i], &c);
+    /* a category named twice is waited on once: two links would be unlinked twice */
+    int dup = 0;
+    for (size_t k = 0; rc == LP_OK && k < sub->nwaits && !dup; k++) dup = sub->waits[k].category == c;
+    if (dup) continue;
     if (rc == LP_OK && s->cfg.max_waiting_per_category && c->nwaiters >= s->cfg.max_waiting_per_category) {
       free_category_if_unused(s, c);
       rc = LP_EWAITERS;
@@ -475,9 +482,9 @@ int lp_store_cancel(lp_store *s, uint64_t handle) {
 }
 
 /* Ends every subscription waiting on c (and its waits on other categories),
- * calling wake for each; c itself is left for the caller to free. Every waiter
- * leaves before its callback runs, so a callback may publish or wait again
- * without seeing a half-updated list. */
+ * calling wake for each; c itself is left for the caller to free. Each waiter
+ * has left every list before its callback runs; callbacks must still not call
+ * into the store (see lp_wake_fn). */
 static size_t wake_waiters(lp_store *s, lp_category *c, lp_wake_fn wake, void *ctx) {
   size_t n = 0;
   while (c->waiters) {

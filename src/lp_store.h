@@ -55,7 +55,9 @@ typedef struct lp_published {
 typedef struct lp_store lp_store;
 
 /* Called once per subscription woken by a publish; the subscription has
- * already been removed from every category, so its handle is dead. */
+ * already been removed from every category, so its handle is dead. The
+ * callback must not call into the store (collect the handles, act after the
+ * publish returned): a nested publish could free the event being published. */
 typedef void (*lp_wake_fn)(void *ctx, uint64_t handle);
 
 /* Returns an owned store (free with lp_store_free), or NULL when memory runs

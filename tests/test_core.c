@@ -450,6 +450,26 @@ static void test_take_waiters(void) {
   report("take_waiters ends the waits of a category without storing an event", ok);
 }
 
+static void test_duplicate_categories_in_one_wait(void) {
+  int ok = 1;
+  lp_store_config cfg = {10, 0, 0, 64, 0, 1, 0};
+  lp_store *s = lp_store_new(&cfg);
+  lp_slice twice[3] = {S("a"), S("b"), S("b")};
+  uint64_t h1, h2;
+  /* found by fuzz_store: a category named twice was linked twice and freed twice */
+  CHECK(lp_store_wait(s, twice, 3, &h1) == LP_OK); /* the cap of 1 waiter is not hit by the repeat */
+  CHECK(lp_store_cancel(s, h1) == 1);
+  CHECK(lp_store_wait(s, twice, 3, &h2) == LP_OK);
+  woken w = {{0}, 0};
+  lp_published p;
+  CHECK(lp_store_publish(s, S("a"), S("1"), 1, on_wake, &w, &p) == LP_OK && w.n == 1 && w.handles[0] == h2);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.waiting == 0 && st.categories == 1);
+  lp_store_free(s);
+  report("a category named twice in one wait is waited on once", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -466,6 +486,7 @@ int main(void) {
   test_json_publish_body();
   test_max_buffered_bytes();
   test_take_waiters();
+  test_duplicate_categories_in_one_wait();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }
