@@ -17,7 +17,7 @@ HOST      ?= 127.0.0.1
 PORT      ?= 8101
 
 DEBIAN_PACKAGES := lua5.4 liblua5.4-dev lua-cjson lua-luv lua-luv-dev libuv1-dev lua-busted luarocks \
-                   gcc make valgrind libhiredis-dev lua-check clang-format
+                   gcc make valgrind libhiredis-dev lua-check clang-format clang libclang-rt-14-dev
 
 .PHONY: all deps build test test-c test-lua test-asan valgrind run bench soak fuzz lint clean
 
