@@ -8,7 +8,7 @@
 #include "lp_store.h"
 
 int main(void) {
-  lp_store_config cfg = {4, 0, 0, 64, 0, 0};
+  lp_store_config cfg = {.max_event_buffer_size = 4, .max_category_bytes = 64};
   lp_store *s = lp_store_new(&cfg);
   lp_slice twice[2] = {{"b", 1}, {"b", 1}}; /* store:wait({"b", "b"}) from Lua does the same */
   uint64_t h;

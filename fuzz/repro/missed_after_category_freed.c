@@ -21,7 +21,7 @@ static int fetch_missed(lp_store *s, int64_t since, int64_t now) {
 }
 
 int main(void) {
-  lp_store_config cfg = {4, 10 /* TTL ms */, 0, 64, 0, 0, 0};
+  lp_store_config cfg = {.max_event_buffer_size = 4, .event_ttl_ms = 10, .max_category_bytes = 64};
   lp_store *s = lp_store_new(&cfg);
   lp_published p;
   lp_store_publish(s, (lp_slice){"a", 1}, (lp_slice){"1", 1}, 1000, NULL, NULL, &p);

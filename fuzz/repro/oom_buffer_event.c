@@ -19,7 +19,7 @@ void *__wrap_realloc(void *p, size_t n) {
 }
 
 int main(void) {
-  lp_store_config cfg = {4, 0, 0, 64, 0, 0, 4096};
+  lp_store_config cfg = {.max_event_buffer_size = 4, .max_category_bytes = 64, .max_buffered_bytes = 4096};
   lp_store *s = lp_store_new(&cfg);
   lp_published p;
   fail_heap = 1;

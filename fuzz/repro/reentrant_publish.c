@@ -18,7 +18,7 @@ static void wake(void *ctx, uint64_t handle) {
 }
 
 int main(void) {
-  lp_store_config cfg = {1, 0, 0, 64, 0, 0}; /* one event per category */
+  lp_store_config cfg = {.max_event_buffer_size = 1, .max_category_bytes = 64}; /* one event per category */
   store = lp_store_new(&cfg);
   uint64_t h;
   lp_store_wait(store, &(lp_slice){"a", 1}, 1, &h);
