@@ -1,6 +1,6 @@
 -- Server-Sent Events on the manager's buffers: one long-lived text/event-stream response per
--- subscriber, fed by manager:watch and the store's (timestamp, id) cursor, so a reconnect with
--- Last-Event-ID resumes exactly where the stream stopped.
+-- subscriber, fed by manager:watch and the store's (timestamp, id) cursor (in Redis mode by the
+-- engine's follow), so a reconnect with Last-Event-ID resumes exactly where the stream stopped.
 local uv = require "luv"
 local core = require "longpoll.core"
 local Timeouts = require "longpoll.timeouts"
@@ -99,6 +99,15 @@ local function event_message(json)
   return "id: " .. ts .. "_" .. id .. "\ndata: " .. data .. "\n\n", math.tointeger(tonumber(ts)), id
 end
 
+local function send_error(res, status, message)
+  res:set_header("Content-Type", "application/json")
+  res:set_header("Cache-Control", "no-cache, no-store, must-revalidate")
+  res:set_header("Pragma", "no-cache")
+  res:set_header("Expires", "0")
+  res:set_header("X-Content-Type-Options", "nosniff")
+  return res:send(status, '{"error":' .. core.json_string(message) .. "}")
+end
+
 ---------------------------------------------------------------------------------------------
 -- The hub: every open stream of one manager, and the one heartbeat timer they share.
 
@@ -109,6 +118,7 @@ function M.new(manager)
   return setmetatable({
     manager = manager,
     streams = {}, -- stream -> true while open
+    starting = {}, -- Redis mode: stream -> true while its starting time is asked of Redis
     count = 0,
     -- woken events that the fetch after the wake handed out again: the store counted them as
     -- delivered twice (once for the wake), and the stats endpoint takes them off
@@ -166,6 +176,12 @@ function Hub:close()
     self:_forget(stream)
     stream.res:finish()
   end
+  local starting = self.starting
+  self.starting = {}
+  for stream in pairs(starting) do
+    stream.closed = true
+    send_error(stream.res, 503, "manager is shut down")
+  end
   self:_stop_timer()
 end
 
@@ -214,15 +230,6 @@ function Hub:_pump(stream, woken)
   stream.handle = handle
 end
 
-local function send_error(res, status, message)
-  res:set_header("Content-Type", "application/json")
-  res:set_header("Cache-Control", "no-cache, no-store, must-revalidate")
-  res:set_header("Pragma", "no-cache")
-  res:set_header("Expires", "0")
-  res:set_header("X-Content-Type-Options", "nosniff")
-  return res:send(status, '{"error":' .. core.json_string(message) .. "}")
-end
-
 -- Reads categories and the starting cursor from the request. Returns a table or nil, message.
 -- The cursor comes from Last-Event-ID (a browser's reconnect), else last_event_id, else
 -- since_time (+ last_id); with none the stream starts at the present.
@@ -263,14 +270,79 @@ function Hub:_parse(req)
   return sub_
 end
 
+---------------------------------------------------------------------------------------------
+-- Redis mode: the events live in Redis, and the engine's follow feeds a stream: one read from
+-- its cursor on whichever node the client reached, then live events by pub/sub, each once, the
+-- engine keeping the cursor; after a pub/sub gap or an outage it reads again from there. While
+-- Redis is away a stream stays open (heartbeats go on) and gets what was missed once it is back.
+
+-- Writes a batch of events the engine handed out.
+function Hub:_write_batch(stream, jsons, missed)
+  if stream.closed then return end
+  local out = {}
+  if missed then out[1] = MISSED end
+  for i = 1, #jsons do
+    local message, ts, id = event_message(jsons[i])
+    out[#out + 1] = message
+    stream.since, stream.last_id = ts, id
+  end
+  if not stream.res:write(concat(out)) then self:_forget(stream) end
+end
+
+-- Follows from the stream's cursor and starts the response; start_id: the "from now on" time.
+function Hub:_open_followed(stream, start_id)
+  local res = stream.res
+  local handle, err = self.manager.engine:follow(stream.categories, stream.since, stream.last_id,
+    function(jsons, missed_or_why)
+      if jsons then return self:_write_batch(stream, jsons, missed_or_why) end
+      -- the engine gave up on it: end the stream, the browser reconnects with its last id
+      if stream.closed then return end
+      self.manager:_log("warn", "sse stream ended", { error = missed_or_why })
+      self:_forget(stream)
+      stream.res:finish()
+    end)
+  if not handle then
+    stream.closed = true
+    return send_error(res, 503, "cannot wait: " .. tostring(err))
+  end
+  stream.handle = handle
+  self.streams[stream] = true
+  self.count = self.count + 1
+  self:_start_timer()
+  for i = 1, #STREAM_HEADERS do res:set_header(STREAM_HEADERS[i][1], STREAM_HEADERS[i][2]) end
+  res:write_head(200)
+  local preamble = "retry: " .. M.RETRY_MS .. "\n"
+  if start_id then preamble = preamble .. "id: " .. M.cursor_string(start_id) .. "\n" end
+  if not res:write(preamble .. "\n") then self:_forget(stream) end
+end
+
+function Hub:_handle_redis(stream, res)
+  stream.res = res
+  res:on_close(function()
+    self.starting[stream] = nil
+    self:_forget(stream)
+  end)
+  if stream.since ~= nil then return self:_open_followed(stream) end
+  -- "from now on": Redis issues a time that no later event reaches (as for a timeout answer),
+  -- so the starting id resumes exactly, on any node
+  self.starting[stream] = true
+  local ok = self.manager.engine:mark_time(function(T)
+    if not self.starting[stream] then return end -- the client left, or shutdown answered it
+    self.starting[stream] = nil
+    stream.since = T
+    self:_open_followed(stream, T)
+  end)
+  if not ok then
+    -- no Redis now: from the node's position, without a starting id (none would be exact)
+    self.starting[stream] = nil
+    self:_open_followed(stream)
+  end
+end
+
 -- The SSE handler: function(req, res).
 function Hub:handle(req, res)
   local manager = self.manager
   if manager.closed then return send_error(res, 503, "manager is shut down") end
-  if manager.engine then
-    -- with Redis the events are not in the local store that streams resume from
-    return send_error(res, 501, "Server-Sent Events are not available with the 'redis' option yet")
-  end
   local stream, err = self:_parse(req)
   if not stream then
     manager:_log("warn", "bad sse request", { error = err })
@@ -281,6 +353,7 @@ function Hub:handle(req, res)
     res:write_head(200)
     return res:finish()
   end
+  if manager.engine then return self:_handle_redis(stream, res) end
   local preamble = "retry: " .. M.RETRY_MS .. "\n"
   if stream.since == nil then
     -- "from now on"; the id lets a browser that reconnects before any event resume from here

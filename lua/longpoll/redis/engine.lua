@@ -86,8 +86,18 @@ end
 
 -- Puts w back in the store after an event it must not get woke it.
 function Engine:_rewait(w)
-  if self:_wait(w) then return end
+  local ok, err = self:_wait(w)
+  if ok then return end
+  if w.follow then return self:_end_follow(w, "cannot wait: " .. tostring(err)) end
   self:_answer_timeout_now(w, self:_offline_time(w))
+end
+
+-- Ends a follower the engine cannot keep; its owner learns it once.
+function Engine:_end_follow(w, message)
+  if w.done then return end
+  self:_finish(w)
+  local ok, err = pcall(w.on_events, nil, message)
+  if not ok then self:_log("error", "watcher failed", { error = tostring(err) }) end
 end
 
 -- Forgets w everywhere; it is answered or gone.
@@ -127,8 +137,22 @@ function Engine:_event_object(ev)
   return ev.object
 end
 
+-- A follower stays: its cursor moves to the last event it got when that came by pub/sub (a
+-- read's events leave it at the read's position), and it waits again if the event took it out
+-- of the store.
+function Engine:_deliver_follow(w, events, missed)
+  local last = events[#events]
+  if last.seq then w.cursor = { epoch = last.epoch, ts = last.ts, seq = last.seq } end
+  local list = {}
+  for i = 1, #events do list[i] = events[i].json end
+  local ok, err = pcall(w.on_events, list, missed == true)
+  if not ok then self:_log("error", "watcher failed", { error = tostring(err) }) end
+  if not w.done and not w.handle then self:_rewait(w) end
+end
+
 -- Answers w with events (a list of event records, oldest first).
 function Engine:_deliver(w, events, missed)
+  if w.follow then return self:_deliver_follow(w, events, missed) end
   self:_finish(w)
   if w.res then
     local body
@@ -295,6 +319,8 @@ function Engine:_fetched(group, reply, err)
       if err then
         w.needs_fetch = true
         if w.expired and not w.mark_inflight then self:_answer_timeout_now(w, self:_offline_time(w)) end
+      elseif w.follow then
+        self:_followed(w, reply, pending)
       elseif #reply > 4 then
         local events = {}
         for i = 5, #reply do events[#events + 1] = { json = reply[i] } end
@@ -324,6 +350,24 @@ function Engine:_fetched(group, reply, err)
       end
     end
   end
+end
+
+-- A follower's read: its events, then those pub/sub brought meanwhile after the position Redis
+-- was at (the read holds everything up to there). The follower stays in the store throughout.
+function Engine:_followed(w, reply, pending)
+  local cursor = { epoch = reply[1], ts = tointeger(tonumber(reply[2])), seq = tointeger(tonumber(reply[3])) }
+  w.cursor = cursor
+  local events = {}
+  for i = 5, #reply do events[#events + 1] = { json = reply[i] } end
+  -- after a gap or a lost pub/sub connection while the read was in flight, events may be
+  -- missing before the pending ones: the next read, from the new cursor, returns them all
+  if not w.needs_fetch then
+    for _, ev in ipairs(pending or {}) do
+      if deliverable(cursor, ev) then events[#events + 1] = ev end
+    end
+  end
+  if #events > 0 then self:_deliver(w, events, reply[4] == 1) end
+  if not w.done and w.needs_fetch and not w.fetching and self.online then self:_fetch({ w }) end
 end
 
 -- Reads again for every waiter that needs it, one read per (categories,
@@ -685,6 +729,40 @@ function Engine:watch_after(categories, since_time, last_id, on_events)
   return w.watch_id
 end
 
+-- engine:follow(categories, since_time, last_id, on_events) -> id | nil, message
+-- Like watch_after, but it stays until unwatch(id): on_events(jsons, missed) gets every batch
+-- of events after the cursor, oldest first, each event once. The cursor is (since_time,
+-- last_id) until the first read resolves it (since_time nil: the node's position, no read),
+-- then the position of what was handed out, so live events cost no read; the engine reads
+-- again from it after a gap or a lost pub/sub connection. When the engine must end it (it
+-- cannot wait again, shutdown), on_events(nil, message) is called once. For SSE.
+function Engine:follow(categories, since_time, last_id, on_events)
+  if self.manager.closed then return nil, "manager is shut down" end
+  if since_time ~= nil and math.type(since_time) ~= "integer" then return nil, "since_time must be an integer" end
+  if last_id ~= nil and (since_time == nil or not core.is_uuid(last_id)) then return nil, "last_id must be a UUID" end
+  local w, err = self:_new_waiter({ on_events = on_events, follow = true, since = since_time,
+    last_id = last_id and last_id:lower() }, categories)
+  if not w then return nil, err end
+  self.watch_seq = self.watch_seq + 1
+  w.watch_id = self.watch_seq
+  self.watches[w.watch_id] = w
+  return w.watch_id
+end
+
+-- engine:mark_time(callback) -> true | nil, message
+-- callback(T) with a timestamp from Redis that no event published later reaches (those
+-- published before it have T or less), or callback(nil, message): an exact "from now on".
+function Engine:mark_time(callback)
+  return self:_script("mark", { self.clock_key }, { ("%d"):format(self.floor), "", "", random_hex(16) },
+    function(reply, err)
+      if err then return callback(nil, err) end
+      self:_observe(reply[1], tointeger(tonumber(reply[2])), tointeger(tonumber(reply[3])))
+      local T = tointeger(tonumber(reply[4]))
+      if T + 1 > self.floor then self.floor = T + 1 end
+      callback(T)
+    end)
+end
+
 function Engine:unwatch(id)
   local w = self.watches[id]
   if not w or w.done then return false end
@@ -715,7 +793,9 @@ function Engine:shutdown(done)
     for _, w in pairs(self.by_handle) do
       if w.res then self:_answer_timeout_now(w, self:_offline_time(w)) end
     end
-    for _, w in pairs(self.watches) do if not w.done then self:_finish(w) end end
+    for _, w in pairs(self.watches) do
+      if w.follow then self:_end_follow(w, "manager is shut down") elseif not w.done then self:_finish(w) end
+    end
     if self.cmd then self.cmd:close() end
     if self.sub then self.sub:close() end
     self.cmd, self.sub, self.cmd_ready, self.sub_ready, self.online = nil, nil, false, false, false
