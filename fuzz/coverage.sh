@@ -6,10 +6,10 @@ set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 out="$root/build/fuzz/coverage"
 mkdir -p "$out"
-core="$root/src/lp_buf.c $root/src/lp_json.c $root/src/lp_store.c $root/src/lp_uuid.c"
-for f in json store; do
+core="$root/src/lp_buf.c $root/src/lp_json.c $root/src/lp_store.c $root/src/lp_uuid.c $root/src/lp_http.c"
+for f in json store http; do
   extra=
-  [ "$f" = store ] && extra="-Wl,--wrap=malloc -Wl,--wrap=calloc -Wl,--wrap=realloc"
+  [ "$f" != json ] && extra="-Wl,--wrap=malloc -Wl,--wrap=calloc -Wl,--wrap=realloc"
   # shellcheck disable=SC2086
   clang -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer -fprofile-instr-generate -fcoverage-mapping \
     ${FUZZ_CFLAGS:-} -I"$root/src" "$root/fuzz/fuzz_$f.c" $core $extra -o "$out/fuzz_$f"

@@ -75,7 +75,27 @@ STORE = {
     + [FAIL_ALLOC, 0] + fetch([A], 0, 0, 0) + fetch([A], 0, 0, 0) + [FAIL_ALLOC, 2] + pub(A) + pub(A),
 }
 
-for sub, files in (('json', JSON), ('store', {k: bytes(v) for k, v in STORE.items()})):
+# fuzz_http inputs: 4 config bytes (max_header_bytes 16 + 4*b0, max_body_bytes 1 + b1,
+# max_url_bytes 1 + b2 % 96, b3: how the stream is cut, and with 0x80 a failing allocation), then
+# the bytes a client sends.
+def http(stream, b0=255, b1=100, b2=63, b3=3):
+    return bytes([b0, b1, b2, b3]) + stream
+
+
+HTTP = {
+    'get': http(b'GET /events?category=a&timeout=30&since_time=1&last_id=x HTTP/1.1\r\nHost: h\r\n\r\n'),
+    'publish': http(b'POST /publish HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 30\r\n\r\n'
+                    b'{"category":"a","data":"hello"}GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n'),
+    'chunked': http(b'POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n'
+                    b'5;ext=1\r\nhello\r\n1\r\n \r\n0\r\nX-Trailer: 1\r\n\r\n\r\nGET /next HTTP/1.1\n\n'),
+    'targets': http(b'GET http://h:1/a%20b?k=1+2&k=%33&&x HTTP/1.1\r\nA:  b \t\r\nA: c\r\n\r\n'
+                    b'OPTIONS * HTTP/1.1\r\n\r\nGET /%zz HTTP/1.1\r\n\r\n'),
+    'limits': http(b'POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n12345'
+                   b'GET /' + b'u' * 80 + b' HTTP/1.1\r\n\r\n', b0=40, b1=4, b2=40, b3=0x40),
+    'out_of_memory': http(b'GET / HTTP/1.1\r\n' + b'X: 1\r\n' * 20 + b'\r\n', b3=0x82),
+}
+
+for sub, files in (('json', JSON), ('store', {k: bytes(v) for k, v in STORE.items()}), ('http', HTTP)):
     os.makedirs(os.path.join(here, 'corpus', sub), exist_ok=True)
     for name, data in files.items():
         with open(os.path.join(here, 'corpus', sub, name), 'wb') as f:

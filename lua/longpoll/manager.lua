@@ -7,12 +7,14 @@ local core = require "longpoll.core"
 local options_mod = require "longpoll.options"
 local log = require "longpoll.log"
 local Timeouts = require "longpoll.timeouts"
+local response = require "longpoll.http.response"
 local cjson = require "cjson"
 
 local Manager = {}
 Manager.__index = Manager
 
-local NO_CACHE = {
+-- The headers of every JSON answer, checked once and written as one block.
+local NO_CACHE = response.header_block {
   { "Content-Type", "application/json" },
   { "Cache-Control", "no-cache, no-store, must-revalidate" },
   { "Pragma", "no-cache" },
@@ -26,8 +28,7 @@ local function now_ms()
 end
 
 local function send_json(res, status, body)
-  for i = 1, #NO_CACHE do res:set_header(NO_CACHE[i][1], NO_CACHE[i][2]) end
-  return res:send(status, body)
+  return res:_send_block(status, NO_CACHE, body)
 end
 
 local function error_body(message)
@@ -81,6 +82,7 @@ function Manager:_publish_json(category, data_json, data)
   local event = new_event(category, data, data_json, json, id, timestamp)
   if #woken > 0 then
     local body = '{"events":[' .. json .. "]}"
+    local answer -- the whole HTTP answer, built once for every plain keep-alive subscriber
     local waiting, timeouts = self.waiting, self.timeouts
     for i = 1, #woken do
       local handle = woken[i]
@@ -88,7 +90,8 @@ function Manager:_publish_json(category, data_json, data)
       if res then
         waiting[handle] = nil
         timeouts:cancel(handle)
-        send_json(res, 200, body)
+        answer = answer or response.shared_answer(200, NO_CACHE, body)
+        if not res:_send_shared(answer, NO_CACHE) then send_json(res, 200, body) end
       else
         local watcher = self.watchers[handle]
         if watcher then
@@ -172,7 +175,7 @@ end
 function Manager:_parse_subscription(req)
   local o = self.options
   local timeout = req.query.timeout
-  timeout = timeout and timeout:match("^%+?(%d+)$") and tonumber(timeout:match("%d+"))
+  timeout = timeout and tonumber(timeout:match("^%+?(%d+)$"))
   if not timeout or timeout < 1 or timeout > o.max_longpoll_timeout_seconds then
     return nil, ("Invalid or missing 'timeout' arg.  Must be 1-%d."):format(o.max_longpoll_timeout_seconds)
   end

@@ -68,9 +68,32 @@ function Conn:backlog()
   return self.tcp:get_write_queue_size()
 end
 
+-- Writes at once when nothing is queued (uv_try_write: no write request, no callback and no
+-- epoll_ctl for write interest afterwards); what the socket does not take now is queued.
+-- data: a string or a list of strings.
 function Conn:write(data)
-  if not self.closed then
-    self.tcp:write(data)
+  if self.closed then
+    return
+  end
+  local tcp = self.tcp
+  local n = tcp:try_write(data)
+  if not n then -- EAGAIN, or an error the queued write meets again
+    self.queued = true
+    tcp:write(data)
+  elseif type(data) == "string" then
+    if n < #data then
+      self.queued = true
+      tcp:write(sub(data, n + 1))
+    end
+  else
+    local total = 0
+    for i = 1, #data do
+      total = total + #data[i]
+    end
+    if n < total then
+      self.queued = true
+      tcp:write(sub(concat(data), n + 1))
+    end
   end
 end
 
@@ -83,7 +106,11 @@ function Conn:detach()
     self.counted = false
     srv._count = srv._count - 1
   end
-  self.parser = nil
+  local p = self.parser or self.spare_parser
+  if p then
+    p:close() -- its buffers go now, not when the collector finds it
+  end
+  self.parser, self.spare_parser = nil, nil
   local res = self.res
   self.res = nil
   if res and not res._done and res._on_close then
@@ -180,8 +207,9 @@ function Conn:on_read(err, data)
   end
   local p = self.parser
   if not p then
-    p = parser.new(self.srv.limits)
-    self.parser = p
+    -- the connection's parser, put aside while a long poll waited (or a new one)
+    p = self.spare_parser or parser.new(self.srv.limits)
+    self.parser, self.spare_parser = p, nil
   end
   p:push(data)
   if self.res or self.paused then
@@ -208,21 +236,34 @@ end
 function Conn:process()
   local p, srv = self.parser, self.srv
   if not p then
-    p = parser.new(srv.limits)
-    self.parser = p
+    -- Nothing was received since the last request (a parser is made when bytes arrive).
+    self:deadline(IDLE, uv_now() + srv.keepalive_timeout_ms)
+    return
   end
   self.busy = true
   -- Every pass dispatches a request taken from the buffer or leaves: bounded by its size.
   while not self.closed and not self.res do
-    if self.tcp:get_write_queue_size() > WRITE_HIGH_WATER then
-      -- Writes complete in order, so an empty write's callback means the backlog is gone.
-      self.paused = true
-      self.tcp:write("", function() on_drained(self) end)
-      break
+    -- self.queued: some output did not fit in the socket at once (see Conn:write).
+    if self.queued then
+      local backlog = self.tcp:get_write_queue_size()
+      if backlog > WRITE_HIGH_WATER then
+        -- Writes complete in order, so an empty write's callback means the backlog is gone.
+        self.paused = true
+        self.tcp:write("", function() on_drained(self) end)
+        break
+      end
+      self.queued = backlog > 0
     end
     local req, status, message = p:parse()
     if req then
       self:dispatch(req)
+      if status == 0 then
+        -- Nothing is buffered behind it: wait for the next request (unless this one waits).
+        if not self.closed and not self.res then
+          self:deadline(IDLE, uv_now() + srv.keepalive_timeout_ms)
+        end
+        break
+      end
     elseif status then
       self:fail(status, message)
     else
@@ -275,10 +316,13 @@ function Conn:dispatch(parsed)
   else
     res:send(404, { error = "not found" })
   end
-  -- A long poll may wait for minutes: an empty parser need not wait with it.
+  -- A long poll may wait for minutes: an empty parser need not keep buffers while it does.
+  -- It is put aside (not dropped: a parser per request would cost an allocation and a
+  -- finalizer each), and with no parser, process() knows nothing was received since.
   local p = self.parser
   if self.res == res and p and not p:in_progress() then
-    self.parser = nil
+    p:close()
+    self.parser, self.spare_parser = nil, p
   end
 end
 

@@ -1,8 +1,11 @@
--- The request object handlers receive: the parser's table, completed with the decoded path and
--- query and given shared methods (no per-request closures: 50,000 waiting long polls are common).
+-- The request object handlers receive: the parser's table (which already holds the decoded path
+-- and query, see longpoll.http.parser) given shared methods (no per-request closures: 50,000
+-- waiting long polls are common).
+local core = require "longpoll.core"
 local util = require "longpoll.http.util"
 
 local find, sub, lower = string.find, string.sub, string.lower
+local query_all, http_target = core.http_query_all, core.http_target
 
 local request = {}
 
@@ -15,7 +18,7 @@ function Request:query_all(key)
   if override and override[key] then
     return { table.unpack(override[key]) }
   end
-  return util.query_values(self.raw_query, key)
+  return query_all(self.raw_query, key)
 end
 
 -- Replaces a query parameter for the handlers that run next (a wrapper
@@ -46,32 +49,18 @@ end
 -- Turns a parsed request (see longpoll.http.parser) into a request object in place.
 -- Returns it, or nil, message when the target cannot be decoded (the caller answers 400).
 function request.new(parsed, remote_addr)
-  local target = parsed.target
-  local q = find(target, "?", 1, true)
-  local raw_path = q and sub(target, 1, q - 1) or target
-  local raw_query = q and sub(target, q + 1) or ""
-  -- absolute-form ("http://host/path", RFC 9112 3.2.2): only the path matters here.
-  if not find(raw_path, "^/") then
-    local _, e = find(raw_path, "^[%a][%w+.-]*://[^/]*")
-    if e then
-      raw_path = sub(raw_path, e + 1)
-      if raw_path == "" then
-        raw_path = "/"
-      end
-    elseif raw_path ~= "*" then
-      return nil, "invalid request target"
+  local err = parsed._target_error
+  if err then
+    return nil, err
+  end
+  if parsed.path == nil then -- a table not made by the parser
+    local path, raw_path, raw_query, query, count = http_target(parsed.target)
+    if not path then
+      return nil, raw_path
     end
+    parsed.path, parsed.raw_path, parsed.raw_query = path, raw_path, raw_query
+    parsed.query, parsed.query_count = query, count
   end
-  local path = util.decode(raw_path, false)
-  if not path then
-    return nil, "invalid percent-encoding in path"
-  end
-  local query, count = util.parse_query(raw_query)
-  if not query then
-    return nil, count
-  end
-  parsed.path, parsed.raw_path, parsed.raw_query = path, raw_path, raw_query
-  parsed.query, parsed.query_count = query, count
   parsed.remote_addr = remote_addr
   return setmetatable(parsed, Request)
 end

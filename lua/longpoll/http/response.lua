@@ -5,6 +5,7 @@ local cjson = require "cjson"
 local util = require "longpoll.http.util"
 
 local find, lower, format, tostring, type = string.find, string.lower, string.format, tostring, type
+local concat, os_time = table.concat, os.time
 local encode, status_text, http_date = cjson.encode, util.status_text, util.http_date
 
 local response = {}
@@ -21,16 +22,20 @@ function response.new(conn, req)
   return setmetatable({ _conn = conn, _req = req, sent = false }, Response)
 end
 
+local function check_header(name, value, level)
+  if type(name) ~= "string" or not find(name, "^[%w!#$%%&'*+.^_`|~-]+$") then
+    error("invalid header name: " .. tostring(name), level + 1)
+  end
+  if find(value, "[\r\n%z]") then
+    error("invalid header value for " .. name, level + 1)
+  end
+end
+
 -- Headers are a flat list { lname, name, value, ... }: a handful per response, set once each,
 -- so a linear search is cheaper than a hash table and keeps their order and spelling.
 function Response:set_header(name, value)
   value = tostring(value)
-  if not find(name, "^[%w!#$%%&'*+.^_`|~-]+$") then
-    error("invalid header name: " .. tostring(name), 2)
-  end
-  if find(value, "[\r\n%z]") then
-    error("invalid header value for " .. name, 2)
-  end
+  check_header(name, value, 2)
   local lname = lower(name)
   local h = self._h
   if not h then
@@ -56,7 +61,8 @@ function Response:get_header(name)
       end
     end
   end
-  return nil
+  local block = self._block
+  return block and block.values[lower(name)]
 end
 
 -- fn() runs once if the client goes away before the response is complete.
@@ -75,6 +81,16 @@ local status_lines = setmetatable({}, {
     return line
   end,
 })
+
+-- The Date line changes once a second; formatting it per response would be wasted work.
+local date_second, date_text = -1, ""
+local function date_line()
+  local now = os_time()
+  if now ~= date_second then
+    date_second, date_text = now, "Date: " .. http_date(now) .. "\r\n"
+  end
+  return date_text
+end
 
 -- Whether the connection stays open after this response, given the request and the handler's
 -- own "Connection: close".
@@ -112,8 +128,7 @@ local function build_head(self, status, framing, keep)
   else
     connection = "Connection: close\r\n"
   end
-  return status_lines[status] .. lines .. framing .. "Date: " .. http_date() .. "\r\n"
-    .. connection .. "\r\n"
+  return status_lines[status] .. lines .. framing .. date_line() .. connection .. "\r\n"
 end
 
 -- Answers with a whole body: a string, or a table sent as JSON. Returns true, or nil, message
@@ -156,6 +171,108 @@ function Response:send(status, body)
     conn:write({ head, body })
   end
   conn:response_done(self, keep)
+  return true
+end
+
+-- A constant block of headers, checked once: list = { { name, value }, ... }. Answers that
+-- always carry the same headers (the manager's JSON answers) write it as it is with
+-- res:_send_block, instead of setting each header on each response.
+function response.header_block(list)
+  local lines, values = {}, {}
+  for i = 1, #list do
+    local name, value = list[i][1], tostring(list[i][2])
+    check_header(name, value, 2)
+    local lname = lower(name)
+    if lname == "content-length" or lname == "transfer-encoding" or lname == "connection" or values[lname] then
+      error("header_block: " .. name .. " cannot be in a block", 2)
+    end
+    values[lname] = value
+    lines[i] = name .. ": " .. value .. "\r\n"
+  end
+  return { text = concat(lines), values = values, list = list }
+end
+
+-- Beyond this size a body is written after its head rather than copied behind it.
+local COPY_BODY_MAX = 16384
+
+-- "Content-Length: n\r\n" for the short lengths seen (formatting a number costs more).
+local LENGTH_LINES_MAX = 4096
+local length_lines = setmetatable({}, {
+  __index = function(t, n)
+    local line = "Content-Length: " .. n .. "\r\n"
+    t[n] = line
+    return line
+  end,
+})
+
+-- send() for a string body and the headers of a block (see response.header_block): one string,
+-- one write. A response that has headers of its own (set by a wrapper: CORS, say) gets the
+-- block's headers set over them and goes through send(), as does a status without a body.
+function Response:_send_block(status, block, body)
+  local status_line = rawget(status_lines, status)
+  if not status_line then
+    check_status(status)
+    status_line = status_lines[status]
+  end
+  local req = self._req
+  if self._h or not req or type(body) ~= "string" or status < 200 or status == 204 or status == 304 then
+    local list = block.list
+    for i = 1, #list do
+      self:set_header(list[i][1], list[i][2])
+    end
+    return self:send(status, body)
+  end
+  if self.sent then
+    return nil, "already sent"
+  end
+  local conn = self._conn
+  if conn.closed then
+    return nil, "closed"
+  end
+  self.sent, self._done, self._block = true, true, block
+  local keep = req.keep_alive and conn:may_keep_alive()
+  local connection
+  if keep then
+    connection = req.version == "1.0" and "Connection: keep-alive\r\n" or ""
+  else
+    connection = "Connection: close\r\n"
+  end
+  local n = #body
+  if n > COPY_BODY_MAX then
+    local head = status_line .. block.text .. "Content-Length: " .. n .. "\r\n" .. date_line() .. connection
+      .. "\r\n"
+    conn:write(req.method == "HEAD" and head or { head, body })
+  else
+    if req.method == "HEAD" then
+      body = ""
+    end
+    local length = n < LENGTH_LINES_MAX and length_lines[n] or "Content-Length: " .. n .. "\r\n"
+    conn:write(status_line .. block.text .. length .. date_line() .. connection .. "\r\n" .. body)
+  end
+  conn:response_done(self, keep)
+  return true
+end
+
+-- One answer for many responses (a publish waking its subscribers): status line, block,
+-- Content-Length, Date and body, for a keep-alive HTTP/1.1 response (see _send_shared).
+function response.shared_answer(status, block, body)
+  check_status(status)
+  return status_lines[status] .. block.text .. "Content-Length: " .. #body .. "\r\n" .. date_line() .. "\r\n"
+    .. body
+end
+
+-- Writes an answer made by response.shared_answer with that block, when it fits this response
+-- as it is: no headers of its own, a keep-alive HTTP/1.1 GET. Returns false (nothing sent)
+-- otherwise; the caller then uses _send_block.
+function Response:_send_shared(answer, block)
+  local req, conn = self._req, self._conn
+  if self._h or self.sent or conn.closed or not req or not req.keep_alive or req.version ~= "1.1"
+    or req.method == "HEAD" or not conn:may_keep_alive() then
+    return false
+  end
+  self.sent, self._done, self._block = true, true, block
+  conn:write(answer)
+  conn:response_done(self, true)
   return true
 end
 

@@ -1,75 +1,16 @@
--- Small HTTP helpers shared by the server, requests and responses: percent-decoding, query
--- strings, the Date header, MIME types, status texts and base64 (for Basic auth).
+-- Small HTTP helpers shared by the server, requests and responses: percent-decoding, the Date
+-- header, MIME types, status texts and base64 (for Basic auth).
 local util = {}
+
+local core = require "longpoll.core"
 
 local byte, char, find, gsub, sub, lower = string.byte, string.char, string.find, string.gsub,
   string.sub, string.lower
-local tonumber, os_date, os_time = tonumber, os.date, os.time
-
-local function hex_to_char(h)
-  return char(tonumber(h, 16))
-end
+local os_date, os_time = os.date, os.time
 
 -- Decodes %XX escapes ('+' becomes a space when plus_is_space, as in query strings).
 -- Returns nil on a malformed escape so the caller can answer 400 instead of guessing.
-function util.decode(s, plus_is_space)
-  if plus_is_space and find(s, "+", 1, true) then
-    s = gsub(s, "+", " ")
-  end
-  if not find(s, "%", 1, true) then
-    return s
-  end
-  -- Every '%' must be followed by two hex digits; checked before decoding because a decoded
-  -- "%25" yields a literal '%' that must not be mistaken for a bad escape.
-  if find(s, "%%%X") or find(s, "%%%x%X") or find(s, "%%%x?$") then
-    return nil
-  end
-  return (gsub(s, "%%(%x%x)", hex_to_char))
-end
-
--- Parses "a=1&b=2&a=3" into { a = "1", b = "2" } (first value wins) and the number of pairs.
--- Returns nil, message on invalid percent-encoding.
-function util.parse_query(qs)
-  local first, count = {}, 0
-  if qs == nil or qs == "" then
-    return first, 0
-  end
-  local decode = util.decode
-  for pair in string.gmatch(qs, "[^&]+") do
-    local eq = find(pair, "=", 1, true)
-    local k, v
-    if eq then
-      k, v = decode(sub(pair, 1, eq - 1), true), decode(sub(pair, eq + 1), true)
-    else
-      k, v = decode(pair, true), ""
-    end
-    if not k or not v then
-      return nil, "invalid percent-encoding in query"
-    end
-    count = count + 1
-    if first[k] == nil then
-      first[k] = v
-    end
-  end
-  return first, count
-end
-
--- All values of one key, in order; the query was validated when the request was built.
-function util.query_values(qs, key)
-  local out = {}
-  if qs == nil or qs == "" then
-    return out
-  end
-  local decode = util.decode
-  for pair in string.gmatch(qs, "[^&]+") do
-    local eq = find(pair, "=", 1, true)
-    local k = decode(eq and sub(pair, 1, eq - 1) or pair, true)
-    if k == key then
-      out[#out + 1] = eq and decode(sub(pair, eq + 1), true) or ""
-    end
-  end
-  return out
-end
+util.decode = core.http_decode
 
 -- The Date header changes once a second; formatting it per response would be wasted work.
 local date_second, date_text = -1, ""
