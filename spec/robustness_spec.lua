@@ -455,6 +455,31 @@ describe("robustness: bad input over a real socket", function()
     end, { timeout_ms = 30000 })
   end)
 
+  it("clients that never read: cut after a keep-alive period with their output paused", function()
+    fixture.with_server({}, function(t)
+      local data = ("d"):rep(4000)
+      for _ = 1, 250 do assert(t.manager:publish("big", data)) end -- every answer is ~1 MB
+      local c = async.connect(t.port)
+      c.tcp:read_stop() -- never reads a byte, never sends more
+      assert(c:send(SUBSCRIBE_HEAD:format("big", 1):rep(20)))
+      local server_conn
+      async.wait_for(function()
+        for conn in pairs(t.srv._conns) do
+          if conn.paused then server_conn = conn end
+        end
+        return server_conn ~= nil
+      end, 3000)
+      assert.truthy(server_conn, "the server paused the non-reading connection")
+      local paused_at = uv.now()
+      assert.is_true(async.wait_for(function() return t.srv._conns[server_conn] == nil end, 5000), "cut off")
+      local took = uv.now() - paused_at
+      assert.is_true(took >= 300 and took < 3000, "cut " .. took .. " ms after the pause")
+      report("a paused non-reader was cut %d ms after its output stalled (keep-alive 500 ms)", took)
+      c:close()
+      serving(t, "after")
+    end, { server = { host = "127.0.0.1", port = 0, keepalive_timeout_ms = 500 }, timeout_ms = 20000 })
+  end)
+
   it("clients that reset (RST) with megabytes of answers queued: dropped alone, the rest served", function()
     fixture.with_server({}, function(t)
       local data = ("r"):rep(4000)

@@ -250,6 +250,9 @@ function Conn:process()
         -- Writes complete in order, so an empty write's callback means the backlog is gone.
         self.paused = true
         self.tcp:write("", function() on_drained(self) end)
+        -- a client that does not read for a whole keep-alive period holds its queued output
+        -- no longer: without this, 10,000 such clients could pin gigabytes
+        self:deadline(IDLE, uv_now() + srv.keepalive_timeout_ms)
         break
       end
       self.queued = backlog > 0
