@@ -110,6 +110,26 @@ local function keep_alive(self)
 end
 
 -- framing: "Content-Length: n\r\n" or "Transfer-Encoding: chunked\r\n" or "".
+-- The Connection header line an answer needs ("" for HTTP/1.1 keep-alive, the default).
+local function connection_line(req, keep)
+  if not keep then
+    return "Connection: close\r\n"
+  end
+  return req.version == "1.0" and "Connection: keep-alive\r\n" or ""
+end
+
+-- The connection a response may still be sent on, or nil, message.
+local function open_conn(self)
+  if self.sent then
+    return nil, "already sent"
+  end
+  local conn = self._conn
+  if conn.closed then
+    return nil, "closed"
+  end
+  return conn
+end
+
 local function build_head(self, status, framing, keep)
   local lines = ""
   local h = self._h
@@ -121,26 +141,16 @@ local function build_head(self, status, framing, keep)
       end
     end
   end
-  local req = self._req
-  local connection
-  if keep then
-    connection = req.version == "1.0" and "Connection: keep-alive\r\n" or ""
-  else
-    connection = "Connection: close\r\n"
-  end
-  return status_lines[status] .. lines .. framing .. date_line() .. connection .. "\r\n"
+  return status_lines[status] .. lines .. framing .. date_line() .. connection_line(self._req, keep) .. "\r\n"
 end
 
 -- Answers with a whole body: a string, or a table sent as JSON. Returns true, or nil, message
 -- ("already sent", "closed").
 function Response:send(status, body)
   check_status(status)
-  if self.sent then
-    return nil, "already sent"
-  end
-  local conn = self._conn
-  if conn.closed then
-    return nil, "closed"
+  local conn, err = open_conn(self)
+  if not conn then
+    return nil, err
   end
   local bt = type(body)
   if bt == "table" then
@@ -222,21 +232,13 @@ function Response:_send_block(status, block, body)
     end
     return self:send(status, body)
   end
-  if self.sent then
-    return nil, "already sent"
-  end
-  local conn = self._conn
-  if conn.closed then
-    return nil, "closed"
+  local conn, err = open_conn(self)
+  if not conn then
+    return nil, err
   end
   self.sent, self._done, self._block = true, true, block
   local keep = req.keep_alive and conn:may_keep_alive()
-  local connection
-  if keep then
-    connection = req.version == "1.0" and "Connection: keep-alive\r\n" or ""
-  else
-    connection = "Connection: close\r\n"
-  end
+  local connection = connection_line(req, keep)
   local n = #body
   if n > COPY_BODY_MAX then
     local head = status_line .. block.text .. "Content-Length: " .. n .. "\r\n" .. date_line() .. connection
@@ -280,12 +282,9 @@ end
 -- body is the end of the connection.
 function Response:write_head(status)
   check_status(status)
-  if self.sent then
-    return nil, "already sent"
-  end
-  local conn = self._conn
-  if conn.closed then
-    return nil, "closed"
+  local conn, err = open_conn(self)
+  if not conn then
+    return nil, err
   end
   self.sent = true
   local req = self._req
