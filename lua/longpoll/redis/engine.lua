@@ -701,14 +701,18 @@ function Engine:subscribe(req, res)
   end)
 end
 
-function Engine:watch(categories, on_event)
-  if self.manager.closed then return nil, "manager is shut down" end
-  local w, err = self:_new_waiter({ watcher = on_event }, categories)
+-- Gives a new waiter of watch / watch_after / follow its id (or passes its error on).
+function Engine:_register_watch(w, err)
   if not w then return nil, err end
   self.watch_seq = self.watch_seq + 1
   w.watch_id = self.watch_seq
   self.watches[w.watch_id] = w
   return w.watch_id
+end
+
+function Engine:watch(categories, on_event)
+  if self.manager.closed then return nil, "manager is shut down" end
+  return self:_register_watch(self:_new_waiter({ watcher = on_event }, categories))
 end
 
 -- engine:watch_after(categories, since_time, last_id, on_events) -> id | nil, message
@@ -722,11 +726,7 @@ function Engine:watch_after(categories, since_time, last_id, on_events)
   if last_id ~= nil and not core.is_uuid(last_id) then return nil, "last_id must be a UUID" end
   local w, err = self:_new_waiter({ on_events = on_events, since = since_time, last_id = last_id and last_id:lower() },
     categories)
-  if not w then return nil, err end
-  self.watch_seq = self.watch_seq + 1
-  w.watch_id = self.watch_seq
-  self.watches[w.watch_id] = w
-  return w.watch_id
+  return self:_register_watch(w, err)
 end
 
 -- engine:follow(categories, since_time, last_id, on_events) -> id | nil, message
@@ -742,11 +742,7 @@ function Engine:follow(categories, since_time, last_id, on_events)
   if last_id ~= nil and (since_time == nil or not core.is_uuid(last_id)) then return nil, "last_id must be a UUID" end
   local w, err = self:_new_waiter({ on_events = on_events, follow = true, since = since_time,
     last_id = last_id and last_id:lower() }, categories)
-  if not w then return nil, err end
-  self.watch_seq = self.watch_seq + 1
-  w.watch_id = self.watch_seq
-  self.watches[w.watch_id] = w
-  return w.watch_id
+  return self:_register_watch(w, err)
 end
 
 -- engine:mark_time(callback) -> true | nil, message
