@@ -10,16 +10,7 @@ local client = require "longpoll.client"
 local with_server = fixture.with_server
 
 -- Waits (yielding to the loop) until pred() is true; fails the test after timeout_ms.
-local function wait_until(what, pred, timeout_ms)
-  local deadline = uv.now() + (timeout_ms or 5000)
-  -- Each pass sleeps 5 ms; bounded by the deadline.
-  while not pred() do
-    if uv.now() > deadline then
-      error("timed out waiting for " .. what, 2)
-    end
-    async.sleep(5)
-  end
-end
+local wait_until = async.wait_or_fail
 
 local function urls(port)
   local base = "http://127.0.0.1:" .. port

@@ -1,5 +1,4 @@
 -- Several categories in one long-poll subscription (repeated category= args), over HTTP.
-local uv = require "luv"
 local async = require "support.async"
 local fixture = require "support.fixture"
 local core = require "longpoll.core"
@@ -14,14 +13,7 @@ local function query(categories, extra)
   return q
 end
 
-local function wait_until(cond, timeout_ms)
-  local deadline = uv.now() + (timeout_ms or 3000)
-  while not cond() do
-    if uv.now() > deadline then return false end
-    async.sleep(20)
-  end
-  return true
-end
+local function wait_until(cond, timeout_ms) return async.wait_for(cond, timeout_ms or 3000) end
 
 describe("multi-category subscription", function()
   it("answers buffered events of any of its categories, oldest first, and no others", function()

@@ -23,13 +23,7 @@ local function redis_option(url, extra)
   return o
 end
 
-local function wait_until(what, pred, ms)
-  local deadline = uv.now() + (ms or 5000)
-  while not pred() do
-    if uv.now() > deadline then error("timed out waiting for " .. what, 2) end
-    async.sleep(10)
-  end
-end
+local wait_until = async.wait_or_fail
 
 local function open_handles()
   local n = 0

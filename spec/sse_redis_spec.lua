@@ -1,7 +1,6 @@
 -- Server-Sent Events in Redis mode: two managers ("nodes") on one private redis-server, each
 -- behind its own HTTP server, streams read over raw sockets the way EventSource reads them.
 -- Events are published on one node and streamed, resumed and caught up on the other.
-local uv = require "luv"
 local async = require "support.async"
 local sse_client = require "support.sse_client"
 local redis = require "support.redis"
@@ -13,13 +12,7 @@ local cjson = require "cjson"
 
 local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
 
-local function wait_until(what, pred, ms)
-  local deadline = uv.now() + (ms or 5000)
-  while not pred() do
-    if uv.now() > deadline then error("timed out waiting for " .. what, 2) end
-    async.sleep(10)
-  end
-end
+local wait_until = async.wait_or_fail
 
 ---------------------------------------------------------------------------------------------
 -- The raw-socket SSE client of the specs (spec/support/sse_client.lua).

@@ -9,17 +9,7 @@ local sse = require "longpoll.sse"
 local cjson = require "cjson"
 
 
-local function setup(manager, srv)
-  srv:route("GET", "/events", manager.subscription_handler)
-  srv:route("*", "/publish", manager.publish_handler)
-  srv:route("GET", "/sse", manager.sse_handler)
-end
-
-local function with_server(options, fn, opts)
-  opts = opts or {}
-  opts.setup = opts.setup or setup
-  return fixture.with_server(options, fn, opts)
-end
+local with_server = fixture.with_server
 
 ---------------------------------------------------------------------------------------------
 local function open_stream(port, query, headers, path)
@@ -30,14 +20,7 @@ local function decoded(m)
   return cjson.decode(m.data)
 end
 
-local function wait_until(cond, timeout_ms)
-  local deadline = uv.now() + (timeout_ms or 3000)
-  while not cond() do
-    if uv.now() > deadline then return false end
-    async.sleep(20)
-  end
-  return true
-end
+local function wait_until(cond, timeout_ms) return async.wait_for(cond, timeout_ms or 3000) end
 
 ---------------------------------------------------------------------------------------------
 

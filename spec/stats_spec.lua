@@ -7,27 +7,9 @@ local stats = require "longpoll.stats"
 local cli = require "longpoll.cli"
 local cjson = require "cjson"
 
-local function setup(manager, srv)
-  srv:route("GET", "/events", manager.subscription_handler)
-  srv:route("*", "/publish", manager.publish_handler)
-  srv:route("GET", "/sse", manager.sse_handler)
-  srv:route("GET", "/stats", manager.stats_handler)
-end
+local with_server = fixture.with_server
 
-local function with_server(options, fn, opts)
-  opts = opts or {}
-  opts.setup = opts.setup or setup
-  return fixture.with_server(options, fn, opts)
-end
-
-local function wait_until(cond, timeout_ms)
-  local deadline = uv.now() + (timeout_ms or 3000)
-  while not cond() do
-    if uv.now() > deadline then return false end
-    async.sleep(20)
-  end
-  return true
-end
+local function wait_until(cond, timeout_ms) return async.wait_for(cond, timeout_ms or 3000) end
 
 local function get_stats(port, path, headers)
   local status, h, body = async.http(port, { path = path or "/stats", headers = headers })

@@ -138,6 +138,13 @@ function async.wait_for(pred, timeout_ms)
   return true
 end
 
+-- Like wait_for, but raises "timed out waiting for <what>" (at the caller) on timeout.
+function async.wait_or_fail(what, pred, timeout_ms)
+  if not async.wait_for(pred, timeout_ms or 5000) then
+    error("timed out waiting for " .. what, 2)
+  end
+end
+
 -- Runs fn concurrently; returns a task for wait_all.
 function async.spawn(fn)
   return start(fn)

@@ -31,6 +31,8 @@ function fixture.with_server(manager_options, fn, opts)
     else
       srv:route("GET", "/events", manager.subscription_handler)
       srv:route("*", "/publish", manager.publish_handler)
+      srv:route("GET", "/sse", manager.sse_handler)
+      srv:route("GET", "/stats", manager.stats_handler)
     end
     local port = assert(srv:listen())
     local ctx = { manager = manager, srv = srv, port = port }
