@@ -10,8 +10,8 @@ local longpoll = require "longpoll"
 local server = require "longpoll.server"
 local core = require "longpoll.core"
 local hiredis = require "longpoll.hiredis"
-local scripts = require "longpoll.redis.scripts"
-local Connection = require "longpoll.redis.connection"
+local scripts = require "longpoll.engine.redis.scripts"
+local Connection = require "longpoll.engine.redis.connection"
 local cjson = require "cjson"
 
 local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }

@@ -2,7 +2,8 @@
 -- key that is wrong) and the parsed form the engine uses.
 --   redis = { url = "redis://[[user]:password@]host[:port][/db]", prefix = "longpoll:",
 --             connect_timeout_ms = 2000, command_timeout_ms = 5000,
---             reconnect_min_ms = 100, reconnect_max_ms = 2000 }
+--             reconnect_min_ms = 100, reconnect_max_ms = 2000,
+--             transport = nil }   -- specs only: { message = f, reply = f }, see engine/redis/link.lua
 local M = {}
 
 M.DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -73,6 +74,14 @@ local KEYS = {
   command_timeout_ms = { 5000, integer(1, 600000) },
   reconnect_min_ms = { 100, integer(1, 600000) },
   reconnect_max_ms = { 2000, integer(1, 600000) },
+  transport = { nil, function(v)
+    if type(v) ~= "table" then return "must be a table of functions (message, reply)" end
+    for k, f in pairs(v) do
+      if (k ~= "message" and k ~= "reply") or type(f) ~= "function" then
+        return "may only hold the functions 'message' and 'reply'"
+      end
+    end
+  end },
 }
 
 -- Checks the option's value: nil when fine, otherwise the message that
