@@ -29,37 +29,64 @@ end
 -- host = { log = function(level, message, fields), on_event = function(event) }.
 -- Blocks at most connect_timeout_ms to check Redis once.
 function M.new(options, host)
-  local cfg = config.resolve(options.redis)
   local log = host.log or noop
   local on_event = host.on_event or noop
-  local self = setmetatable({ log = log, closed = false }, Engine)
+  local self = setmetatable({ log = log, closed = false, shards = {} }, Engine)
   self.store = core.new_store {
     max_event_buffer_size = 1,
     max_category_bytes = options.max_category_bytes,
     max_categories = options.max_categories,
     max_waiting_per_category = options.max_waiting_per_category,
   }
-  local shard, err = Shard.new {
-    cfg = cfg, prefix = cfg.prefix, node_id = Position.epoch_candidate(), store = self.store,
-    ttl_ms = options.ttl_ms or 0, max_event_buffer_size = options.max_event_buffer_size, log = log,
-    on_event = function(ev)
-      local catjson = core.json_string(ev.category)
-      if not catjson then return end
-      local ok, herr = pcall(on_event, event_of(ev.category, catjson, ev.json, ev.json:sub(-38, -3), ev.ts))
-      if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
-    end,
-  }
-  if not shard then
-    self.store:close()
-    return nil, err
+  local function host_event(ev)
+    local catjson = core.json_string(ev.category)
+    if not catjson then return end
+    local ok, herr = pcall(on_event, event_of(ev.category, catjson, ev.json, ev.json:sub(-38, -3), ev.ts))
+    if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
   end
-  self.shards = { shard }
+  local node_id = Position.epoch_candidate()
+  for i, cfg in ipairs(config.resolve(options.redis)) do
+    local shard, err = Shard.new {
+      cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
+      max_event_buffer_size = options.max_event_buffer_size, log = log, on_event = host_event,
+    }
+    if not shard then
+      for _, s in ipairs(self.shards) do s:close(noop) end
+      self.store:close()
+      return nil, err
+    end
+    self.shards[i] = shard
+  end
   return self
 end
 
+-- The part of a category that picks its shard: the text inside its first {...} when there is
+-- such a non-empty tag (as Redis Cluster's hash tags: "{room7}.chat" and "{room7}.typing" live
+-- together), otherwise the whole name.
+local function hash_tag(category)
+  local tag = category:match("^[^{]*{([^}]+)}")
+  return tag or category
+end
+
+-- FNV-1a, 32 bits: stable across nodes and versions.
+local function fnv1a(s)
+  local h = 2166136261
+  for i = 1, #s do
+    h = ((h ~ s:byte(i)) * 16777619) & 0xffffffff
+  end
+  return h
+end
+
+-- The shard (1..n) of a category among n.
+function M.shard_index(category, n)
+  return fnv1a(hash_tag(category)) % n + 1
+end
+
 -- The shard that holds category.
-function Engine:_shard_of(_category)
-  return self.shards[1]
+function Engine:_shard_of(category)
+  local shards = self.shards
+  if #shards == 1 then return shards[1] end
+  return shards[M.shard_index(category, #shards)]
 end
 
 -- The one shard that holds every category of the list, or nil, message.
@@ -67,7 +94,8 @@ function Engine:_shard_of_all(categories)
   local shard = self:_shard_of(categories[1])
   for i = 2, #categories do
     if self:_shard_of(categories[i]) ~= shard then
-      return nil, "categories on different Redis shards cannot be subscribed to together"
+      return nil, ("categories %q and %q live on different Redis shards: subscribe to them separately,"
+        .. " or give them one hash tag ({tag})"):format(categories[1], categories[i])
     end
   end
   return shard
@@ -117,7 +145,7 @@ function Engine:_add(fields, categories)
   local list = category_list(categories)
   if not list then return nil, "categories must be a category or a list of them", "EINVAL" end
   local shard, serr = self:_shard_of_all(list)
-  if not shard then return nil, serr, "ESHARDS" end
+  if not shard then return nil, serr, "EINVAL" end
   fields.categories = list
   local id, err, code = shard:add(fields)
   if not id then return nil, err, code end
@@ -158,8 +186,32 @@ function Engine:timeout_mark(callback, handle)
   if self.closed then return callback(nil, "manager is shut down") end
   local shard, id = self:_locate(handle)
   if shard then return shard:timeout_mark(callback, id) end
-  return self.shards[1]:timeout_mark(callback)
+  local shards = self.shards
+  if #shards == 1 then return shards[1]:timeout_mark(callback) end
+  -- several Redis: the largest of their marks, then every one raised past it (a second mark
+  -- with that floor), so no later event of any shard reaches it
+  local function on_all(round, done)
+    local left, best, failed = #shards, nil, nil
+    for _, s in ipairs(shards) do
+      round(s, function(T, err)
+        if not T then failed = failed or err or "no mark" elseif not best or T > best then best = T end
+        left = left - 1
+        if left == 0 then done(best, failed) end
+      end)
+    end
+  end
+  on_all(function(s, cb) s:timeout_mark(cb) end, function(T, err)
+    if err then return callback(nil, err) end
+    on_all(function(s, cb)
+      s:raise_floor(T)
+      s:timeout_mark(cb)
+    end, function(_, err2)
+      if err2 then return callback(nil, err2) end
+      callback(T)
+    end)
+  end)
 end
+
 
 -- engine:follow(categories, since, last_id, on_events) -> handle | nil, message
 function Engine:follow(categories, since, last_id, on_events)

@@ -23,7 +23,7 @@ function Position:observe(epoch, ts, seq)
       self.old_epochs[self.epoch] = true
     end
     self.epoch, self.ts, self.seq = epoch, ts, seq
-  elseif seq > self.seq then
+  elseif ts > self.ts or (ts == self.ts and seq > self.seq) then
     self.ts, self.seq = ts, seq
   end
   if ts > self.floor then self.floor = ts end
@@ -54,9 +54,12 @@ function M.epoch_candidate()
   return (core.uuid():gsub("-", ""):sub(1, 16))
 end
 
--- Whether an event (epoch, seq) comes after cursor.
+-- Whether an event (epoch, ts, seq) comes after cursor. Positions compare as stream entry IDs
+-- do, (timestamp, seq): the same as seq alone in one master's history, and still right after a
+-- failover to a replica that lacked the newest events (its next events reuse their seqs, with
+-- later timestamps).
 function M.after(cursor, ev)
-  return ev.epoch ~= cursor.epoch or ev.seq > cursor.seq
+  return ev.epoch ~= cursor.epoch or ev.ts > cursor.ts or (ev.ts == cursor.ts and ev.seq > cursor.seq)
 end
 
 return M

@@ -31,7 +31,7 @@ function M.new(opts)
     cfg = cfg, log = log, on_event = opts.on_event, ttl_ms = opts.ttl_ms,
     max_event_buffer_size = opts.max_event_buffer_size,
     clock_key = prefix .. "clock", channel = prefix .. "events", node_channel = prefix .. "node:" .. opts.node_id,
-    gaps = 0,
+    gaps = 0, unreplicated = 0,
   }, Shard)
   self.keys = {
     clock = self.clock_key,
@@ -40,7 +40,11 @@ function M.new(opts)
   }
   self.position = Position.new(log)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
-  if not reply then return nil, ("cannot use Redis at %s:%d: %s"):format(cfg.host, cfg.port, err) end
+  if not reply then
+    local where = cfg.sentinels and ("master '%s' (Sentinel)"):format(cfg.master_name)
+      or ("%s:%d"):format(cfg.host, cfg.port)
+    return nil, ("cannot use Redis at %s: %s"):format(where, err)
+  end
   self.position:observe(reply[1], int(reply[2]), int(reply[3]))
   self.position:handed_out(int(reply[4]))
   self.link = Link.new(cfg, { self.channel, self.node_channel }, log, {
@@ -117,17 +121,29 @@ end
 ---------------------------------------------------------------------------------------------
 -- Publish
 
--- Stores one event: callback(epoch, ts, seq) or callback(nil, message). Returns true, or nil,
--- message when Redis cannot be asked now (callback never called).
+-- Stores one event: callback(epoch, ts, seq) or callback(nil, message). With wait_replicas, only
+-- once WAIT confirmed that many replicas have it. Returns true, or nil, message when Redis cannot
+-- be asked now (callback never called).
 function Shard:publish(category, catjson, data_json, id, callback)
   local args = { category, catjson, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
     Position.epoch_candidate(), self.position:floor_arg() }
+  local replicas, wait_ms = self.cfg.wait_replicas, self.cfg.wait_timeout_ms
   return self.link:script("publish", { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }, args,
     function(reply, err)
       if err then return callback(nil, err) end
       local ts, seq = int(reply[2]), int(reply[3])
       self.position:observe(reply[1], ts, seq)
-      callback(reply[1], ts, seq)
+      if replicas == 0 then return callback(reply[1], ts, seq) end
+      -- WAIT covers every write this connection made before it, the event's included
+      local ok, werr = self.link:command({ "WAIT", replicas, wait_ms }, function(n, e)
+        if e then return callback(nil, "WAIT failed: " .. e) end
+        if n < replicas then
+          self.unreplicated = self.unreplicated + 1
+          return callback(nil, ("only %d of %d replicas confirmed the event within %d ms"):format(n, replicas, wait_ms))
+        end
+        callback(reply[1], ts, seq)
+      end)
+      if not ok then callback(nil, "WAIT failed: " .. werr) end
     end)
 end
 
@@ -143,6 +159,11 @@ function Shard:timeout_mark(callback, id)
   return self.marks:request(callback)
 end
 
+-- Later timestamps of this Redis go above T (a mark handed out from several shards).
+function Shard:raise_floor(T)
+  self.position:handed_out(T)
+end
+
 function Shard:can_publish()
   return self.link:can_send()
 end
@@ -153,6 +174,7 @@ function Shard:stats()
   s.waiters, s.fetches_in_flight = w.waiters, w.fetches_in_flight
   s.epoch, s.seq, s.last_timestamp, s.gaps = self.position.epoch, self.position.seq, self.position.ts, self.gaps
   s.pubsub_seq = self.msg_seq
+  s.unreplicated = self.unreplicated
   return s
 end
 
