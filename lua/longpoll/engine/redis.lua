@@ -212,6 +212,15 @@ function Engine:timeout_mark(callback, handle)
   end)
 end
 
+-- engine:expire(handle, on_timeout): the long poll's time is up. Its mark is asked while it
+-- still waits (events that come first answer it instead), then it ends; on_timeout(ts), or
+-- on_timeout(nil, message) when no time could be had.
+function Engine:expire(handle, on_timeout)
+  self:timeout_mark(function(ts, err)
+    self:cancel(handle)
+    on_timeout(ts, err)
+  end, handle)
+end
 
 -- engine:follow(categories, since, last_id, on_events) -> handle | nil, message
 function Engine:follow(categories, since, last_id, on_events)
@@ -227,7 +236,7 @@ end
 
 -- engine:stats(with_categories) -> table: the waiter index's figures and each Redis's.
 function Engine:stats(with_categories)
-  local s = self.store:stats(with_categories)
+  local s = self.closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
   for i, shard in ipairs(self.shards) do

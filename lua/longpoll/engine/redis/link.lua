@@ -130,7 +130,8 @@ function Link:_open(kind, on_push, on_lost, handshake, on_ready)
       if role then
         local r = replies[1]
         if type(r) ~= "table" or r[1] ~= "master" then
-          return conn:abort(("%s:%d is not a master (ROLE says %s)"):format(host, port, tostring(type(r) == "table" and r[1] or r)))
+          local said = tostring(type(r) == "table" and r[1] or r)
+          return conn:abort(("%s:%d is not a master (ROLE says %s)"):format(host, port, said))
         end
         table.remove(replies, 1)
       end
