@@ -18,8 +18,7 @@ typedef struct store_ud {
   lp_store *store; /* NULL once closed */
   uint64_t *woken; /* handles woken by the last publish */
   size_t nwoken, woken_cap;
-  int woken_failed; /* out of memory while collecting them */
-  lp_buf out;       /* reused answer buffer */
+  lp_buf out; /* reused answer buffer */
 } store_ud;
 
 static store_ud *check_store(lua_State *L, int i) {
@@ -37,8 +36,8 @@ static int fail(lua_State *L, const char *msg) {
 /* nil, message, code: the code names the error for callers that map it to a
  * status ("ECATEGORIES", "ETOOBIG", ...). */
 static int fail_store(lua_State *L, int rc) {
-  static const char *const names[] = {"OK",      "ENOMEM", "EINVAL",      "EUTF8",    "EORDER",
-                                      "ERANDOM", "ELIMIT", "ECATEGORIES", "EWAITERS", "ETOOBIG"};
+  static const char *const names[] = {"OK",     "ENOMEM",      "EINVAL",   "EUTF8",   "EORDER", "ERANDOM",
+                                      "ELIMIT", "ECATEGORIES", "EWAITERS", "ETOOBIG", "ETIME"};
   luaL_pushfail(L);
   lua_pushstring(L, lp_strerror(rc));
   lua_pushstring(L, (-rc >= 0 && -rc < (int)(sizeof names / sizeof *names)) ? names[-rc] : "EUNKNOWN");
@@ -98,19 +97,25 @@ static lp_slice check_slice(lua_State *L, int i) {
   return s;
 }
 
+/* Room for every handle a publish can wake (at most all waiting subscriptions),
+ * made before the store changes, so running out of memory changes nothing. */
+static int reserve_woken(store_ud *u) {
+  lp_store_stats st;
+  lp_store_get_stats(u->store, &st);
+  u->nwoken = 0;
+  if (st.waiting <= u->woken_cap) return LP_OK;
+  size_t cap = u->woken_cap ? u->woken_cap : 16;
+  while (cap < st.waiting) cap *= 2;
+  uint64_t *w = realloc(u->woken, cap * sizeof *w);
+  if (!w) return LP_ENOMEM;
+  u->woken = w;
+  u->woken_cap = cap;
+  return LP_OK;
+}
+
 static void on_wake(void *ctx, uint64_t handle) {
   store_ud *u = ctx;
-  if (u->nwoken == u->woken_cap) {
-    size_t cap = u->woken_cap ? u->woken_cap * 2 : 16;
-    uint64_t *w = realloc(u->woken, cap * sizeof *w);
-    if (!w) {
-      u->woken_failed = 1;
-      return;
-    }
-    u->woken = w;
-    u->woken_cap = cap;
-  }
-  u->woken[u->nwoken++] = handle;
+  u->woken[u->nwoken++] = handle; /* reserve_woken made room */
 }
 
 static void push_event(lua_State *L, const lp_published *p) {
@@ -127,9 +132,8 @@ static int l_publish(lua_State *L) {
   lp_slice data = check_slice(L, 3);
   lua_Integer now = luaL_checkinteger(L, 4);
   lp_published p;
-  u->nwoken = 0;
-  u->woken_failed = 0;
-  int rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
+  int rc = reserve_woken(u);
+  if (rc == LP_OK) rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
   if (rc != LP_OK) return fail_store(L, rc);
   push_event(L, &p);
   lua_createtable(L, (int)u->nwoken, 0);
@@ -138,7 +142,6 @@ static int l_publish(lua_State *L) {
     lua_rawseti(L, -2, (lua_Integer)i + 1);
   }
   lua_pushboolean(L, p.buffered);
-  if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
   return 5;
 }
 
@@ -234,11 +237,9 @@ static int l_take_waiters(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lp_slice cat = check_slice(L, 2);
   size_t count;
-  u->nwoken = 0;
-  u->woken_failed = 0;
-  int rc = lp_store_take_waiters(u->store, cat, on_wake, u, &count);
+  int rc = reserve_woken(u);
+  if (rc == LP_OK) rc = lp_store_take_waiters(u->store, cat, on_wake, u, &count);
   if (rc != LP_OK) return fail_store(L, rc);
-  if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
   lua_createtable(L, (int)u->nwoken, 0);
   for (size_t i = 0; i < u->nwoken; i++) {
     lua_pushinteger(L, (lua_Integer)u->woken[i]);
@@ -280,14 +281,16 @@ static int l_stats(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lp_store_stats st;
   lp_store_get_stats(u->store, &st);
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 11);
   set_int(L, "categories", (lua_Integer)st.categories);
   set_int(L, "events", (lua_Integer)st.events);
   set_int(L, "event_bytes", (lua_Integer)st.event_bytes);
+  set_int(L, "buffered_bytes", (lua_Integer)st.buffered_bytes);
   set_int(L, "waiting", (lua_Integer)st.waiting);
   set_int(L, "published", (lua_Integer)st.published);
   set_int(L, "delivered", (lua_Integer)st.delivered);
   set_int(L, "dropped", (lua_Integer)st.dropped);
+  set_int(L, "evicted", (lua_Integer)st.evicted);
   set_int(L, "last_timestamp", (lua_Integer)st.last_timestamp);
   if (lua_toboolean(L, 2)) {
     lua_createtable(L, 0, (int)st.categories);
@@ -297,7 +300,7 @@ static int l_stats(lua_State *L) {
   return 1;
 }
 
-/* core.parse_publish(body) -> category, data_json | nil, message
+/* core.parse_publish(body) -> category, data_json | nil, message[, "ENOMEM"]
  * The messages are the wire contract's publish errors. */
 static int l_parse_publish(lua_State *L) {
   size_t len;
@@ -305,7 +308,9 @@ static int l_parse_publish(lua_State *L) {
   lua_Integer max_cat = luaL_optinteger(L, 2, 1024);
   lp_publish_body pb;
   const char *err;
-  if (lp_json_parse_publish(body, len, &pb, &err) != 0) {
+  int prc = lp_json_parse_publish(body, len, &pb, &err);
+  if (prc == -2) return fail_store(L, LP_ENOMEM);
+  if (prc != 0) {
     luaL_pushfail(L);
     lua_pushfstring(L, "Invalid POST body json: %s.", err);
     return 2;

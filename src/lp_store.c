@@ -42,7 +42,8 @@ struct lp_category {
   lp_event **ring; /* events oldest first, from ring[head]; grows up to the buffer size */
   size_t ring_cap, head, count;
   size_t bytes;    /* JSON bytes of its events */
-  size_t heap_pos; /* index + 1 in the store's by-size heap; 0 when not in it */
+  size_t cost;     /* what max_buffered_bytes counts for it: 0 without events */
+  size_t heap_pos; /* index + 1 in the store's by-cost heap; 0 when not in it */
   lp_wait *waiters;
   size_t nwaiters;
   /* The newest event dropped by size or TTL, to tell a client it missed some. */
@@ -78,7 +79,7 @@ struct lp_store {
   lp_store_stats stats;
   lp_buf scratch;
   /* With max_buffered_bytes: categories holding events, largest first (a
-   * binary max-heap on bytes), so the cap evicts from the largest in O(log n). */
+   * binary max-heap on cost), so the cap evicts from the largest in O(log n). */
   lp_category **heap;
   size_t heap_len, heap_cap;
   lp_category *publishing; /* the category being published to: make_room must not free it */
@@ -96,6 +97,7 @@ const char *lp_strerror(int code) {
     case LP_ECATEGORIES: return "too many categories (max_categories)";
     case LP_EWAITERS: return "too many waiting subscribers in this category (max_waiting_per_category)";
     case LP_ETOOBIG: return "event is larger than max_buffered_bytes";
+    case LP_ETIME: return "timestamp is not a plausible time (0 to the year 9999 in epoch ms)";
     default: return "unknown error";
   }
 }
@@ -198,7 +200,7 @@ static void heap_set(lp_store *s, size_t i, lp_category *c) {
 
 static void heap_up(lp_store *s, size_t i) {
   lp_category *c = s->heap[i];
-  while (i > 0 && s->heap[(i - 1) / 2]->bytes < c->bytes) {
+  while (i > 0 && s->heap[(i - 1) / 2]->cost < c->cost) {
     heap_set(s, i, s->heap[(i - 1) / 2]);
     i = (i - 1) / 2;
   }
@@ -209,9 +211,9 @@ static void heap_down(lp_store *s, size_t i) {
   lp_category *c = s->heap[i];
   for (;;) {
     size_t l = 2 * i + 1, r = l + 1, big = i;
-    size_t big_bytes = c->bytes;
-    if (l < s->heap_len && s->heap[l]->bytes > big_bytes) big = l, big_bytes = s->heap[l]->bytes;
-    if (r < s->heap_len && s->heap[r]->bytes > big_bytes) big = r;
+    size_t big_cost = c->cost;
+    if (l < s->heap_len && s->heap[l]->cost > big_cost) big = l, big_cost = s->heap[l]->cost;
+    if (r < s->heap_len && s->heap[r]->cost > big_cost) big = r;
     if (big == i) break;
     heap_set(s, i, s->heap[big]);
     i = big;
@@ -241,7 +243,7 @@ static int heap_reserve(lp_store *s, const lp_category *c) {
   return LP_OK;
 }
 
-/* Re-positions c after its byte count changed; never allocates (see heap_reserve). */
+/* Re-positions c after its cost changed; never allocates (see heap_reserve). */
 static void heap_update(lp_store *s, lp_category *c) {
   if (!s->cfg.max_buffered_bytes) return;
   if (c->count == 0) {
@@ -254,6 +256,24 @@ static void heap_update(lp_store *s, lp_category *c) {
 }
 
 /* ---- events ---- */
+
+static size_t event_cost(size_t json_len) { return json_len + LP_EVENT_COST; }
+static size_t category_cost(size_t name_len) { return name_len + LP_CATEGORY_COST; }
+
+/* Adds (or, with sign < 0, takes away) an event of c to the byte counts; the
+ * category's own cost counts while it holds events. */
+static void count_event(lp_store *s, lp_category *c, size_t json_len, int sign) {
+  size_t cost = event_cost(json_len);
+  if (sign > 0 && c->count == 1) cost += category_cost(c->name_len); /* its first event */
+  if (sign < 0 && c->count == 0) cost += category_cost(c->name_len); /* its last one */
+  if (sign > 0) {
+    c->bytes += json_len, c->cost += cost;
+    s->stats.event_bytes += json_len, s->stats.buffered_bytes += cost;
+  } else {
+    c->bytes -= json_len, c->cost -= cost;
+    s->stats.event_bytes -= json_len, s->stats.buffered_bytes -= cost;
+  }
+}
 
 static lp_event *ring_at(const lp_category *c, size_t i) { return c->ring[(c->head + i) % c->ring_cap]; }
 
@@ -272,9 +292,8 @@ static void unlink_global(lp_store *s, lp_event *e) {
  * caller has already removed it from its category's ring. */
 static void forget_event(lp_store *s, lp_event *e) {
   unlink_global(s, e);
-  e->category->bytes -= e->json_len;
+  count_event(s, e->category, e->json_len, -1);
   s->stats.events--;
-  s->stats.event_bytes -= e->json_len;
   heap_update(s, e->category);
   free(e);
 }
@@ -346,23 +365,29 @@ static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
   else
     s->oldest = e;
   s->newest = e;
-  c->bytes += e->json_len;
+  count_event(s, c, e->json_len, +1);
   s->stats.events++;
-  s->stats.event_bytes += e->json_len;
   heap_update(s, c);
   return LP_OK;
 }
 
-/* Makes room for `bytes` more under max_buffered_bytes by dropping the oldest
- * events of the largest categories. LP_ETOOBIG when one event is over the cap. */
-static int make_room(lp_store *s, size_t bytes) {
+/* What buffering an event of json_len bytes in c adds to buffered_bytes. */
+static size_t cost_to_add(const lp_category *c, size_t json_len) {
+  return event_cost(json_len) + (c->count == 0 ? category_cost(c->name_len) : 0);
+}
+
+/* Makes room under max_buffered_bytes for an event of json_len bytes in c
+ * (s->publishing) by dropping the oldest events of the largest categories.
+ * LP_ETOOBIG when the event alone is over the cap. */
+static int make_room(lp_store *s, lp_category *c, size_t json_len) {
   size_t cap = s->cfg.max_buffered_bytes;
   if (!cap) return LP_OK;
-  if (bytes > cap) return LP_ETOOBIG;
-  while (s->stats.event_bytes + bytes > cap && s->heap_len > 0) {
-    lp_category *c = s->heap[0];
-    drop_oldest(s, c);
-    if (c->count == 0 && c->nwaiters == 0 && c != s->publishing) free_category_if_unused(s, c);
+  if (event_cost(json_len) + category_cost(c->name_len) > cap) return LP_ETOOBIG;
+  while (s->stats.buffered_bytes + cost_to_add(c, json_len) > cap && s->heap_len > 0) {
+    lp_category *big = s->heap[0];
+    drop_oldest(s, big);
+    s->stats.evicted++;
+    if (big != s->publishing) free_category_if_unused(s, big);
   }
   return LP_OK;
 }
@@ -514,8 +539,10 @@ int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void 
 
 /* ---- time ---- */
 
+static int64_t clamp_time(int64_t t) { return t < 0 ? 0 : t > LP_TIME_MAX ? LP_TIME_MAX : t; }
+
 static int64_t next_timestamp(lp_store *s, int64_t now_ms) {
-  int64_t ts = now_ms;
+  int64_t ts = clamp_time(now_ms);
   if (ts < s->last_timestamp) ts = s->last_timestamp;
   if (ts < s->min_next_timestamp) ts = s->min_next_timestamp;
   s->last_timestamp = ts;
@@ -524,6 +551,7 @@ static int64_t next_timestamp(lp_store *s, int64_t now_ms) {
 }
 
 int64_t lp_store_mark_time(lp_store *s, int64_t now_ms) {
+  now_ms = clamp_time(now_ms);
   int64_t ts = now_ms > s->last_timestamp ? now_ms : s->last_timestamp;
   if (ts < s->min_next_timestamp - 1) ts = s->min_next_timestamp - 1;
   if (s->min_next_timestamp < ts + 1) s->min_next_timestamp = ts + 1;
@@ -532,6 +560,7 @@ int64_t lp_store_mark_time(lp_store *s, int64_t now_ms) {
 
 size_t lp_store_expire(lp_store *s, int64_t now_ms) {
   release_retired(s);
+  now_ms = clamp_time(now_ms);
   if (s->cfg.event_ttl_ms <= 0) return 0;
   size_t dropped = 0;
   /* Publish order is timestamp order, so expired events are a prefix of the
@@ -569,7 +598,7 @@ int lp_store_publish(lp_store *s, lp_slice category, lp_slice data, int64_t now_
   int buffered = !(s->cfg.delete_after_first && woken > 0);
   if (buffered) {
     s->publishing = c;
-    rc = make_room(s, e->json_len);
+    rc = make_room(s, c, e->json_len);
     s->publishing = NULL;
     if (rc == LP_OK) rc = buffer_event(s, c, e);
     if (rc != LP_OK) {
@@ -593,6 +622,7 @@ int lp_store_restore(lp_store *s, lp_slice category, lp_slice data, const char *
   int rc = check_name(s, category);
   if (rc != LP_OK) return rc;
   if (!id || !lp_uuid_is_valid(id, strlen(id))) return LP_EINVAL;
+  if (ts < 0 || ts > LP_TIME_MAX) return LP_ETIME;
   if (ts < s->last_timestamp) return LP_EORDER;
   char lower[LP_UUID_LEN + 1];
   for (size_t i = 0; i <= LP_UUID_LEN; i++) lower[i] = (char)(id[i] >= 'A' && id[i] <= 'F' ? id[i] + 32 : id[i]);
@@ -606,7 +636,7 @@ int lp_store_restore(lp_store *s, lp_slice category, lp_slice data, const char *
   }
   e->seq = ++s->next_seq;
   s->publishing = c;
-  rc = make_room(s, e->json_len);
+  rc = make_room(s, c, e->json_len);
   s->publishing = NULL;
   if (rc == LP_OK) rc = buffer_event(s, c, e);
   if (rc != LP_OK) {

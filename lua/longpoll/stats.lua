@@ -27,7 +27,11 @@ local METRICS = {
   { "longpoll_sse_streams", "gauge", "Open Server-Sent Events streams.", "sse_streams" },
   { "longpoll_published_events_total", "counter", "Events published since start.", "published" },
   { "longpoll_delivered_events_total", "counter", "Events handed out from the buffers since start.", "delivered" },
-  { "longpoll_dropped_events_total", "counter", "Events dropped by buffer size or TTL since start.", "dropped" },
+  { "longpoll_dropped_events_total", "counter", "Events dropped by buffer size, TTL or the memory cap since start.", "dropped" },
+  { "longpoll_evicted_events_total", "counter",
+    "Events dropped to stay under the memory cap (max_buffered_bytes) since start.", "evicted" },
+  { "longpoll_buffered_memory_bytes", "gauge",
+    "Bytes the buffers hold with their bookkeeping: what max_buffered_bytes caps.", "buffered_bytes" },
   { "longpoll_last_event_timestamp_milliseconds", "gauge", "Timestamp of the newest event (epoch ms).", "last_timestamp" },
   { "longpoll_uptime_seconds", "gauge", "Seconds since the manager started.", "uptime_seconds" },
 }
@@ -39,8 +43,8 @@ local CATEGORY_METRICS = {
 }
 
 -- JSON keys in output order (the manager's names)
-local JSON_KEYS = { "categories", "events", "event_bytes", "waiting", "long_polls", "sse_streams", "published", "delivered",
-  "dropped", "last_timestamp" }
+local JSON_KEYS = { "categories", "events", "event_bytes", "buffered_bytes", "waiting", "long_polls", "sse_streams",
+  "published", "delivered", "dropped", "evicted", "last_timestamp" }
 
 local function number(v)
   if math.type(v) == "integer" then return format("%d", v) end
