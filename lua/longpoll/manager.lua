@@ -35,6 +35,13 @@ local function error_body(message)
   return '{"error":' .. core.json_string(message) .. "}"
 end
 
+-- The HTTP status of a core error code: the one place codes become statuses. Running out
+-- of memory or into a cap is the server's state, not the client's fault: 503, retryable.
+local CODE_STATUS = { ENOMEM = 503, ECATEGORIES = 503, EWAITERS = 503, ELIMIT = 503, ERANDOM = 503, ETOOBIG = 413 }
+local function status_of(code, default)
+  return CODE_STATUS[code] or default
+end
+
 -- An event as add-ons and Lua callers see it; `data` is decoded on first use
 -- when the event came in as JSON text (an HTTP publish).
 local Event = {}
@@ -225,16 +232,16 @@ function Manager:_subscribe(req, res)
   end
   local store = self.store
   if sub.since then
-    local body, count_or_err = store:fetch(sub.categories, sub.since, sub.last_id, now_ms())
+    local body, count_or_err, code = store:fetch(sub.categories, sub.since, sub.last_id, now_ms())
     if body then return send_json(res, 200, body) end
     if type(count_or_err) == "string" then
-      return send_json(res, self.options.subscribe_error_status, error_body(count_or_err))
+      return send_json(res, status_of(code, self.options.subscribe_error_status), error_body(count_or_err))
     end
   end
-  local handle, werr = store:wait(sub.categories)
+  local handle, werr, wcode = store:wait(sub.categories)
   if not handle then
     self:_log("warn", "subscriber refused", { error = werr })
-    return send_json(res, 503, error_body(werr))
+    return send_json(res, status_of(wcode, 503), error_body(werr))
   end
   self.waiting[handle] = res
   self.timeouts:add(handle, sub.timeout * 1000)
@@ -253,22 +260,22 @@ function Manager:_publish_request(req, res)
     res:set_header("Allow", "POST")
     return send_json(res, 405, error_body("Invalid HTTP Method. Only POST allowed."))
   end
-  local category, data_json = core.parse_publish(req.body or "", self.options.max_category_bytes)
+  local category, data_json, pcode = core.parse_publish(req.body or "", self.options.max_category_bytes)
   if not category then
     self:_log("warn", "bad publish request", { error = data_json })
-    return send_json(res, 400, error_body(data_json))
+    return send_json(res, status_of(pcode, 400), error_body(data_json))
   end
   if self.engine then -- Redis mode: answered once Redis stored the event (503 when it could not)
     local queued, qerr, qcode = self:_publish_json(category, data_json, nil, function(event, perr)
       if event then return send_json(res, 200, '{"success":true}') end
       return send_json(res, 503, error_body(perr))
     end)
-    if not queued then return send_json(res, qcode == "EINVAL" and 400 or 503, error_body(qerr)) end
+    if not queued then return send_json(res, status_of(qcode, qcode == "EINVAL" and 400 or 503), error_body(qerr)) end
     return
   end
   local event, err, code = self:_publish_json(category, data_json)
   if not event then
-    local status = (self.closed or code == "ECATEGORIES") and 503 or code == "ETOOBIG" and 413 or 400
+    local status = self.closed and 503 or status_of(code, 400)
     return send_json(res, status, error_body(err))
   end
   return send_json(res, 200, '{"success":true}')
