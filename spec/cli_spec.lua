@@ -236,4 +236,62 @@ describe("bin/longpoll", function()
       end, 15000)
     end)
   end)
+
+  describe("--persist", function()
+    local dir
+    before_each(function() dir = assert(require("luv").fs_mkdtemp("/tmp/longpoll-cli-spec-XXXXXX")) end)
+    after_each(function()
+      os.execute("umount '" .. dir .. "/mnt' 2>/dev/null; rm -rf '" .. dir .. "'")
+    end)
+
+    it("refuses a second server on the same file with a clear message", function()
+      async.run(function()
+        local file = dir .. "/events.log"
+        local first = process.start { "bin/longpoll", "serve", "--port", "0", "--persist", file }
+        local second = process.start({ "bin/longpoll", "serve", "--port", "0", "--persist", file },
+          { wait_port = false })
+        assert.equals(2, (second:wait(15000)))
+        assert.matches("in use by another process", second.err)
+        assert.equals(200, (publish(first.port, "c", "1")))
+        assert.equals(0, (first:stop("sigterm")))
+        local third = process.start { "bin/longpoll", "serve", "--port", "0", "--persist", file }
+        local _, _, got = async.http(third.port, { path = "/events?category=c&timeout=1&since_time=0" })
+        assert.equals(1, #cjson.decode(got).events)
+        assert.equals(0, (third:stop("sigterm")))
+      end, 30000)
+    end)
+
+    it("on a full disk: publishes get 503 instead of a silent loss, and a restart works", function()
+      local mnt = dir .. "/mnt"
+      os.execute("mkdir '" .. mnt .. "'")
+      if not os.execute("mount -t tmpfs -o size=64k tmpfs '" .. mnt .. "' 2>/dev/null") then
+        return pending("cannot mount a tmpfs here (needs root): full-disk spec skipped")
+      end
+      async.run(function()
+        local args = { "bin/longpoll", "serve", "--port", "0", "--persist", mnt .. "/events.log", "--flush-ms", "5" }
+        local child = process.start(args)
+        local pad = '"' .. ("p"):rep(2000) .. '"'
+        local accepted, refused = 0, nil
+        for _ = 1, 200 do -- 64 KiB fill up within about 30 events
+          local status, body = publish(child.port, "c", pad)
+          if status == 503 then
+            refused = body.error
+            break
+          end
+          assert.equals(200, status)
+          accepted = accepted + 1
+          async.sleep(10) -- let each batch reach the disk: the failure shows on the next publish
+        end
+        assert.matches("persistence is failing", refused or "never refused")
+        assert.equals(0, (child:stop("sigterm")))
+        assert.matches("write failed", child.err)
+        -- the disk is still full; the server starts and serves what reached the disk
+        local again = process.start(args)
+        local _, _, got = async.http(again.port, { path = "/events?category=c&timeout=1&since_time=0" })
+        local n = #cjson.decode(got).events
+        assert.is_true(n > 0 and n <= accepted, ("restored %d of %d accepted"):format(n, accepted))
+        assert.equals(0, (again:stop("sigterm")))
+      end, 60000)
+    end)
+  end)
 end)

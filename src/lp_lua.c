@@ -1,9 +1,11 @@
 /* lp_lua: the Lua binding of the core, module longpoll.core. The one file
  * that includes the Lua headers; errors become `nil, message` here. */
+#include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 
 #include "lp_json.h"
 #include "lp_store.h"
@@ -377,6 +379,23 @@ static int l_json_string(lua_State *L) {
   return 1;
 }
 
+/* core.lock_file(fd) -> true | nil, message, "EWOULDBLOCK"|"ERROR"
+ * An exclusive, non-blocking flock(2) on an open file descriptor (a luv fs fd).
+ * The lock goes with the descriptor: closing it (or the process ending, even
+ * by SIGKILL) releases it. The one system call of the module: luv has none. */
+static int l_lock_file(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  int e = errno;
+  luaL_pushfail(L);
+  lua_pushstring(L, strerror(e));
+  lua_pushstring(L, e == EWOULDBLOCK ? "EWOULDBLOCK" : "ERROR");
+  return 3;
+}
+
 static const luaL_Reg store_methods[] = {{"publish", l_publish}, {"restore", l_restore},
                                          {"fetch", l_fetch},     {"wait", l_wait},
                                          {"cancel", l_cancel},   {"mark_time", l_mark_time},
@@ -387,10 +406,11 @@ static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
-static const luaL_Reg core_functions[] = {
-    {"new_store", l_new_store},     {"parse_publish", l_parse_publish},  {"json_check", l_json_check},
-    {"json_string", l_json_string}, {"utf8_valid", l_utf8_valid},        {"uuid", l_uuid},
-    {"is_uuid", l_is_uuid},         {"json_encode", lp_lua_json_encode}, {NULL, NULL}};
+static const luaL_Reg core_functions[] = {{"new_store", l_new_store},   {"parse_publish", l_parse_publish},
+                                          {"json_check", l_json_check}, {"json_string", l_json_string},
+                                          {"utf8_valid", l_utf8_valid}, {"uuid", l_uuid},
+                                          {"is_uuid", l_is_uuid},       {"json_encode", lp_lua_json_encode},
+                                          {"lock_file", l_lock_file},   {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

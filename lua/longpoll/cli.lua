@@ -28,6 +28,8 @@ flags:
   --persist FILE         keep events in FILE (one JSON per line), restored on start
   --flush-ms N           with --persist: write batches every N ms (default 1000)
   --fsync                with --persist: fsync every flush
+                         With --persist, publishes get 503 while FILE cannot be written (a full
+                         disk); one server per FILE (FILE.lock); docs/persistence.md
   --error-status N       HTTP status of subscribe errors: 200 (golongpoll) or 400
   --max-connections N    connection cap (default 10000)
   --max-memory SIZE      bytes the event buffers may hold, bookkeeping included (K, M or G
@@ -156,8 +158,11 @@ function M.serve(flags)
   local longpoll = require "longpoll"
   local server_mod = require "longpoll.server"
   local add_ons = {}
+  local file_mod, file
   if flags.persist then
-    local file, err = require("longpoll.addons").file {
+    local err
+    file_mod = require("longpoll.addons").file
+    file, err = file_mod {
       path = flags.persist, flush_interval_ms = flags["flush-ms"] or 1000, fsync = flags.fsync or false,
       max_event_buffer_size = flags["buffer-size"], event_ttl_seconds = flags.ttl,
     }
@@ -207,6 +212,8 @@ function M.serve(flags)
   local publish_path = flags["publish-path"] or "/publish"
   if publish_path ~= "" then
     local publish = manager.publish_handler
+    -- a full disk pauses publishing (503) rather than acknowledging events it cannot keep
+    if file then publish = file_mod.guard(file, publish) end
     if token then
       publish = auth.require_bearer(publish, token, { cors = cors_option and cors_mod.new(cors_option) })
     end
