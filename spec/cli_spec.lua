@@ -178,6 +178,35 @@ describe("bin/longpoll", function()
     end, 30000)
   end)
 
+  it("lists categories in /stats only with --stats-categories", function()
+    async.run(function()
+      local closed = process.start { "bin/longpoll", "serve", "--port", "0" }
+      assert.equals(200, (publish(closed.port, "room-secret", "1")))
+      local status, _, body = async.http(closed.port, { path = "/stats?categories=1" })
+      assert.equals(403, status)
+      assert.is_nil(body:find("room-secret", 1, true))
+      assert.equals(0, (closed:stop("sigterm")))
+      local open = process.start { "bin/longpoll", "serve", "--port", "0", "--stats-categories" }
+      assert.equals(200, (publish(open.port, "room-secret", "1")))
+      local ostatus, _, obody = async.http(open.port, { path = "/stats?categories=1" })
+      assert.equals(200, ostatus)
+      assert.equals(1, cjson.decode(obody).by_category["room-secret"].events)
+      assert.equals(0, (open:stop("sigterm")))
+    end, 15000)
+  end)
+
+  it("reads publish keys written with escapes as any JSON parser does", function()
+    async.run(function()
+      local child = process.start { "bin/longpoll", "serve", "--port", "0" }
+      local status = async.http(child.port, { method = "POST", path = "/publish",
+        body = '{"\\u0063ategory":"esc","d\\u0061ta":[1],"category\\u0000":"other"}' })
+      assert.equals(200, status)
+      local _, _, got = async.http(child.port, { path = "/events?category=esc&timeout=1&since_time=0" })
+      assert.same({ 1 }, cjson.decode(got).events[1].data)
+      assert.equals(0, (child:stop("sigterm")))
+    end, 15000)
+  end)
+
   describe("--publish-token", function()
     local TOKEN = "s3cret-token-0123456789"
 

@@ -267,23 +267,28 @@ static void set_int(lua_State *L, const char *k, lua_Integer v) {
   lua_setfield(L, -2, k);
 }
 
-static void on_category(void *ctx, lp_slice name, size_t events, size_t bytes, size_t waiting) {
-  lua_State *L = ctx;
-  lua_createtable(L, 0, 3);
-  set_int(L, "events", (lua_Integer)events);
-  set_int(L, "bytes", (lua_Integer)bytes);
-  set_int(L, "waiting", (lua_Integer)waiting);
-  lua_pushlstring(L, name.ptr, name.len);
-  lua_insert(L, -2);
-  lua_rawset(L, -3);
-}
+#define STATS_CATEGORIES_DEFAULT 1000
+#define STATS_CATEGORIES_MAX 10000
 
-/* store:stats([with_categories]) -> table */
+/* store:stats([categories]) -> table
+ * categories: true for the 1000 largest categories, or {offset=, limit=} for a
+ * page of the ranking (limit at most 10000). They come as by_category = {
+ * [name] = {events, bytes, waiting} } and by_category_order = { names, largest
+ * first }; a store with a million categories answers in one C pass. */
 static int l_stats(lua_State *L) {
   store_ud *u = check_store(L, 1);
+  size_t offset = 0, limit = 0;
+  if (lua_istable(L, 2)) {
+    offset = (size_t)opt_int_field(L, 2, "offset", 0, 0);
+    limit = (size_t)opt_int_field(L, 2, "limit", STATS_CATEGORIES_DEFAULT, 1);
+    luaL_argcheck(L, limit <= STATS_CATEGORIES_MAX, 2, "limit is at most 10000");
+    luaL_argcheck(L, offset <= (size_t)1 << 40, 2, "offset is too large");
+  } else if (lua_toboolean(L, 2)) {
+    limit = STATS_CATEGORIES_DEFAULT;
+  }
   lp_store_stats st;
   lp_store_get_stats(u->store, &st);
-  lua_createtable(L, 0, 11);
+  lua_createtable(L, 0, 14);
   set_int(L, "categories", (lua_Integer)st.categories);
   set_int(L, "events", (lua_Integer)st.events);
   set_int(L, "event_bytes", (lua_Integer)st.event_bytes);
@@ -294,10 +299,27 @@ static int l_stats(lua_State *L) {
   set_int(L, "dropped", (lua_Integer)st.dropped);
   set_int(L, "evicted", (lua_Integer)st.evicted);
   set_int(L, "last_timestamp", (lua_Integer)st.last_timestamp);
-  if (lua_toboolean(L, 2)) {
-    lua_createtable(L, 0, (int)st.categories);
-    lp_store_each_category(u->store, on_category, L);
-    lua_setfield(L, -2, "by_category");
+  if (limit > 0) {
+    lp_category_info *page = lua_newuserdatauv(L, limit * sizeof *page, 0); /* freed by the GC */
+    size_t n;
+    int rc = lp_store_top_categories(u->store, offset, limit, page, &n);
+    if (rc != LP_OK) return fail_store(L, rc);
+    lua_createtable(L, 0, (int)n); /* by_category */
+    lua_createtable(L, (int)n, 0); /* by_category_order */
+    for (size_t i = 0; i < n; i++) {
+      lua_pushlstring(L, page[i].name.ptr, page[i].name.len);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, -3, (lua_Integer)i + 1);
+      lua_createtable(L, 0, 3);
+      set_int(L, "events", (lua_Integer)page[i].events);
+      set_int(L, "bytes", (lua_Integer)page[i].bytes);
+      set_int(L, "waiting", (lua_Integer)page[i].waiting);
+      lua_rawset(L, -4);
+    }
+    lua_setfield(L, -4, "by_category_order");
+    lua_setfield(L, -3, "by_category");
+    lua_pop(L, 1); /* the page */
+    set_int(L, "by_category_offset", (lua_Integer)offset);
   }
   return 1;
 }

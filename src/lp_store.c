@@ -837,3 +837,74 @@ void lp_store_each_category(const lp_store *s, lp_category_fn fn, void *ctx) {
     for (lp_category *c = s->buckets[i]; c; c = c->hnext)
       fn(ctx, (lp_slice){c->name, c->name_len}, c->count, c->bytes, c->nwaiters);
 }
+
+/* ---- ranked categories (stats) ---- */
+
+/* 1 when a ranks before b: more bytes, more waiters, then the smaller name. */
+static int ranks_before(const lp_category *a, const lp_category *b) {
+  if (a->bytes != b->bytes) return a->bytes > b->bytes;
+  if (a->nwaiters != b->nwaiters) return a->nwaiters > b->nwaiters;
+  size_t n = a->name_len < b->name_len ? a->name_len : b->name_len;
+  int c = memcmp(a->name, b->name, n);
+  if (c != 0) return c < 0;
+  return a->name_len < b->name_len;
+}
+
+/* A heap whose root is the lowest-ranked kept category. */
+static void low_sift_down(const lp_category **h, size_t len, size_t i) {
+  for (;;) {
+    size_t l = 2 * i + 1, r = l + 1, low = i;
+    if (l < len && ranks_before(h[low], h[l])) low = l;
+    if (r < len && ranks_before(h[low], h[r])) low = r;
+    if (low == i) return;
+    const lp_category *t = h[i];
+    h[i] = h[low];
+    h[low] = t;
+    i = low;
+  }
+}
+
+static void low_sift_up(const lp_category **h, size_t i) {
+  while (i > 0 && ranks_before(h[(i - 1) / 2], h[i])) {
+    const lp_category *t = h[i];
+    h[i] = h[(i - 1) / 2];
+    h[(i - 1) / 2] = t;
+    i = (i - 1) / 2;
+  }
+}
+
+int lp_store_top_categories(const lp_store *s, size_t offset, size_t limit, lp_category_info *out, size_t *n) {
+  *n = 0;
+  if (limit == 0 || offset > SIZE_MAX / sizeof(lp_category *) - limit) return LP_EINVAL;
+  size_t k = offset + limit;
+  if (k > s->ncategories) k = s->ncategories;
+  if (k == 0 || offset >= k) return LP_OK;
+  const lp_category **h = malloc(k * sizeof *h);
+  if (!h) return LP_ENOMEM;
+  size_t len = 0;
+  for (size_t i = 0; i < s->nbuckets; i++)
+    for (const lp_category *c = s->buckets[i]; c; c = c->hnext) {
+      if (len < k) {
+        h[len++] = c;
+        low_sift_up(h, len - 1);
+      } else if (ranks_before(c, h[0])) {
+        h[0] = c;
+        low_sift_down(h, len, 0);
+      }
+    }
+  /* pop the lowest first: h ends up best first from the back */
+  for (size_t end = len; end > 1; end--) {
+    const lp_category *t = h[0];
+    h[0] = h[end - 1];
+    h[end - 1] = t;
+    low_sift_down(h, end - 1, 0);
+  }
+  /* h[0] is now the best, h[len - 1] the lowest (a heapsort by the low-heap) */
+  for (size_t i = offset; i < len; i++) {
+    const lp_category *c = h[i];
+    out[*n] = (lp_category_info){{c->name, c->name_len}, c->count, c->bytes, c->nwaiters};
+    (*n)++;
+  }
+  free(h);
+  return LP_OK;
+}

@@ -140,4 +140,19 @@ void lp_store_get_stats(const lp_store *s, lp_store_stats *st);
 typedef void (*lp_category_fn)(void *ctx, lp_slice name, size_t events, size_t bytes, size_t waiting);
 void lp_store_each_category(const lp_store *s, lp_category_fn fn, void *ctx);
 
+/* One category as the stats show it; name points into the store and stays
+ * valid until the next call that changes the store. */
+typedef struct lp_category_info {
+  lp_slice name;
+  size_t events, bytes, waiting;
+} lp_category_info;
+
+/* The page [offset, offset + limit) of the categories ranked by the JSON bytes
+ * of their events, largest first (then by waiting subscribers, then by name):
+ * fills out[0..*n), n <= limit. One pass over the categories with a heap of
+ * offset + limit entries, so a stats request costs O(categories) in C and no
+ * more memory than the page. LP_EINVAL when offset + limit overflows or limit
+ * is 0, LP_ENOMEM when the heap cannot be allocated. */
+int lp_store_top_categories(const lp_store *s, size_t offset, size_t limit, lp_category_info *out, size_t *n);
+
 #endif

@@ -524,6 +524,36 @@ static void test_json_escaped_keys(void) {
   report("publish body keys written with escapes are the keys they spell", ok);
 }
 
+/* The stats page: ranked by bytes (ties by waiters, then name), paged, bounded. */
+static void test_top_categories(void) {
+  int ok = 1;
+  lp_store *s = new_store(250, 0, 0);
+  char name[16], data[64];
+  for (int i = 1; i <= 20; i++) {
+    snprintf(name, sizeof name, "c%02d", i);
+    snprintf(data, sizeof data, "\"%.*s\"", i, "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx");
+    pub(s, name, data, 1000 + i);
+  }
+  pub(s, "t-b", "\"x\"", 2000); /* the same bytes as c01 */
+  pub(s, "t-a", "\"x\"", 2001);
+  lp_category_info page[5];
+  size_t n;
+  CHECK(lp_store_top_categories(s, 0, 5, page, &n) == LP_OK && n == 5);
+  CHECK(page[0].name.len == 3 && memcmp(page[0].name.ptr, "c20", 3) == 0 && page[0].events == 1);
+  CHECK(memcmp(page[4].name.ptr, "c16", 3) == 0 && page[0].bytes > page[4].bytes);
+  CHECK(lp_store_top_categories(s, 18, 5, page, &n) == LP_OK && n == 4);
+  CHECK(page[0].name.len == 3 && memcmp(page[0].name.ptr, "c02", 3) == 0);
+  CHECK(page[1].name.len == 3 && memcmp(page[1].name.ptr, "c01", 3) == 0);
+  /* t-a and t-b hold the same bytes as c01: ordered by name */
+  CHECK(page[2].name.len == 3 && memcmp(page[2].name.ptr, "t-a", 3) == 0);
+  CHECK(page[3].name.len == 3 && memcmp(page[3].name.ptr, "t-b", 3) == 0);
+  CHECK(lp_store_top_categories(s, 22, 5, page, &n) == LP_OK && n == 0);
+  CHECK(lp_store_top_categories(s, SIZE_MAX, 5, page, &n) == LP_EINVAL);
+  CHECK(lp_store_top_categories(s, 0, 0, page, &n) == LP_EINVAL);
+  lp_store_free(s);
+  report("categories ranked by size, a page at a time", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -543,6 +573,7 @@ int main(void) {
   test_duplicate_categories_in_one_wait();
   test_time_bounds();
   test_json_escaped_keys();
+  test_top_categories();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

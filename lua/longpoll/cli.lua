@@ -18,6 +18,8 @@ flags:
   --publish-path PATH    publish handler path (default /publish; empty turns it off)
   --sse-path PATH        Server-Sent Events handler path (default /sse; empty turns it off)
   --stats-path PATH      stats handler path, JSON or Prometheus (default /stats; empty turns it off)
+  --stats-categories     let /stats?categories=1 list categories by name (default off: names can be
+                         secrets), the largest first, 100 a page (&limit=N up to 1000, &offset=N)
   --cors ORIGIN          allow cross-origin requests from ORIGIN (repeatable; "*" for any)
   --max-timeout S        largest 'timeout' a subscriber may ask for (default 110)
   --buffer-size N        events kept per category (default 250)
@@ -65,7 +67,7 @@ local FLAGS = {
   ["--redis"] = "string", ["--redis-prefix"] = "string",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
   ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
-  ["--publish-token"] = "string",
+  ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
 }
 
 M.DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
@@ -196,6 +198,7 @@ function M.serve(flags)
     cors = cors_option,
     max_buffered_bytes = max_memory,
     max_categories = flags["max-categories"],
+    stats_categories = flags["stats-categories"] or nil,
   }
   if not manager then return die(err) end
   local srv, serr = server_mod.new {

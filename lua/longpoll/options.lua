@@ -61,6 +61,8 @@ local SPEC = {
   cors = { nil, function(v) return require("longpoll.cors").check(v) end },
   redis = { nil, function(v) return require("longpoll.redis.config").check(v) end },
   sse_heartbeat_seconds = { 15, integer(1, 3600) },
+  -- /stats?categories=1 lists category names, which apps often use as secrets: opt-in
+  stats_categories = { false, boolean },
 }
 
 -- Returns a complete options table, or nil, message.
