@@ -27,6 +27,7 @@ local STATUS_OF_CODE = {
   EWAITERS = 503,
   ENOMEM = 503,
   ELIMIT = 503,
+  ERANDOM = 503,
   ECLOSED = 503,
   EUNAVAILABLE = 503,
 }
@@ -209,10 +210,10 @@ local function publish_request(self, req, res)
     res:set_header("Allow", "POST")
     return send_error(res, 405, "Invalid HTTP Method. Only POST allowed.")
   end
-  local category, data_json = core.parse_publish(req.body or "", self.options.max_category_bytes)
+  local category, data_json, pcode = core.parse_publish(req.body or "", self.options.max_category_bytes)
   if not category then
     self:log("warn", "bad publish request", { error = data_json })
-    return send_error(res, 400, data_json)
+    return send_error(res, STATUS_OF_CODE[pcode] or 400, data_json)
   end
   if self.closed then return send_error(res, 503, "manager is shut down") end
   local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, pcode)

@@ -64,6 +64,8 @@ local SPEC = {
   -- the wall clock in epoch milliseconds (tests pass a fake one; the C core takes time as an
   -- argument, so TTL and timestamps then follow it)
   clock = { nil, function(v) if type(v) ~= "function" then return "must be a function returning epoch milliseconds" end end },
+  -- /stats?categories=1 lists category names, which apps often use as secrets: opt-in
+  stats_categories = { false, boolean },
 }
 
 -- Returns a complete options table, or nil, message.
