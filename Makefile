@@ -34,9 +34,9 @@ build: $(MODULE) $(HIREDIS)
 	@ln -sf ../../$(MODULE) lua/longpoll/core.so
 	@ln -sf ../../$(HIREDIS) lua/longpoll/hiredis.so
 
-$(MODULE): $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c $(CORE_HDR)
+$(MODULE): $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_fingerprint.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c -o $@
+	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_fingerprint.c -o $@
 
 $(HIREDIS): src/lp_hiredis.c
 	@mkdir -p $(dir $@)
@@ -68,9 +68,9 @@ test-lua: build
 test: deps build $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain
 	@scripts/run-tests all
 
-$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c $(CORE_HDR)
+$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_fingerprint.c $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c -o $@
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_fingerprint.c -o $@
 
 $(BUILD)/asan/longpoll/hiredis.so: src/lp_hiredis.c
 	@mkdir -p $(dir $@)

@@ -29,7 +29,7 @@ build = {
     ["longpoll.core"] = {
       sources = {
         "src/lp_buf.c", "src/lp_json.c", "src/lp_store.c", "src/lp_uuid.c", "src/lp_http.c",
-        "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c",
+        "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_fingerprint.c",
       },
       defines = { "_GNU_SOURCE" },
       incdirs = { "src" },

@@ -12,6 +12,7 @@
 
 int lp_lua_json_encode(lua_State *L); /* lp_lua_json.c */
 void lp_lua_http_open(lua_State *L);  /* lp_lua_http.c */
+int lp_lua_fingerprint(lua_State *L); /* lp_lua_fingerprint.c */
 
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"
@@ -552,6 +553,7 @@ static const luaL_Reg core_functions[] = {{"new_store", l_new_store},
                                           {"event_json", l_event_json},
                                           {"events_answer", l_events_answer},
                                           {"lock_file", l_lock_file},
+                                          {"fingerprint", lp_lua_fingerprint},
                                           {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {

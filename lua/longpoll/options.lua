@@ -66,6 +66,11 @@ local SPEC = {
   clock = { nil, function(v) if type(v) ~= "function" then return "must be a function returning epoch milliseconds" end end },
   -- /stats?categories=1 lists category names, which apps often use as secrets: opt-in
   stats_categories = { false, boolean },
+  -- idempotent publish (idempotency.lua): how long a key is remembered (bounded by the event
+  -- TTL when that is shorter) and how many keys / bytes of them at most
+  idempotency_window_seconds = { 86400, function(v) if type(v) ~= "number" or v ~= v or v < 0.001 or v > 31536000 then return "must be a number of seconds from 0.001 to 31536000 (a year)" end end },
+  idempotency_max_keys = { 100000, integer(1, 100000000) },
+  idempotency_max_bytes = { 16 * 1024 * 1024, integer(1024) },
 }
 
 -- Returns a complete options table, or nil, message.

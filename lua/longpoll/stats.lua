@@ -29,6 +29,18 @@ local METRICS = {
     "Bytes the buffers hold with their bookkeeping: what max_buffered_bytes caps.", "buffered_bytes" },
   { "longpoll_last_event_timestamp_milliseconds", "gauge", "Timestamp of the newest event (epoch ms).", "last_timestamp" },
   { "longpoll_uptime_seconds", "gauge", "Seconds since the manager started.", "uptime_seconds" },
+  { "longpoll_idempotency_keys", "gauge", "Idempotency-Keys remembered (in memory; in Redis mode they live in Redis).",
+    "idempotency_keys" },
+  { "longpoll_idempotency_key_bytes", "gauge", "Bytes the remembered Idempotency-Keys take (in memory).",
+    "idempotency_key_bytes" },
+  { "longpoll_idempotency_replays_total", "counter", "Publishes answered as replays of an Idempotency-Key.",
+    "idempotency_replays" },
+  { "longpoll_idempotency_conflicts_total", "counter",
+    "Publishes refused because their Idempotency-Key was used with another request (422).", "idempotency_conflicts" },
+  { "longpoll_idempotency_evicted_total", "counter",
+    "Idempotency-Keys forgotten before their window ended, to stay under the key bounds.", "idempotency_evicted" },
+  { "longpoll_idempotency_in_flight", "gauge", "Idempotent publishes of this node waiting for Redis.",
+    "idempotency_in_flight" },
 }
 
 local CATEGORY_METRICS = {
@@ -39,7 +51,8 @@ local CATEGORY_METRICS = {
 
 -- JSON keys in output order (the manager's names)
 local JSON_KEYS = { "categories", "events", "event_bytes", "buffered_bytes", "waiting", "long_polls", "sse_streams",
-  "published", "delivered", "dropped", "evicted", "last_timestamp" }
+  "published", "delivered", "dropped", "evicted", "last_timestamp", "idempotency_keys", "idempotency_key_bytes",
+  "idempotency_replays", "idempotency_conflicts", "idempotency_evicted", "idempotency_in_flight" }
 
 local function number(v)
   if math.type(v) == "integer" then return format("%d", v) end

@@ -9,6 +9,7 @@ local core = require "longpoll.core"
 local config = require "longpoll.engine.redis.config"
 local Position = require "longpoll.engine.redis.position"
 local Shard = require "longpoll.engine.redis.shard"
+local idempotency = require "longpoll.idempotency"
 
 local Engine = {}
 Engine.__index = Engine
@@ -31,7 +32,13 @@ end
 function M.new(options, host)
   local log = host.log or noop
   local on_event = host.on_event or noop
-  local self = setmetatable({ log = log, closed = false, shards = {} }, Engine)
+  local self = setmetatable({ log = log, closed = false, shards = {},
+    -- idempotent publish: the keys live in Redis (the publish script); this node only knows
+    -- which of its own publishes are in flight
+    idempotency = { window_ms = idempotency.window_ms(options, options.ttl_ms),
+      max_keys = options.idempotency_max_keys or idempotency.DEFAULT_MAX_KEYS,
+      in_flight = {}, in_flight_count = 0, replays = 0, conflicts = 0 },
+  }, Engine)
   self.store = core.new_store {
     max_event_buffer_size = 1,
     max_category_bytes = options.max_category_bytes,
@@ -101,15 +108,37 @@ function Engine:_shard_of_all(categories)
   return shard
 end
 
--- engine:publish(category, data_json, callback) -> true | nil, message, code
-function Engine:publish(category, data_json, callback)
+-- engine:publish(category, data_json, callback[, data[, opts]]) -> true | nil, message, code
+-- opts.idempotency_key (with opts.fingerprint): the key is looked up and set in the publish
+-- script, atomically with the event (any node sees it); callback(nil, message, code, prior)
+-- for a key seen before (EREPLAY with prior = { id =, timestamp = }, EKEYMISMATCH), and
+-- EKEYBUSY at once while this node's own publish with the key is in flight.
+function Engine:publish(category, data_json, callback, _, opts)
   if self.closed then return nil, "manager is shut down", "ECLOSED" end
   local catjson = core.json_string(category)
   if not catjson then return nil, "category is not valid UTF-8", "EINVAL" end
   local shard = self:_shard_of(category)
   if not shard:can_publish() then return nil, "Redis is unavailable", "EUNAVAILABLE" end
+  local idem = self.idempotency
+  local key = opts and opts.idempotency_key
+  local key_args
+  if key then
+    if idem.in_flight[key] then return nil, idempotency.BUSY_MESSAGE, idempotency.BUSY end
+    key_args = { key = key, fingerprint = opts.fingerprint, window_ms = idem.window_ms, max_keys = idem.max_keys }
+    idem.in_flight[key] = true
+    idem.in_flight_count = idem.in_flight_count + 1
+  end
   local id = core.uuid()
   local ok, err = shard:publish(category, catjson, data_json, id, function(epoch, ts, seq)
+    if key then
+      idem.in_flight[key] = nil
+      idem.in_flight_count = idem.in_flight_count - 1
+    end
+    if epoch == nil and type(seq) == "table" then -- the key was seen before
+      local code = seq.code
+      if code == idempotency.REPLAY then idem.replays = idem.replays + 1 else idem.conflicts = idem.conflicts + 1 end
+      return callback(nil, idempotency.message(code), code, seq)
+    end
     if not epoch then
       self.log("warn", "publish failed", { category = category, error = ts })
       return callback(nil, "publish failed: " .. ts, "EUNAVAILABLE")
@@ -118,8 +147,14 @@ function Engine:publish(category, data_json, callback)
       ',"id":"' .. id .. '"}'
     self.log("debug", "published", { category = category, id = id, seq = seq, epoch = epoch })
     callback(event_of(category, catjson, json, id, ts))
-  end)
-  if not ok then return nil, err, "EUNAVAILABLE" end
+  end, key_args)
+  if not ok then
+    if key then
+      idem.in_flight[key] = nil
+      idem.in_flight_count = idem.in_flight_count - 1
+    end
+    return nil, err, "EUNAVAILABLE"
+  end
   return true
 end
 
@@ -245,6 +280,9 @@ function Engine:stats(with_categories)
   end
   s.redis = #shards == 1 and shards[1] or shards
   s.redis_online = online
+  local idem = self.idempotency
+  s.idempotency_in_flight, s.idempotency_replays, s.idempotency_conflicts =
+    idem.in_flight_count, idem.replays, idem.conflicts
   return s
 end
 

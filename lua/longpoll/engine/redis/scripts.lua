@@ -11,6 +11,10 @@
 --                   field "e" holding the event's JSON
 --   P.."d:"..C      "<entry ID> <event id>" of the newest event C dropped
 --                   (buffer size or TTL), for the "missed" flag
+--   P.."k:"..K      "<fingerprint> <event id> <timestamp>" of the publish made
+--                   with Idempotency-Key K (expires after the window)
+--   P.."keys"       sorted set of those keys by expiry time, so at most
+--                   max_keys of them live
 -- Channels: P.."events" carries every event to every node:
 --   "E <epoch> <seq> <timestamp> <category length>\n<category><event JSON>"
 -- and P.."node:"..N carries a node's own markers:
@@ -60,12 +64,24 @@ local function remember_dropped(dropped, entry)
 end
 ]]
 
--- KEYS: clock, stream, dropped
+-- KEYS: clock, stream, dropped[, key record, key index]
 -- ARGV: category, category as JSON, data JSON, event id, buffer size,
---       ttl_ms (0: forever), channel, epoch candidate, floor
--- Returns { epoch, timestamp, seq }.
+--       ttl_ms (0: forever), channel, epoch candidate, floor[, idempotency
+--       key, fingerprint, window_ms, max_keys, key record prefix]
+-- Returns { epoch, timestamp, seq }; with a key already set, publishes
+-- nothing and returns { "replay", event id, timestamp } (same fingerprint) or
+-- { "mismatch" }.
 M.publish = PROLOGUE .. [[
 local clock_key, stream, dropped = KEYS[1], KEYS[2], KEYS[3]
+local idem = #KEYS == 5
+if idem then
+  local record = redis.call('GET', KEYS[4])
+  if record then
+    local fp, rid, rts = string.match(record, '^(%S+) (%S+) (%S+)$')
+    if fp ~= ARGV[11] then return { 'mismatch' } end
+    return { 'replay', rid, rts }
+  end
+end
 local last, min_next, seq, epoch, now = clock(clock_key, ARGV[8])
 local ts = now
 if ts < last then ts = last end
@@ -92,6 +108,18 @@ if type(added) == 'table' and added.err then return added end
 redis.call('HSET', clock_key, 'last', tss, 'seq', seqs)
 if gone then remember_dropped(dropped, gone) end
 if old then redis.call('XTRIM', stream, 'MINID', minid) end
+if idem then
+  local window = tonumber(ARGV[12])
+  redis.call('SET', KEYS[4], ARGV[11] .. ' ' .. ARGV[4] .. ' ' .. tss, 'PX', window)
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', int(now))
+  redis.call('ZADD', KEYS[5], int(now + window), ARGV[10])
+  redis.call('PEXPIRE', KEYS[5], window)
+  local extra = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[13])
+  if extra > 0 then -- over max_keys: the oldest keys go
+    local gone_keys = redis.call('ZPOPMIN', KEYS[5], extra)
+    for i = 1, #gone_keys, 2 do redis.call('DEL', ARGV[14] .. gone_keys[i]) end
+  end
+end
 if ttl > 0 then
   -- the keys outlive their newest event by nothing: an idle category frees itself
   local keep = int(ttl + ts - now)

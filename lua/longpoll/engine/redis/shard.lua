@@ -37,6 +37,9 @@ function M.new(opts)
     clock = self.clock_key,
     stream = function(category) return prefix .. "s:" .. category end,
     dropped = function(category) return prefix .. "d:" .. category end,
+    -- idempotent publish: a key's record, and the index of keys by expiry (bounds their count)
+    idempotency = function(key) return prefix .. "k:" .. key end,
+    idempotency_index = prefix .. "keys",
   }
   self.position = Position.new(log)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
@@ -123,14 +126,27 @@ end
 
 -- Stores one event: callback(epoch, ts, seq) or callback(nil, message). With wait_replicas, only
 -- once WAIT confirmed that many replicas have it. Returns true, or nil, message when Redis cannot
--- be asked now (callback never called).
-function Shard:publish(category, catjson, data_json, id, callback)
+-- be asked now (callback never called). idem: nil, or { key =, fingerprint =, window_ms =,
+-- max_keys = } of an idempotent publish; a key Redis knows gives callback(nil, nil, outcome)
+-- with outcome = { code = "EREPLAY", id =, timestamp = } or { code = "EKEYMISMATCH" }.
+function Shard:publish(category, catjson, data_json, id, callback, idem)
   local args = { category, catjson, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
     Position.epoch_candidate(), self.position:floor_arg() }
+  local keys = { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }
+  if idem then
+    keys[4], keys[5] = self.keys.idempotency(idem.key), self.keys.idempotency_index
+    args[10], args[11], args[12], args[13], args[14] = idem.key, idem.fingerprint, ("%d"):format(idem.window_ms),
+      ("%d"):format(idem.max_keys), self.keys.idempotency("")
+  end
   local replicas, wait_ms = self.cfg.wait_replicas, self.cfg.wait_timeout_ms
-  return self.link:script("publish", { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }, args,
+  return self.link:script("publish", keys, args,
     function(reply, err)
       if err then return callback(nil, err) end
+      if reply[1] == "replay" then
+        return callback(nil, nil, { code = "EREPLAY", id = reply[2], timestamp = int(reply[3]) })
+      elseif reply[1] == "mismatch" then
+        return callback(nil, nil, { code = "EKEYMISMATCH" })
+      end
       local ts, seq = int(reply[2]), int(reply[3])
       self.position:observe(reply[1], ts, seq)
       if replicas == 0 then return callback(reply[1], ts, seq) end
