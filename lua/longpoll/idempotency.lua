@@ -155,7 +155,7 @@ function Keys:begin(key, fingerprint, now)
 end
 
 -- The event of a begun key was stored.
-function Keys:commit(r, id, timestamp)
+function Keys.commit(_, r, id, timestamp)
   r.id, r.timestamp = id, timestamp
 end
 

@@ -265,8 +265,8 @@ local function publish_request(self, req, res)
     key, kerr = idempotency.check_key(key_header)
     if not key then return send_error(res, 400, kerr) end
   end
-  local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, pcode)
-    if not event then return send_error(res, status_of(pcode or "EUNAVAILABLE"), perr) end
+  local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, scode)
+    if not event then return send_error(res, status_of(scode or "EUNAVAILABLE"), perr) end
     if not key then return send_json(res, 200, '{"success":true}') end
     -- with the key the answer names the event, the same for the first request and replays
     if event.replayed then res:set_header(idempotency.REPLAYED_HEADER, "true") end

@@ -1,10 +1,12 @@
 -- The stats endpoint: the manager's figures as JSON, or in the Prometheus text exposition
--- format for scrapers (Accept: text/plain, or ?format=prometheus). Per-category figures are
+-- format for scrapers (Accept: text/plain, or ?format=prometheus), or the live dashboard for
+-- browsers (Accept: text/html; dashboard.lua). Per-category figures are
 -- opt-in (option stats_categories: category names can be secrets) and come a bounded page
 -- at a time, largest categories first (?categories=1&limit=N&offset=N).
 local uv = require "luv"
 local core = require "longpoll.core"
 local answers = require "longpoll.answers"
+local dashboard = require "longpoll.dashboard"
 
 local concat, format, gsub, find, lower = table.concat, string.format, string.gsub, string.find, string.lower
 
@@ -169,6 +171,8 @@ function M.handler(manager)
     -- the answer depends on Accept (CORS may have put Origin there already)
     local vary = res:get_header("Vary")
     res:set_header("Vary", vary and (vary .. ", Accept") or "Accept")
+    -- a browser (Accept: text/html, no ?format=) gets the live dashboard, which polls this path
+    if dashboard.wants_html(req) then return dashboard.send(res, req.path) end
     local prom, err = wants_prometheus(req)
     if prom == nil then return answers.send_error(res, 400, err) end
     local page, perr, pstatus = category_page(manager, req)

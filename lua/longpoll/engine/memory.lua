@@ -6,6 +6,7 @@ local uv = require "luv"
 local core = require "longpoll.core"
 local Timeouts = require "longpoll.timeouts"
 local idempotency = require "longpoll.idempotency"
+local category_rules = require "longpoll.category_rules"
 
 local pcall, type = pcall, type
 
@@ -36,6 +37,8 @@ function M.new(options, host)
       max_categories = options.max_categories,
       max_waiting_per_category = options.max_waiting_per_category,
       max_buffered_bytes = options.max_buffered_bytes,
+      -- per-category rules: asked by the store once per new category, never per publish
+      category_limits = category_rules.resolver(options, host.log),
     },
     waiters = {}, -- store handle -> on_answer (a long poll) or a follow (a table)
     queue = {}, -- events stored but not yet handed to waiters and host, oldest first

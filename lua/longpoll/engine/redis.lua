@@ -10,6 +10,7 @@ local config = require "longpoll.engine.redis.config"
 local Position = require "longpoll.engine.redis.position"
 local Shard = require "longpoll.engine.redis.shard"
 local idempotency = require "longpoll.idempotency"
+local category_rules = require "longpoll.category_rules"
 
 local Engine = {}
 Engine.__index = Engine
@@ -17,6 +18,27 @@ Engine.__index = Engine
 local M = {}
 
 local function noop() end
+
+-- Per-category rules: the limits of this many categories are kept; past it the cache starts
+-- afresh (category_options is then asked again).
+local LIMITS_CACHE_SIZE = 10000
+
+-- The per-category limits function of the shards (nil without rules): the resolver's answer,
+-- cached per category, so rules are matched once per category and not per publish.
+local function cached_limits(options, log)
+  local resolve = category_rules.resolver(options, log)
+  if not resolve then return nil end
+  local cache, cached = {}, 0
+  return function(category)
+    local l = cache[category]
+    if l then return l end
+    if cached >= LIMITS_CACHE_SIZE then cache, cached = {}, 0 end
+    l = resolve(category)
+    cache[category] = l
+    cached = cached + 1
+    return l
+  end
+end
 
 -- The event as the host gets it (on_event, publish's callback).
 local function event_of(category, catjson, json, id, ts)
@@ -51,11 +73,12 @@ function M.new(options, host)
     local ok, herr = pcall(on_event, event_of(ev.category, catjson, ev.json, ev.json:sub(-38, -3), ev.ts))
     if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
   end
+  local limits_of = cached_limits(options, log)
   local node_id = Position.epoch_candidate()
   for i, cfg in ipairs(config.resolve(options.redis)) do
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
-      max_event_buffer_size = options.max_event_buffer_size, log = log, on_event = host_event,
+      max_event_buffer_size = options.max_event_buffer_size, limits_of = limits_of, log = log, on_event = host_event,
     }
     if not shard then
       for _, s in ipairs(self.shards) do s:close(noop) end

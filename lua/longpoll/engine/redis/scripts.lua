@@ -132,7 +132,8 @@ return { epoch, tss, seqs }
 ]]
 
 -- KEYS: clock, then stream and dropped key of each category
--- ARGV: mode, a, b, c, ttl_ms, epoch candidate, where mode is
+-- ARGV: mode, a, b, c, ttl_ms, epoch candidate[, ttl_ms of each category (per-category
+--       rules; ttl_ms for all otherwise)], where mode is
 --   "all"    every buffered event (a cursor older than everything)
 --   "since"  a = since_time, b = since_time + 1, c = last_id or "" (the
 --            wire contract's cursor)
@@ -147,7 +148,7 @@ local ncat = (#KEYS - 1) / 2
 -- TTL first: an expired event is never served
 for i = 1, ncat do
   local stream, dropped = KEYS[2 * i], KEYS[2 * i + 1]
-  local old, minid = expired(stream, ttl, now)
+  local old, minid = expired(stream, tonumber(ARGV[6 + i]) or ttl, now)
   if old then
     remember_dropped(dropped, old)
     local pttl = redis.call('PTTL', stream)

@@ -22,6 +22,7 @@ local function int(s) return tointeger(tonumber(s)) end
 -- opts = {
 --   cfg = the resolved `redis` option for this Redis, prefix = its key prefix (with any hash tag),
 --   node_id, store (the waiter index, shared by shards), ttl_ms, max_event_buffer_size,
+--   limits_of = nil or function(category) -> { max_event_buffer_size =, event_ttl_ms = } (rules),
 --   log = function(level, message, fields), on_event = function(ev) (every event, Redis's order),
 -- }
 -- Checks Redis once (blocking); returns the shard, or nil, message.
@@ -29,7 +30,7 @@ function M.new(opts)
   local prefix, cfg, log = opts.prefix, opts.cfg, opts.log
   local self = setmetatable({
     cfg = cfg, log = log, on_event = opts.on_event, ttl_ms = opts.ttl_ms,
-    max_event_buffer_size = opts.max_event_buffer_size,
+    max_event_buffer_size = opts.max_event_buffer_size, limits_of = opts.limits_of,
     clock_key = prefix .. "clock", channel = prefix .. "events", node_channel = prefix .. "node:" .. opts.node_id,
     gaps = 0, unreplicated = 0,
   }, Shard)
@@ -62,7 +63,7 @@ function M.new(opts)
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
-    keys = self.keys, ttl_ms = opts.ttl_ms, log = log }
+    keys = self.keys, ttl_ms = opts.ttl_ms, limits_of = opts.limits_of, log = log }
   self.link:start()
   return self
 end
@@ -130,7 +131,12 @@ end
 -- max_keys = } of an idempotent publish; a key Redis knows gives callback(nil, nil, outcome)
 -- with outcome = { code = "EREPLAY", id =, timestamp = } or { code = "EKEYMISMATCH" }.
 function Shard:publish(category, catjson, data_json, id, callback, idem)
-  local args = { category, catjson, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
+  local size, ttl = self.max_event_buffer_size, self.ttl_ms
+  if self.limits_of then -- per-category rules: XADD MAXLEN and the MINID trim take the category's
+    local limits = self.limits_of(category)
+    size, ttl = limits.max_event_buffer_size, limits.event_ttl_ms
+  end
+  local args = { category, catjson, data_json, id, size, ttl, self.channel,
     Position.epoch_candidate(), self.position:floor_arg() }
   local keys = { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }
   if idem then

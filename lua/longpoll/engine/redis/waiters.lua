@@ -22,11 +22,12 @@ local M = {}
 --   link = the Redis link, position = its Position, marks = its Marks,
 --   keys = { clock = "...", stream = f(category), dropped = f(category) },
 --   ttl_ms = event TTL (0: forever), log = function(level, message, fields),
+--   limits_of = nil or function(category) -> { event_ttl_ms =, ... } (per-category rules),
 -- }
 function M.new(parts)
   return setmetatable({
     store = parts.store, link = parts.link, position = parts.position, marks = parts.marks,
-    keys = parts.keys, ttl_ms = parts.ttl_ms, log = parts.log,
+    keys = parts.keys, ttl_ms = parts.ttl_ms, limits_of = parts.limits_of, log = parts.log,
     by_handle = {}, by_id = {}, next_id = 0, count = 0, fetches = 0,
   }, Waiters)
 end
@@ -210,6 +211,14 @@ function Waiters:_fetch(group)
   local args = cursor_args(w1)
   args[5] = ("%d"):format(self.ttl_ms)
   args[6] = Position.epoch_candidate()
+  if self.limits_of then -- per-category rules: each category's TTL (ARGV[7..]), in the keys' order
+    for _, c in ipairs(w1.categories) do
+      if seen[c] == true then
+        seen[c] = "ttl given"
+        args[#args + 1] = ("%d"):format(self.limits_of(c).event_ttl_ms)
+      end
+    end
+  end
   for _, w in ipairs(group) do
     w.fetching, w.needs_fetch = true, false
     w.pending = w.pending or {}
