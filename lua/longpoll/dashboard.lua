@@ -19,6 +19,7 @@ local PAGE = [=[<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>longpoll dashboard</title>
+<link rel="icon" href="data:,">
 <style>
 :root { --bg: #0f1419; --panel: #182029; --text: #e6edf3; --dim: #8b98a5; --a: #4fc3f7; --b: #81c784; --c: #ffb74d; }
 * { box-sizing: border-box; }
@@ -28,8 +29,9 @@ h1 { font-size: 1.25rem; margin: 0; }
 #status { color: var(--dim); font-size: .9rem; }
 #status[data-state="live"]::before { content: "\25CF "; color: var(--b); }
 #status[data-state="offline"]::before { content: "\25CF "; color: #e57373; }
-main { display: grid; gap: .75rem; padding: 0 1rem 1rem; grid-template-columns: repeat(auto-fit, minmax(16rem, 1fr)); }
-.tiles { grid-column: 1 / -1; display: grid; gap: .75rem; grid-template-columns: repeat(auto-fit, minmax(9rem, 1fr)); }
+main { display: grid; gap: .75rem; padding: 0 1rem 1rem; }
+.tiles, .charts { display: grid; gap: .75rem; grid-template-columns: repeat(auto-fit, minmax(9rem, 1fr)); }
+.charts { grid-template-columns: repeat(auto-fit, minmax(17rem, 1fr)); }
 .tile, section { background: var(--panel); border-radius: .6rem; padding: .7rem .9rem; min-width: 0; }
 .tile .v { font-size: 1.7rem; font-weight: 600; font-variant-numeric: tabular-nums; }
 .tile .k, h2 { color: var(--dim); font-size: .8rem; font-weight: 500; margin: 0 0 .3rem;
@@ -41,7 +43,6 @@ th:first-child, td:first-child { text-align: left; max-width: 14rem; overflow: h
   white-space: nowrap; }
 th { color: var(--dim); font-weight: 500; font-size: .8rem; }
 #note { color: var(--dim); font-size: .85rem; margin: .4rem 0 0; }
-.wide { grid-column: 1 / -1; }
 </style>
 </head>
 <body data-stats-url="@STATS_URL@">
@@ -55,10 +56,12 @@ th { color: var(--dim); font-weight: 500; font-size: .8rem; }
     <div class="tile"><div class="k">buffered events</div><div class="v" id="events">&ndash;</div></div>
     <div class="tile"><div class="k">published</div><div class="v" id="published">&ndash;</div></div>
   </div>
-  <section><h2>events / s</h2><canvas id="chart-events" data-color="--a"></canvas></section>
-  <section><h2>deliveries / s</h2><canvas id="chart-deliveries" data-color="--b"></canvas></section>
-  <section><h2>waiting subscribers</h2><canvas id="chart-waiting" data-color="--c"></canvas></section>
-  <section class="wide"><h2>busiest categories</h2>
+  <div class="charts">
+    <section><h2>events / s</h2><canvas id="chart-events" data-color="--a"></canvas></section>
+    <section><h2>deliveries / s</h2><canvas id="chart-deliveries" data-color="--b"></canvas></section>
+    <section><h2>waiting subscribers</h2><canvas id="chart-waiting" data-color="--c"></canvas></section>
+  </div>
+  <section><h2>busiest categories</h2>
     <table id="busiest"><thead><tr><th>category</th><th>events</th><th>bytes</th><th>waiting</th></tr></thead>
       <tbody></tbody></table>
     <p id="note" hidden></p>

@@ -60,6 +60,7 @@ function M.new(options, host)
     idempotency = { window_ms = idempotency.window_ms(options, options.ttl_ms),
       max_keys = options.idempotency_max_keys or idempotency.DEFAULT_MAX_KEYS,
       in_flight = {}, in_flight_count = 0, replays = 0, conflicts = 0 },
+    published = 0, -- this node's events Redis stored (stats, the dashboard)
   }, Engine)
   self.store = core.new_store {
     max_event_buffer_size = 1,
@@ -169,6 +170,7 @@ function Engine:publish(category, data_json, callback, _, opts)
     local json = '{"timestamp":' .. ("%d"):format(ts) .. ',"category":' .. catjson .. ',"data":' .. data_json ..
       ',"id":"' .. id .. '"}'
     self.log("debug", "published", { category = category, id = id, seq = seq, epoch = epoch })
+    self.published = self.published + 1
     callback(event_of(category, catjson, json, id, ts))
   end, key_args)
   if not ok then
@@ -297,10 +299,14 @@ function Engine:stats(with_categories)
   local s = self.closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
+  local delivered = 0
   for i, shard in ipairs(self.shards) do
     shards[i] = shard:stats()
     online = online and shards[i].online
+    delivered = delivered + shards[i].delivered
   end
+  -- this node's figures: its own stored publishes, the events it handed to its subscribers
+  s.published, s.delivered = self.published, delivered
   s.redis = #shards == 1 and shards[1] or shards
   s.redis_online = online
   local idem = self.idempotency

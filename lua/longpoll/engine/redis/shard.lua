@@ -193,7 +193,7 @@ end
 function Shard:stats()
   local s = self.link:stats()
   local w = self.waiters:stats()
-  s.waiters, s.fetches_in_flight = w.waiters, w.fetches_in_flight
+  s.waiters, s.fetches_in_flight, s.delivered = w.waiters, w.fetches_in_flight, w.delivered
   s.epoch, s.seq, s.last_timestamp, s.gaps = self.position.epoch, self.position.seq, self.position.ts, self.gaps
   s.pubsub_seq = self.msg_seq
   s.unreplicated = self.unreplicated

@@ -29,6 +29,7 @@ function M.new(parts)
     store = parts.store, link = parts.link, position = parts.position, marks = parts.marks,
     keys = parts.keys, ttl_ms = parts.ttl_ms, limits_of = parts.limits_of, log = parts.log,
     by_handle = {}, by_id = {}, next_id = 0, count = 0, fetches = 0,
+    delivered = 0, -- events handed out, once per subscriber (stats, the dashboard)
   }, Waiters)
 end
 
@@ -155,6 +156,7 @@ function Waiters:_deliver_follow(w, events, missed)
   if last.seq then w.cursor = { epoch = last.epoch, ts = last.ts, seq = last.seq } end
   local list = {}
   for i = 1, #events do list[i] = stream_item(events[i]) end
+  self.delivered = self.delivered + #events
   call(self.log, w.on_events, list, missed == true)
   if not w.done and not w.handle then self:_rewait(w) end
 end
@@ -174,6 +176,7 @@ function Waiters:_deliver(w, events, missed)
     for i = 1, #events do parts[i] = events[i].json end
     body = core.events_answer(parts, missed)
   end
+  self.delivered = self.delivered + #events
   call(self.log, w.on_answer, body)
   -- a timeout asked for meanwhile: the manager finds it answered (cancel returns false)
   self:_settle_timeout(w, self.position:known_time())
@@ -403,7 +406,7 @@ function Waiters:close(why)
 end
 
 function Waiters:stats()
-  return { waiters = self.count, fetches_in_flight = self.fetches }
+  return { waiters = self.count, fetches_in_flight = self.fetches, delivered = self.delivered }
 end
 
 return M
