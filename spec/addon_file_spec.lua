@@ -30,7 +30,7 @@ local function lines_of(path)
 end
 
 local function fetch(manager, category, since, last_id)
-  local body = manager.store:fetch(category, since or 0, last_id, now_ms())
+  local body = manager.engine.store:fetch(category, since or 0, last_id, now_ms())
   return body and cjson.decode(body).events or {}
 end
 
@@ -137,7 +137,7 @@ describe("longpoll.addons.file", function()
         assert.same({ n = i }, e.data)
       end
       -- data text is kept as written: every digit
-      local body = m2.store:fetch("other", 0, nil, now_ms())
+      local body = m2.engine.store:fetch("other", 0, nil, now_ms())
       assert.truthy(body:find('"data":{"big":123456789012345678901234567890,"f":1.10}', 1, true))
       -- publishing goes on after the restored events
       local fresh = assert(m2:publish("news", { n = 6 }))
@@ -300,6 +300,21 @@ describe("longpoll.addons.file", function()
       end
       assert.same(young, restore(now))
       assert.same({}, restore(now + 1))
+    end, 20000)
+  end)
+
+  it("takes the manager's clock when it has none of its own", function()
+    async.run(function()
+      local now = now_ms() + 10 * 86400 * 1000 -- ten days ahead: the wall clock would keep them all
+      local a = assert(file_addon{ path = path, compact_slack = 1000 })
+      local m = assert(longpoll.start{ add_on = a, clock = function() return now end, event_ttl_seconds = 1 })
+      for i = 1, 3 do assert(m:publish("c", i)) end
+      flush(a)
+      now = now + 1000
+      compact(a)
+      assert.equals(0, a:stats().live_events)
+      assert.equals(0, #lines_of(path))
+      shutdown(m)
     end, 20000)
   end)
 

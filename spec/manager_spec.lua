@@ -48,7 +48,7 @@ describe("manager:publish", function()
     assert.equals("news", e.category)
     assert.equals(math.type(e.timestamp), "integer")
     assert.same({ headline = "x", n = 2 ^ 53 + 1 }, e.data)
-    local body = m.store:fetch("news", 0, nil, e.timestamp + 1)
+    local body = m.engine.store:fetch("news", 0, nil, e.timestamp + 1)
     assert.truthy(body:find('"n":9007199254740992', 1, true))
     assert.equals(e.id, cjson.decode(body).events[1].id)
   end)
@@ -73,7 +73,7 @@ describe("manager:publish", function()
   it("keeps managers independent", function()
     local other = assert(longpoll.start {})
     m:publish("shared", 1)
-    assert.is_nil((other.store:fetch("shared", 0, nil, 2 ^ 50)))
+    assert.is_nil((other.engine.store:fetch("shared", 0, nil, 2 ^ 50)))
     assert.equals(1, m:stats().events)
     assert.equals(0, other:stats().events)
     other:shutdown()
@@ -110,13 +110,38 @@ describe("manager add-ons", function()
       event_ttl_seconds = 30,
       add_on = { on_start = function() local i = 0 return function() i = i + 1 return stored[i] end end },
     })
-    local body = assert(m.store:fetch("c", 0, nil, now))
+    local body = assert(m.engine.store:fetch("c", 0, nil, now))
     local events = cjson.decode(body).events
     assert.equals(2, #events)
     assert.equals(ids[2], events[1].id)
     assert.same({ x = 1 }, events[2].data)
     local e = m:publish("c", "new")
     assert.truthy(e.timestamp >= now - 500)
+    m:shutdown()
+  end)
+
+  it("follows an injected clock: timestamps, TTL expiry and timeout marks move with it", function()
+    local now = 5000000
+    local m = assert(longpoll.start { event_ttl_seconds = 10, clock = function() return now end })
+    local e1 = assert(m:publish("c", 1))
+    assert.equals(5000000, e1.timestamp)
+    now = now + 9999
+    local e2 = assert(m:publish("c", 2))
+    assert.equals(5009999, e2.timestamp)
+    local function ids()
+      local out = {}
+      local list = m:follow("c", 0, nil, function(batch)
+        for _, e in ipairs(batch or {}) do out[#out + 1] = e.id end
+      end)
+      m:unfollow(list)
+      return out
+    end
+    assert.same({ e1.id, e2.id }, ids())
+    now = now + 1 -- e1 is 10 s old now: gone, without waiting a millisecond
+    assert.same({ e2.id }, ids())
+    local mark
+    m:start_mark(function(ts) mark = ts end)
+    assert.equals(5010000, mark)
     m:shutdown()
   end)
 

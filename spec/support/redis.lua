@@ -2,12 +2,19 @@
 -- default port), started daemonized in a temporary directory and killed
 -- afterwards. Blocking calls: use it outside the loop or between steps.
 local uv = require "luv"
+local async = require "support.async"
 
 local M = {}
 
 local function sh(cmd)
   local ok = os.execute(cmd .. " >/dev/null 2>&1")
   return ok == true or ok == 0
+end
+
+-- Waits 20 ms: on the loop inside an async task (so servers in this process keep serving),
+-- else by sleeping the process.
+local function pause()
+  if async.in_task() then async.sleep(20) else sh("sleep 0.02") end
 end
 
 local function read_file(path)
@@ -65,7 +72,7 @@ function Server:start()
   assert(sh(table.concat(args, " ")), "redis-server did not start")
   for _ = 1, 200 do
     if self:running() then return self end
-    sh("sleep 0.02")
+    pause()
   end
   error("redis-server on port " .. self.port .. " did not answer: " .. (read_file(self.dir .. "/redis.log") or ""))
 end
@@ -76,7 +83,7 @@ function Server:kill()
   if pid then sh("kill -9 " .. pid) end
   for _ = 1, 200 do
     if not self:running() then break end
-    sh("sleep 0.02")
+    pause()
   end
   os.remove(self.dir .. "/redis.pid")
 end
@@ -96,6 +103,54 @@ function M.start(opts)
   local self = setmetatable({ port = opts.port or M.free_port(), dir = dir, persist = opts.persist }, Server)
   self.url = ("redis://127.0.0.1:%d/0"):format(self.port)
   return self:start()
+end
+
+-- A transport for options.redis.transport that can hold pub/sub messages (a slow link), drop
+-- some (a lost message), and slow down the answers of reads ("fetch" scripts).
+--   t.option: the value for options.redis.transport
+--   t:hold(), t:release(): hold messages, then deliver those held, in order
+--   t.held: the payloads held (t:drop(i) removes one)
+--   t.fetch_delay_ms: when set, read answers arrive that much later; t.delayed_replies counts
+--   those that reached the node and wait
+function M.transport()
+  local t = { held = {}, holding = false, delayed_replies = 0 }
+  local deliver_held = {}
+  t.option = {
+    message = function(payload, deliver)
+      if t.holding then
+        t.held[#t.held + 1] = payload
+        deliver_held[payload] = deliver
+        return
+      end
+      deliver(payload)
+    end,
+    reply = function(name, reply, err, deliver)
+      if name == "fetch" and t.fetch_delay_ms then
+        t.delayed_replies = t.delayed_replies + 1
+        local timer = uv.new_timer()
+        timer:start(t.fetch_delay_ms, 0, function()
+          timer:close()
+          t.delayed_replies = t.delayed_replies - 1
+          deliver(reply, err)
+        end)
+        return
+      end
+      deliver(reply, err)
+    end,
+  }
+  function t.hold() t.holding = true end
+  function t.drop(i) table.remove(t.held, i) end
+  function t.release()
+    t.holding = false
+    local held = t.held
+    t.held = {}
+    for _, payload in ipairs(held) do
+      local deliver = deliver_held[payload]
+      deliver_held[payload] = nil
+      deliver(payload)
+    end
+  end
+  return t
 end
 
 return M
