@@ -303,6 +303,21 @@ describe("longpoll.addons.file", function()
     end, 20000)
   end)
 
+  it("takes the manager's clock when it has none of its own", function()
+    async.run(function()
+      local now = now_ms() + 10 * 86400 * 1000 -- ten days ahead: the wall clock would keep them all
+      local a = assert(file_addon{ path = path, compact_slack = 1000 })
+      local m = assert(longpoll.start{ add_on = a, clock = function() return now end, event_ttl_seconds = 1 })
+      for i = 1, 3 do assert(m:publish("c", i)) end
+      flush(a)
+      now = now + 1000
+      compact(a)
+      assert.equals(0, a:stats().live_events)
+      assert.equals(0, #lines_of(path))
+      shutdown(m)
+    end, 20000)
+  end)
+
   it("loses nothing published while a compaction is under way", function()
     async.run(function()
       local a = assert(file_addon{ path = path, flush_interval_ms = 1, max_event_buffer_size = 5, compact_slack = 1000000 })

@@ -531,6 +531,23 @@ static int l_json_string(lua_State *L) {
   return 1;
 }
 
+/* core.lock_file(fd) -> true | nil, message, "EWOULDBLOCK"|"ERROR"
+ * An exclusive, non-blocking flock(2) on an open file descriptor (a luv fs fd).
+ * The lock goes with the descriptor: closing it (or the process ending, even
+ * by SIGKILL) releases it. The one system call of the module: luv has none. */
+static int l_lock_file(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  int e = errno;
+  luaL_pushfail(L);
+  lua_pushstring(L, strerror(e));
+  lua_pushstring(L, e == EWOULDBLOCK ? "EWOULDBLOCK" : "ERROR");
+  return 3;
+}
+
 /* core.event_json(timestamp, category, data_json, id) -> json
  * The event's JSON text in the one format (lp_event_json_append), for events
  * stored elsewhere (Redis). Arguments are trusted: checked JSON, a UUID. */
@@ -570,23 +587,6 @@ static int l_events_answer(lua_State *L) {
   luaL_addstring(&b, missed ? "],\"missed\":true}" : "]}");
   luaL_pushresult(&b);
   return 1;
-}
-
-/* core.lock_file(fd) -> true | nil, message, "EWOULDBLOCK"|"ERROR"
- * An exclusive, non-blocking flock(2) on an open file descriptor (a luv fs fd).
- * The lock goes with the descriptor: closing it (or the process ending, even
- * by SIGKILL) releases it. The one system call of the module: luv has none. */
-static int l_lock_file(lua_State *L) {
-  int fd = (int)luaL_checkinteger(L, 1);
-  if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
-    lua_pushboolean(L, 1);
-    return 1;
-  }
-  int e = errno;
-  luaL_pushfail(L);
-  lua_pushstring(L, strerror(e));
-  lua_pushstring(L, e == EWOULDBLOCK ? "EWOULDBLOCK" : "ERROR");
-  return 3;
 }
 
 static const luaL_Reg store_methods[] = {{"publish", l_publish},

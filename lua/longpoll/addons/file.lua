@@ -42,7 +42,7 @@ local function check_options(o)
   end
   if type(o.path) ~= "string" or o.path == "" then return nil, "option 'path' must be a non-empty string" end
   local c = { path = o.path, flush_interval_ms = 1000, fsync = false, compact_ratio = 2, compact_slack = 1000,
-    max_pending_bytes = 64 * 1024 * 1024, clock = wall_clock_ms }
+    max_pending_bytes = 64 * 1024 * 1024 }
   if o.flush_interval_ms ~= nil then
     if not is_int(o.flush_interval_ms, 0) then return nil, "option 'flush_interval_ms' must be an integer >= 0" end
     c.flush_interval_ms = math.tointeger(o.flush_interval_ms)
@@ -130,13 +130,14 @@ local function new(options)
   -- on_start([manager_options]): locks and reads the file (synchronously: nothing is
   -- served yet) and returns an iterator over the events to restore, oldest first.
   -- Raises when the file cannot be used. The manager's options, when given, fill
-  -- in max_event_buffer_size and event_ttl_seconds not set on the add-on.
+  -- in max_event_buffer_size, event_ttl_seconds and clock not set on the add-on.
   function addon.on_start(manager_options)
     if writer then error("already started (one add-on serves one manager)", 0) end
     local mo = type(manager_options) == "table" and manager_options or {}
     local buffer_size = cfg.max_event_buffer_size or mo.max_event_buffer_size or 250
     local ttl_seconds = cfg.event_ttl_seconds
     if ttl_seconds == nil then ttl_seconds = mo.event_ttl_seconds end
+    cfg.clock = cfg.clock or (type(mo.clock) == "function" and mo.clock) or wall_clock_ms
     local path, dir = cfg.path, fs.dirname(cfg.path)
     local okd, derr = uv.fs_access(dir, "w")
     if not okd then error("directory " .. dir .. " is not writable: " .. tostring(derr), 0) end
