@@ -816,18 +816,16 @@ static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_
   }
   *count = total;
   s->stats.delivered += total;
-  {
-    /* delete-after-first: what was handed out is always the newest part of each buffer */
-    for (size_t k = 0; k < ncats; k++) {
-      lp_category *c = cats[k];
-      if (!c->delete_after_first) continue;
-      while (c->count > start[k]) {
-        lp_event *e = ring_at(c, c->count - 1);
-        c->count--;
-        forget_event(s, e);
-      }
-      free_category_if_unused(s, c);
+  /* delete-after-first (per category): what was handed out is always the newest part of each buffer */
+  for (size_t k = 0; k < ncats; k++) {
+    lp_category *c = cats[k];
+    if (!c->delete_after_first) continue;
+    while (c->count > start[k]) {
+      lp_event *e = ring_at(c, c->count - 1);
+      c->count--;
+      forget_event(s, e);
     }
+    free_category_if_unused(s, c);
   }
   return LP_OK;
 }
