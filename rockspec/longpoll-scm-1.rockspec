@@ -58,6 +58,7 @@ build = {
     ["longpoll.cors"] = "lua/longpoll/cors.lua",
     ["longpoll.addons"] = "lua/longpoll/addons/init.lua",
     ["longpoll.addons.file"] = "lua/longpoll/addons/file.lua",
+    ["longpoll.sigpipe"] = "lua/longpoll/sigpipe.lua",
     ["longpoll.engine.redis"] = "lua/longpoll/engine/redis.lua",
     ["longpoll.engine.redis.config"] = "lua/longpoll/engine/redis/config.lua",
     ["longpoll.engine.redis.connection"] = "lua/longpoll/engine/redis/connection.lua",

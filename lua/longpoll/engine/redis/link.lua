@@ -7,6 +7,7 @@
 -- may sit between Redis and the owner (hold pub/sub messages, slow down script replies).
 local uv = require "luv"
 local hiredis = require "longpoll.hiredis"
+local sigpipe = require "longpoll.sigpipe"
 local Connection = require "longpoll.engine.redis.connection"
 local scripts = require "longpoll.engine.redis.scripts"
 
@@ -41,6 +42,7 @@ function M.new(cfg, channels, log, handlers)
   self.timers = { cmd = uv.new_timer(), sub = uv.new_timer() }
   if cfg.sentinels then self.timers.watch = uv.new_timer() end
   for _, t in pairs(self.timers) do t:unref() end
+  sigpipe.hold() -- a write to a Redis that just died must not end the process
   return self
 end
 
@@ -311,6 +313,7 @@ function Link:close()
   for conn in pairs(self.asking) do conn:close() end
   self.cmd, self.sub, self.watcher, self.cmd_ready, self.sub_ready, self.online = nil, nil, nil, false, false, false
   for _, t in pairs(self.timers) do close_handle(t) end
+  sigpipe.release()
 end
 
 -- One blocking round trip before serving: is Redis there, recent enough, and where is its
