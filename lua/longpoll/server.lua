@@ -161,6 +161,33 @@ function Conn:shutdown()
   end
 end
 
+local function resume_pending(self)
+  local queue = self._resume
+  self._resume = {}
+  self._resume_idle:stop()
+  for i = 1, #queue do
+    local conn = queue[i]
+    if not conn.closed and not conn.res and not conn.paused and not conn.busy then
+      conn:process()
+    end
+  end
+end
+
+-- Queues a connection whose pending response just finished, to parse its next buffered
+-- request once the current call stack (a publish waking many subscribers) has returned.
+local function resume_later(self, conn)
+  if not self._resume_idle then
+    return -- closed: connections finish with their current response
+  end
+  local queue = self._resume
+  queue[#queue + 1] = conn
+  if #queue == 1 then
+    self._resume_idle:start(function()
+      resume_pending(self)
+    end)
+  end
+end
+
 -- Called by the response once it is complete.
 function Conn:response_done(res, keep)
   if self.res == res then
@@ -169,10 +196,12 @@ function Conn:response_done(res, keep)
   if not keep then
     return self:shutdown()
   end
-  -- Inside process() the loop picks up the next request itself; a later send (long poll) has to
-  -- restart it.
+  -- Inside process() the loop picks up the next request itself. A later send (a long poll
+  -- answered by a publish) restarts it, but never from inside that send: a pipelined request
+  -- run there would run inside the publish that woke this connection, and its own publish
+  -- would reach add-ons and streams before the first one's. It runs on the next loop turn.
   if not self.busy then
-    self:process()
+    resume_later(self.srv, self)
   end
 end
 
@@ -459,6 +488,7 @@ function server.new(options)
     _count = 0, -- live connections counted against max_connections
     _handles = 0, -- open uv handles (listener, sweep timer, connections)
     _closing = false,
+    _resume = {}, -- connections whose next request waits for the next loop turn
   }, Server)
   srv._on_handle_closed = function()
     srv._handles = srv._handles - 1
@@ -674,6 +704,8 @@ function Server:listen()
   timer:unref()
   self._timer = timer
   self._handles = self._handles + 1
+  self._resume_idle = uv.new_idle()
+  self._handles = self._handles + 1
   hold_sigpipe()
   self._holds_sigpipe = true
   log(self, "info", "listening", { host = self.host, port = self.port })
@@ -717,6 +749,12 @@ function Server:close(callback)
   if self._tcp then
     self._tcp:close(self._on_handle_closed)
     self._tcp = nil
+  end
+  if self._resume_idle then
+    -- a closing server keeps no connection alive: nothing is resumed any more
+    self._resume = {}
+    self._resume_idle:close(self._on_handle_closed)
+    self._resume_idle = nil
   end
   -- The sweep timer keeps running: a connection closed below lingers at most LINGER_MS, even
   -- when its client never reads the output still queued (which would hold the close forever).

@@ -186,7 +186,7 @@ end
 
 -- A constant block of headers, checked once: list = { { name, value }, ... }. Answers that
 -- always carry the same headers (the manager's JSON answers) write it as it is with
--- res:_send_block, instead of setting each header on each response.
+-- res:send_block, instead of setting each header on each response.
 function response.header_block(list)
   local lines, values = {}, {}
   for i = 1, #list do
@@ -218,7 +218,7 @@ local length_lines = setmetatable({}, {
 -- send() for a string body and the headers of a block (see response.header_block): one string,
 -- one write. A response that has headers of its own (set by a wrapper: CORS, say) gets the
 -- block's headers set over them and goes through send(), as does a status without a body.
-function Response:_send_block(status, block, body)
+function Response:send_block(status, block, body)
   local status_line = rawget(status_lines, status)
   if not status_line then
     check_status(status)
@@ -256,7 +256,7 @@ function Response:_send_block(status, block, body)
 end
 
 -- One answer for many responses (a publish waking its subscribers): status line, block,
--- Content-Length, Date and body, for a keep-alive HTTP/1.1 response (see _send_shared).
+-- Content-Length, Date and body, for a keep-alive HTTP/1.1 response (see send_shared).
 function response.shared_answer(status, block, body)
   check_status(status)
   return status_lines[status] .. block.text .. "Content-Length: " .. #body .. "\r\n" .. date_line() .. "\r\n"
@@ -265,8 +265,8 @@ end
 
 -- Writes an answer made by response.shared_answer with that block, when it fits this response
 -- as it is: no headers of its own, a keep-alive HTTP/1.1 GET. Returns false (nothing sent)
--- otherwise; the caller then uses _send_block.
-function Response:_send_shared(answer, block)
+-- otherwise; the caller then uses send_block.
+function Response:send_shared(answer, block)
   local req, conn = self._req, self._conn
   if self._h or self.sent or conn.closed or not req or not req.keep_alive or req.version ~= "1.1"
     or req.method == "HEAD" or not conn:may_keep_alive() then
