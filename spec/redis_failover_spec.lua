@@ -19,6 +19,12 @@ end
 
 local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 250, command_timeout_ms = 2000, connect_timeout_ms = 500 }
 
+-- The time now (uv.now() alone is the loop's cached time, stale after a blocking call).
+local function now()
+  uv.update_time()
+  return uv.now()
+end
+
 local function say(fmt, ...) io.stderr:write(fmt:format(...), "\n") end
 
 local function new_node(redis_option)
@@ -46,23 +52,18 @@ local function publish(node, category, data_json)
   return event
 end
 
--- One long poll as the manager runs it: events (body), or a timeout through timeout_mark, which
--- is asked while the poll still waits and cancelled in its callback. Returns "events", body |
--- "timeout", ts (nil when no mark could be had) | nil, message (refused).
+-- One long poll as the manager runs it: events, or, when its time is up, engine:expire's answer.
+-- Returns "events", body | "timeout", ts | nil, message (refused).
 local function poll(node, sub, timeout_ms)
-  local answer = async.event()
-  local handle, err = node.engine:subscribe(sub, function(body) answer:set(body) end)
-  if not handle then return nil, err end
-  local body = answer:wait(timeout_ms)
-  if body then return "events", body end
   local result = async.event()
-  node.engine:timeout_mark(function(ts)
-    if node.engine:cancel(handle) then result:set("timeout", ts or false) else result:set("events") end
-  end, handle)
-  local kind, ts = result:wait(10000)
-  assert(kind, "timeout_mark never called back")
-  if kind == "events" then return "events", assert(answer:wait(1000)) end
-  return "timeout", ts or nil
+  local handle, err = node.engine:subscribe(sub, function(body) result:set("events", body) end)
+  if not handle then return nil, err end
+  if not result:wait(timeout_ms) then
+    node.engine:expire(handle, function(ts) result:set("timeout", ts) end)
+  end
+  local kind, x = result:wait(10000)
+  assert(kind, "expire never answered")
+  return kind, x
 end
 
 -- A subscriber of one category hopping between nodes until stop() says so; got lists the
@@ -143,7 +144,7 @@ local function sentinel_run(wait_replicas)
       local subs = {}
       local function stop(s)
         if not s.stop_deadline then return false end -- publishers still at work
-        return check(s, acked) == 0 or uv.now() > s.stop_deadline
+        return check(s, acked) == 0 or now() > s.stop_deadline
       end
       for _, c in ipairs(categories) do
         for _ = 1, 2 do
@@ -159,11 +160,13 @@ local function sentinel_run(wait_replicas)
           for n = 1, per_publisher do
             while true do
               local node = nodes[(n + p) % 2 + 1]
-              local started = uv.now()
+              local started = now()
               local e = publish(node, category, cjson.encode({ p = p, n = n }))
               if e then
                 acked[#acked + 1] = e
-                if dead_at and started >= dead_at and not back_at then back_at = uv.now() end
+                if dead_at and started >= dead_at and not back_at then
+                  back_at = now()
+                end
                 break
               end
               refused = refused + 1
@@ -171,14 +174,14 @@ local function sentinel_run(wait_replicas)
             end
             async.sleep(15)
             if p == 1 and n == per_publisher // 3 and not killed_at then
-              killed_at = uv.now()
+              killed_at = now()
               master:kill()
-              dead_at = uv.now() -- what is acknowledged from now on came from the new master
+              dead_at = now() -- what is acknowledged from now on came from the new master
             end
           end
           publishing = publishing - 1
           if publishing == 0 then
-            local deadline = uv.now() + 10000
+            local deadline = now() + 10000
             for _, s in ipairs(subs) do s.stop_deadline = deadline end
           end
         end)
@@ -188,7 +191,7 @@ local function sentinel_run(wait_replicas)
       wait_until("the sentinels to promote the replica", function()
         return killed_at and sentinels[1]:cli("SENTINEL get-master-addr-by-name mymaster"):find(tostring(replica.port))
       end, 15000)
-      local promoted_at = uv.now()
+      local promoted_at = now()
       master.replica_of = replica.port
       master:start()
       async.wait_all(publishers)

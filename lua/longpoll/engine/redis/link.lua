@@ -131,8 +131,9 @@ function Link:_open(kind, on_push, on_lost, handshake, on_ready)
     conn:connect(checked, function(replies)
       if role then
         local r = replies[1]
-        if type(r) ~= "table" or r[1] ~= "master" then
-          return conn:abort(("%s:%d is not a master (ROLE says %s)"):format(host, port, tostring(type(r) == "table" and r[1] or r)))
+        local role_name = type(r) == "table" and r[1] or r
+        if role_name ~= "master" then
+          return conn:abort(("%s:%d is not a master (ROLE says %s)"):format(host, port, tostring(role_name)))
         end
         table.remove(replies, 1)
       end
