@@ -31,6 +31,14 @@ flags:
   --redis URL            share events with other servers through Redis (redis://host:port/db);
                          start fails when Redis does not answer (docs/scaling.md)
   --redis-prefix P       prefix of the Redis keys and channels (default longpoll:)
+  --redis-sentinel LIST  find the Redis master through these sentinels (host:port,host:port,...)
+                         and follow its failovers; needs --redis-master (--redis URL, if given,
+                         only carries password and database)
+  --redis-master NAME    the master's name in Sentinel
+  --redis-wait N         acknowledge a publish only once N replicas have it (Redis WAIT);
+                         503 otherwise
+  --redis-shards LIST    spread categories over several Redis masters (redis://...,redis://...),
+                         listed in the same order on every server
   --log-level LEVEL      debug, info, warn or error (default warn)
   --quiet                no start-up line
   -h, --help             this text
@@ -46,9 +54,36 @@ local FLAGS = {
   ["--js-prefix"] = "string", ["--persist"] = "string", ["--flush-ms"] = "integer",
   ["--fsync"] = "boolean", ["--error-status"] = "integer", ["--max-connections"] = "integer",
   ["--log-level"] = "string", ["--quiet"] = "boolean",
-  ["--redis"] = "string", ["--redis-prefix"] = "string",
+  ["--redis"] = "string", ["--redis-prefix"] = "string", ["--redis-sentinel"] = "string",
+  ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
 }
+
+local function comma_list(v)
+  local out = {}
+  for item in v:gmatch("[^,]+") do out[#out + 1] = item end
+  return out
+end
+
+-- The `redis` option the --redis* flags ask for: a table, nil (no Redis), or nil, message.
+function M.redis_option(flags)
+  local any = flags.redis or flags["redis-sentinel"] or flags["redis-shards"]
+  if not any then
+    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait" } do
+      if flags[f] ~= nil then return nil, "--" .. f .. " needs --redis, --redis-sentinel or --redis-shards" end
+    end
+    return nil
+  end
+  if (flags["redis-sentinel"] == nil) ~= (flags["redis-master"] == nil) then
+    return nil, "--redis-sentinel and --redis-master go together"
+  end
+  return {
+    url = flags.redis, prefix = flags["redis-prefix"], master_name = flags["redis-master"],
+    sentinels = flags["redis-sentinel"] and comma_list(flags["redis-sentinel"]),
+    shards = flags["redis-shards"] and comma_list(flags["redis-shards"]),
+    wait_replicas = flags["redis-wait"],
+  }
+end
 
 -- Returns a table of flag values (keys without the dashes), or nil, message.
 function M.parse(args, first)
@@ -123,7 +158,8 @@ function M.serve(flags)
     if not file then return die(err) end
     add_ons[#add_ons + 1] = file
   end
-  if flags["redis-prefix"] and not flags.redis then return die("--redis-prefix needs --redis") end
+  local redis, rerr = M.redis_option(flags)
+  if rerr then return die(rerr) end
   local manager, err = longpoll.start {
     max_longpoll_timeout_seconds = flags["max-timeout"],
     max_event_buffer_size = flags["buffer-size"],
@@ -132,7 +168,7 @@ function M.serve(flags)
     subscribe_error_status = flags["error-status"],
     add_on = #add_ons > 0 and add_ons or nil,
     logger = { level = flags["log-level"] or "warn" },
-    redis = flags.redis and { url = flags.redis, prefix = flags["redis-prefix"] } or nil,
+    redis = redis,
     cors = flags.cors and { origins = M.cors_origins(flags.cors) } or nil,
   }
   if not manager then return die(err) end
