@@ -190,6 +190,7 @@ local function sentinel_run(wait_replicas)
       -- replica of the new master (with one replica, wait_replicas = 1 needs it)
       wait_until("the sentinels to promote the replica", function()
         return killed_at and sentinels[1]:cli("SENTINEL get-master-addr-by-name mymaster"):find(tostring(replica.port))
+          and not sentinels[1]:failover_in_progress()
       end, 15000)
       local promoted_at = now()
       master.replica_of = replica.port

@@ -88,7 +88,9 @@ function Server:_wait_running()
 end
 
 -- A sentinel watching the master "mymaster" on port sentinel_of (quorum 2), quick to act:
--- down after 400 ms without an answer, failover given up after 4 s.
+-- down after 1 s without an answer (less makes a busy master look dead: a replica's full sync
+-- stalls it, and a second failover then promotes a replica still empty), failover given up
+-- after 4 s.
 function Server:_start_sentinel()
   local conf = self.dir .. "/sentinel.conf"
   local f = assert(io.open(conf, "w"))
@@ -96,7 +98,7 @@ function Server:_start_sentinel()
     "port " .. self.port, "bind 127.0.0.1", "daemonize yes", "dir " .. self.dir,
     "pidfile " .. self.dir .. "/redis.pid", "logfile " .. self.dir .. "/redis.log",
     "sentinel monitor mymaster 127.0.0.1 " .. self.sentinel_of .. " 2",
-    "sentinel down-after-milliseconds mymaster 400",
+    "sentinel down-after-milliseconds mymaster 1000",
     "sentinel failover-timeout mymaster 4000",
     "sentinel parallel-syncs mymaster 1", "",
   }, "\n"))
@@ -119,6 +121,11 @@ end
 function Server:stop()
   self:kill()
   sh("rm -rf '" .. self.dir .. "'")
+end
+
+-- Sentinel: whether a failover of "mymaster" is under way (its flags say so).
+function Server:failover_in_progress()
+  return self:cli("SENTINEL MASTER mymaster"):find("failover_in_progress", 1, true) ~= nil
 end
 
 function M.sentinel_available()
