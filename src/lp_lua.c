@@ -468,22 +468,33 @@ static int l_events_answer(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg store_methods[] = {{"publish", l_publish}, {"restore", l_restore},
+static const luaL_Reg store_methods[] = {{"publish", l_publish},
+                                         {"restore", l_restore},
                                          {"fetch_events", l_fetch_events},
-                                         {"fetch", l_fetch},     {"wait", l_wait},
-                                         {"cancel", l_cancel},   {"mark_time", l_mark_time},
-                                         {"expire", l_expire},   {"stats", l_stats},
-                                         {"close", store_close}, {NULL, NULL}};
+                                         {"fetch", l_fetch},
+                                         {"wait", l_wait},
+                                         {"cancel", l_cancel},
+                                         {"mark_time", l_mark_time},
+                                         {"expire", l_expire},
+                                         {"stats", l_stats},
+                                         {"close", store_close},
+                                         {NULL, NULL}};
 /* for engines that keep events elsewhere (Redis) */
 static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}, {NULL, NULL}};
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
-static const luaL_Reg core_functions[] = {
-    {"new_store", l_new_store},     {"parse_publish", l_parse_publish},  {"json_check", l_json_check},
-    {"json_string", l_json_string}, {"utf8_valid", l_utf8_valid},        {"uuid", l_uuid},
-    {"is_uuid", l_is_uuid},         {"json_encode", lp_lua_json_encode}, {"event_json", l_event_json},
-    {"events_answer", l_events_answer}, {NULL, NULL}};
+static const luaL_Reg core_functions[] = {{"new_store", l_new_store},
+                                          {"parse_publish", l_parse_publish},
+                                          {"json_check", l_json_check},
+                                          {"json_string", l_json_string},
+                                          {"utf8_valid", l_utf8_valid},
+                                          {"uuid", l_uuid},
+                                          {"is_uuid", l_is_uuid},
+                                          {"json_encode", lp_lua_json_encode},
+                                          {"event_json", l_event_json},
+                                          {"events_answer", l_events_answer},
+                                          {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

@@ -106,7 +106,13 @@ function Manager:watch(categories, on_event)
     if fired or not list or #list == 0 then return end
     fired = true
     self.engine:unfollow(handle)
-    on_event(hooks.event(list[1]))
+    local e = list[1]
+    if e.category == nil then
+      -- a stream item ({json, timestamp, id}): category and data as the core reads the JSON
+      local category, data_json = core.parse_publish(e.json, math.maxinteger)
+      e = { id = e.id, timestamp = e.timestamp, category = category, data_json = data_json, json = e.json }
+    end
+    on_event(hooks.event(e))
   end)
   if not handle then return nil, err end
   return handle
@@ -130,15 +136,17 @@ function Manager:unfollow(handle)
   return self.engine:unfollow(handle)
 end
 
--- manager:start_mark(callback) -> true | nil, message: callback(ts) with a timestamp no later
--- event reaches: a stream's exact "from now on".
+-- manager:start_mark(callback): callback(ts) with a timestamp no later event reaches (a
+-- stream's exact "from now on"), or callback(nil, message) when none can be had now.
 function Manager:start_mark(callback)
-  return self.engine:timeout_mark(callback)
+  if self.closed then return callback(nil, "manager is shut down") end
+  self.engine:timeout_mark(callback)
 end
 
 -- Writes the answer to a waiting long poll: events (one string shared by every subscriber a
--- publish woke) or, when body is nil, the timeout answer with ts.
-local function answer_waiting(self, handle, body, ts)
+-- publish woke) or, when body is nil, the timeout answer with ts (503 with failure when no
+-- timestamp could be had).
+local function answer_waiting(self, handle, body, ts, failure)
   local res = self.waiting[handle]
   if not res then return end
   self.waiting[handle] = nil
@@ -150,12 +158,12 @@ local function answer_waiting(self, handle, body, ts)
     return answers.send_shared(res, self.shared_answer, body)
   end
   if ts then return send_json(res, 200, TIMEOUT_BODY:format(ts)) end
-  return send_error(res, 503, "manager is shut down")
+  return send_error(res, 503, failure or "manager is shut down")
 end
 
 local function on_timeout(self, handle)
   if not self.waiting[handle] then return end
-  self.engine:expire(handle, function(ts) answer_waiting(self, handle, nil, ts) end)
+  self.engine:expire(handle, function(ts, err) answer_waiting(self, handle, nil, ts, err) end)
 end
 
 -- The long-poll handler: answers at once with buffered events after the cursor, or waits.
@@ -235,7 +243,7 @@ local function stop_serving(self)
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do
-    self.engine:expire(handle, function(ts) answer_waiting(self, handle, nil, ts) end)
+    self.engine:expire(handle, function(ts, err) answer_waiting(self, handle, nil, ts, err) end)
   end
   if self.sse then self.sse:close() end -- ends the SSE streams cleanly
   self.timeouts:close()

@@ -169,17 +169,13 @@ function Hub:handle(req, res)
   -- "from now on": a time that no later event reaches (as for a timeout answer), so the
   -- starting id resumes exactly, on any node
   self.starting[stream] = true
-  local ok = manager:start_mark(function(ts)
+  manager:start_mark(function(ts)
     if not self.starting[stream] then return end -- the client left, or shutdown answered it
     self.starting[stream] = nil
+    -- without a time (Redis away): from the node's position, without a starting id
     stream.since = ts
     open_stream(self, stream, ts)
   end)
-  if not ok and self.starting[stream] then
-    -- no time can be had now (Redis away): from the node's position, without a starting id
-    self.starting[stream] = nil
-    open_stream(self, stream)
-  end
 end
 
 return M
