@@ -200,7 +200,8 @@ describe("Redis engine interface", function()
         return #got == 3
       end)
       for i, e in ipairs({ e0, e1, e2 }) do
-        assert.same({ json = e.json, timestamp = e.timestamp, id = e.id }, got[i])
+        assert.same({ json = e.json, timestamp = e.timestamp, id = e.id, category = "f", data_json = e.data_json },
+          got[i])
       end
       assert.is_false(batches[1].missed)
       assert.is_true(B.engine:unfollow(handle))
