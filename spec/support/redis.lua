@@ -64,7 +64,7 @@ function Server:start()
   if self.sentinel_of then return self:_start_sentinel() end
   local args = { "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--daemonize", "yes",
     "--dir", self.dir, "--pidfile", self.dir .. "/redis.pid", "--logfile", self.dir .. "/redis.log",
-    "--save", "''" }
+    "--save", "''", "--repl-diskless-sync-delay", "0" } -- a replica's full sync starts at once
   if self.replica_of then args[#args + 1] = "--replicaof 127.0.0.1 " .. self.replica_of end
   if self.persist then
     args[#args + 1] = "--appendonly yes --appendfsync always"
