@@ -68,6 +68,7 @@ build = {
     ["longpoll.idempotency"] = "lua/longpoll/idempotency.lua",
     ["longpoll.category_rules"] = "lua/longpoll/category_rules.lua",
     ["longpoll.dashboard"] = "lua/longpoll/dashboard.lua",
+    ["longpoll.sigpipe"] = "lua/longpoll/sigpipe.lua",
     ["longpoll.engine.redis"] = "lua/longpoll/engine/redis.lua",
     ["longpoll.engine.redis.config"] = "lua/longpoll/engine/redis/config.lua",
     ["longpoll.engine.redis.connection"] = "lua/longpoll/engine/redis/connection.lua",

@@ -158,18 +158,25 @@ describe("Redis engine interface", function()
       local handle = assert(B.engine:subscribe({ categories = { "m" } }, function(body) answer:set(body) end))
       t.hold() -- B's pub/sub link is slow: e1 and the marker wait in it
       local e1 = publish(A, "m", "1")
-      local mark = async.event()
-      B.engine:timeout_mark(function(ts, err) mark:set(ts, err, B.engine:cancel(handle)) end, handle)
+      local timed_out = false
+      B.engine:expire(handle, function() timed_out = true end)
       wait_until("e1 and the marker to be held", function() return #t.held == 2 end)
-      assert.is_nil(mark:wait(50)) -- the marker has not come yet
+      async.sleep(20)
+      assert.is_false(answer.is_set or timed_out) -- the marker has not come yet
       t.release()
       assert.same({ e1.id }, ids_of(answer:wait(3000)))
-      local ts, err, cancelled = mark:wait(3000)
-      assert.is_nil(err)
-      assert.is_false(cancelled) -- e1 answered it: no timeout answer
-      -- a plain mark: no later event gets its timestamp or less
+      async.sleep(20)
+      assert.is_false(timed_out) -- e1 answered it: exactly one of the two
+      -- a waiter with nothing on its way times out, with a time no later event reaches
+      local quiet = async.event()
+      local h2 = assert(B.engine:subscribe({ categories = { "m" } }, function() quiet:set("events") end))
+      B.engine:expire(h2, function(ts) quiet:set("timeout", ts) end)
+      local kind, ts = quiet:wait(3000)
+      assert.equals("timeout", kind)
+      assert.is_false(B.engine:cancel(h2)) -- its wait ended
+      -- a plain mark: the same promise
       local plain = async.event()
-      B.engine:timeout_mark(function(T) plain:set(T) end)
+      assert.is_true(B.engine:timeout_mark(function(T) plain:set(T) end))
       local T = plain:wait(3000)
       assert.truthy(T >= e1.timestamp and ts >= e1.timestamp)
       assert.truthy(publish(A, "m", "2").timestamp > T)
@@ -193,7 +200,8 @@ describe("Redis engine interface", function()
         return #got == 3
       end)
       for i, e in ipairs({ e0, e1, e2 }) do
-        assert.same({ json = e.json, timestamp = e.timestamp, id = e.id }, got[i])
+        assert.same({ json = e.json, timestamp = e.timestamp, id = e.id, category = "f", data_json = e.data_json },
+          got[i])
       end
       assert.is_false(batches[1].missed)
       assert.is_true(B.engine:unfollow(handle))

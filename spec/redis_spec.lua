@@ -431,7 +431,7 @@ describe("Redis engine", function()
       local conn = assert(hiredis.connect("127.0.0.1", R.port, 1000))
       local silent_id = core.uuid()
       local reply = conn:command({ "EVAL", scripts.publish, 3, "longpoll:clock", "longpoll:s:gap", "longpoll:d:gap",
-        "gap", '"gap"', '"silent"', silent_id, 250, 0, "nowhere", "0", "0" })
+        "gap", '"silent"', silent_id, 250, 0, "nowhere", "0", "0" })
       conn:close()
       assert.is_table(reply)
       local e2 = assert(A.publish_lua("gap", 2))

@@ -57,6 +57,14 @@ flags:
   --redis URL            share events with other servers through Redis (redis://host:port/db);
                          start fails when Redis does not answer (docs/scaling.md)
   --redis-prefix P       prefix of the Redis keys and channels (default longpoll:)
+  --redis-sentinel LIST  find the Redis master through these sentinels (host:port,host:port,...)
+                         and follow its failovers; needs --redis-master (--redis URL, if given,
+                         only carries password and database)
+  --redis-master NAME    the master's name in Sentinel
+  --redis-wait N         acknowledge a publish only once N replicas have it (Redis WAIT);
+                         503 otherwise
+  --redis-shards LIST    spread categories over several Redis masters (redis://...,redis://...),
+                         listed in the same order on every server
   --log-level LEVEL      debug, info, warn or error (default warn)
   --quiet                no start-up line
   -h, --help             this text
@@ -72,7 +80,8 @@ local FLAGS = {
   ["--js-prefix"] = "string", ["--persist"] = "string", ["--flush-ms"] = "integer",
   ["--fsync"] = "boolean", ["--error-status"] = "integer", ["--max-connections"] = "integer",
   ["--log-level"] = "string", ["--quiet"] = "boolean",
-  ["--redis"] = "string", ["--redis-prefix"] = "string",
+  ["--redis"] = "string", ["--redis-prefix"] = "string", ["--redis-sentinel"] = "string",
+  ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
   ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
@@ -101,6 +110,32 @@ function M.default_max_memory()
   local total = uv.get_total_memory and uv.get_total_memory() or 0
   if total > 0 and total // 4 < M.DEFAULT_MAX_MEMORY then return math.floor(total // 4) end
   return M.DEFAULT_MAX_MEMORY
+end
+
+local function comma_list(v)
+  local out = {}
+  for item in v:gmatch("[^,]+") do out[#out + 1] = item end
+  return out
+end
+
+-- The `redis` option the --redis* flags ask for: a table, nil (no Redis), or nil, message.
+function M.redis_option(flags)
+  local any = flags.redis or flags["redis-sentinel"] or flags["redis-shards"]
+  if not any then
+    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait" } do
+      if flags[f] ~= nil then return nil, "--" .. f .. " needs --redis, --redis-sentinel or --redis-shards" end
+    end
+    return nil
+  end
+  if (flags["redis-sentinel"] == nil) ~= (flags["redis-master"] == nil) then
+    return nil, "--redis-sentinel and --redis-master go together"
+  end
+  return {
+    url = flags.redis, prefix = flags["redis-prefix"], master_name = flags["redis-master"],
+    sentinels = flags["redis-sentinel"] and comma_list(flags["redis-sentinel"]),
+    shards = flags["redis-shards"] and comma_list(flags["redis-shards"]),
+    wait_replicas = flags["redis-wait"],
+  }
 end
 
 -- Returns a table of flag values (keys without the dashes), or nil, message.
@@ -182,8 +217,9 @@ function M.serve(flags)
     if not file then return die(err) end
     add_ons[#add_ons + 1] = file
   end
-  if flags["redis-prefix"] and not flags.redis then return die("--redis-prefix needs --redis") end
-  if flags["max-memory"] and flags.redis then
+  local redis, rerr = M.redis_option(flags)
+  if rerr then return die(rerr) end
+  if flags["max-memory"] and redis then
     return die("--max-memory cannot be used with --redis (events are kept in Redis: set maxmemory there)")
   end
   local token = flags["publish-token"] or os.getenv("LONGPOLL_PUBLISH_TOKEN")
@@ -192,15 +228,15 @@ function M.serve(flags)
     local terr = auth.check_token(token)
     if terr then return die(terr) end
   end
-  local max_memory = flags["max-memory"] or (not flags.redis and M.default_max_memory()) or nil
+  local max_memory = flags["max-memory"] or (not redis and M.default_max_memory()) or nil
   local cors_option = flags.cors and { origins = M.cors_origins(flags.cors) } or nil
   if cors_option and token then -- browsers must be allowed to send the token
     cors_option.allow_headers = { "Content-Type", "Last-Event-ID", "Idempotency-Key", "Authorization" }
   end
   local category_rules
   for _, text in ipairs(flags["category-rule"] or {}) do
-    local rule, rerr = require("longpoll.category_rules").parse_cli(text)
-    if not rule then return die(rerr) end
+    local rule, rule_err = require("longpoll.category_rules").parse_cli(text)
+    if not rule then return die(rule_err) end
     category_rules = category_rules or {}
     category_rules[#category_rules + 1] = rule
   end
@@ -212,7 +248,7 @@ function M.serve(flags)
     subscribe_error_status = flags["error-status"],
     add_on = #add_ons > 0 and add_ons or nil,
     logger = { level = flags["log-level"] or "warn" },
-    redis = flags.redis and { url = flags.redis, prefix = flags["redis-prefix"] } or nil,
+    redis = redis,
     cors = cors_option,
     max_buffered_bytes = max_memory,
     max_categories = flags["max-categories"],

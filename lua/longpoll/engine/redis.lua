@@ -40,12 +40,6 @@ local function cached_limits(options, log)
   end
 end
 
--- The event as the host gets it (on_event, publish's callback).
-local function event_of(category, catjson, json, id, ts)
-  -- json = {"timestamp":<ts>,"category":<catjson>,"data":<data>,"id":"<36>"}
-  local data_at = #'{"timestamp":' + #("%d"):format(ts) + #',"category":' + #catjson + #',"data":' + 1
-  return { id = id, timestamp = ts, category = category, data_json = json:sub(data_at, -46), json = json }
-end
 
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
@@ -69,9 +63,8 @@ function M.new(options, host)
     max_waiting_per_category = options.max_waiting_per_category,
   }
   local function host_event(ev)
-    local catjson = core.json_string(ev.category)
-    if not catjson then return end
-    local ok, herr = pcall(on_event, event_of(ev.category, catjson, ev.json, ev.json:sub(-38, -3), ev.ts))
+    local event = { id = ev.id, timestamp = ev.ts, category = ev.category, data_json = ev.data_json, json = ev.json }
+    local ok, herr = pcall(on_event, event)
     if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
   end
   local limits_of = cached_limits(options, log)
@@ -133,14 +126,14 @@ function Engine:_shard_of_all(categories)
 end
 
 -- engine:publish(category, data_json, callback[, data[, opts]]) -> true | nil, message, code
+-- data: the publisher's Lua value, handed back as event.data.
 -- opts.idempotency_key (with opts.fingerprint): the key is looked up and set in the publish
 -- script, atomically with the event (any node sees it); callback(nil, message, code, prior)
 -- for a key seen before (EREPLAY with prior = { id =, timestamp = }, EKEYMISMATCH), and
 -- EKEYBUSY at once while this node's own publish with the key is in flight.
-function Engine:publish(category, data_json, callback, _, opts)
+function Engine:publish(category, data_json, callback, data, opts)
   if self.closed then return nil, "manager is shut down", "ECLOSED" end
-  local catjson = core.json_string(category)
-  if not catjson then return nil, "category is not valid UTF-8", "EINVAL" end
+  if not core.utf8_valid(category) then return nil, "category is not valid UTF-8", "EINVAL" end
   local shard = self:_shard_of(category)
   if not shard:can_publish() then return nil, "Redis is unavailable", "EUNAVAILABLE" end
   local idem = self.idempotency
@@ -153,7 +146,7 @@ function Engine:publish(category, data_json, callback, _, opts)
     idem.in_flight_count = idem.in_flight_count + 1
   end
   local id = core.uuid()
-  local ok, err = shard:publish(category, catjson, data_json, id, function(epoch, ts, seq)
+  local ok, err = shard:publish(category, data_json, id, function(epoch, ts, seq)
     if key then
       idem.in_flight[key] = nil
       idem.in_flight_count = idem.in_flight_count - 1
@@ -167,11 +160,10 @@ function Engine:publish(category, data_json, callback, _, opts)
       self.log("warn", "publish failed", { category = category, error = ts })
       return callback(nil, "publish failed: " .. ts, "EUNAVAILABLE")
     end
-    local json = '{"timestamp":' .. ("%d"):format(ts) .. ',"category":' .. catjson .. ',"data":' .. data_json ..
-      ',"id":"' .. id .. '"}'
     self.log("debug", "published", { category = category, id = id, seq = seq, epoch = epoch })
     self.published = self.published + 1
-    callback(event_of(category, catjson, json, id, ts))
+    callback({ id = id, timestamp = ts, category = category, data_json = data_json,
+      json = core.event_json(ts, category, data_json, id), data = data })
   end, key_args)
   if not ok then
     if key then
@@ -238,16 +230,29 @@ function Engine:cancel(handle)
   return shard ~= nil and shard:cancel(id)
 end
 
--- engine:timeout_mark(callback[, handle]): callback(ts) or callback(nil, message). Call it
--- while the long poll still waits and cancel it in the callback: ts then covers every event
--- the waiter was not given (with the handle, a waiter whose read is still owed gets its own
--- cursor's time, so continuing from it skips nothing).
-function Engine:timeout_mark(callback, handle)
-  if self.closed then return callback(nil, "manager is shut down") end
+-- engine:expire(handle, on_timeout): the long poll's time is up. Ends the wait, then exactly one
+-- of on_answer(body) (events that were on their way: a read in flight, or events published
+-- before the mark reaching this node) or on_timeout(ts) runs, now or later. ts: no event
+-- published later gets ts or less, and the waiter got every event up to it (Redis away: a
+-- waiter whose read is still owed gets its own cursor's time, so continuing skips nothing);
+-- nil when the engine closed first.
+function Engine:expire(handle, on_timeout)
   local shard, id = self:_locate(handle)
-  if shard then return shard:timeout_mark(callback, id) end
+  if not shard or not shard:expire(id, on_timeout) then
+    return on_timeout(self.shards[1]:known_time())
+  end
+end
+
+-- engine:timeout_mark(callback) -> true | nil, message: callback(ts) (or callback(nil,
+-- message)), ts a timestamp no event published later reaches, handed out once every event
+-- published before it reached this node.
+function Engine:timeout_mark(callback)
+  if self.closed then return nil, "manager is shut down" end
   local shards = self.shards
-  if #shards == 1 then return shards[1]:timeout_mark(callback) end
+  if #shards == 1 then
+    shards[1]:timeout_mark(callback)
+    return true
+  end
   -- several Redis: the largest of their marks, then every one raised past it (a second mark
   -- with that floor), so no later event of any shard reaches it
   local function on_all(round, done)
@@ -270,17 +275,9 @@ function Engine:timeout_mark(callback, handle)
       callback(T)
     end)
   end)
+  return true
 end
 
--- engine:expire(handle, on_timeout): the long poll's time is up. Its mark is asked while it
--- still waits (events that come first answer it instead), then it ends; on_timeout(ts), or
--- on_timeout(nil, message) when no time could be had.
-function Engine:expire(handle, on_timeout)
-  self:timeout_mark(function(ts, err)
-    self:cancel(handle)
-    on_timeout(ts, err)
-  end, handle)
-end
 
 -- engine:follow(categories, since, last_id, on_events) -> handle | nil, message
 function Engine:follow(categories, since, last_id, on_events)
@@ -296,7 +293,7 @@ end
 
 -- engine:stats(with_categories) -> table: the waiter index's figures and each Redis's.
 function Engine:stats(with_categories)
-  local s = self.closed and { closed = true } or self.store:stats(with_categories)
+  local s = self.store_closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
   local delivered = 0
@@ -326,6 +323,7 @@ function Engine:close(done)
       left = left - 1
       if left == 0 then
         self.store:close()
+        self.store_closed = true
         done()
       end
     end)

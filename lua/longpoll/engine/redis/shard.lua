@@ -2,6 +2,7 @@
 -- timeout marks and its waiters, and what its pub/sub messages mean. Every category lives in
 -- exactly one shard; with one Redis there is one shard.
 local uv = require "luv"
+local core = require "longpoll.core"
 local Link = require "longpoll.engine.redis.link"
 local Marks = require "longpoll.engine.redis.marks"
 local Position = require "longpoll.engine.redis.position"
@@ -111,10 +112,13 @@ function Shard:_on_message(payload)
   if kind == "E " then
     local epoch, seq, ts, clen, at = payload:match("^E (%S+) (%d+) (%d+) (%d+)\n()")
     if not epoch then return self.log("error", "bad event message from Redis", {}) end
-    clen = int(clen)
+    clen, ts = int(clen), int(ts)
+    local category, id, data_json = payload:sub(at, at + clen - 1), payload:sub(at + clen, at + clen + 35),
+      payload:sub(at + clen + 36)
+    local json = core.event_json(ts, category, data_json, id)
+    if not json then return self.log("error", "bad event message from Redis", { category = category }) end
     return self:_on_event_message({
-      epoch = epoch, seq = int(seq), ts = int(ts),
-      category = payload:sub(at, at + clen - 1), json = payload:sub(at + clen),
+      epoch = epoch, seq = int(seq), ts = ts, category = category, id = id, data_json = data_json, json = json,
     })
   elseif kind == "M " then
     local token, epoch, seq, last, T = payload:match("^M (%S+) (%S+) (%d+) (%d+) (%d+)$")
@@ -130,18 +134,18 @@ end
 -- be asked now (callback never called). idem: nil, or { key =, fingerprint =, window_ms =,
 -- max_keys = } of an idempotent publish; a key Redis knows gives callback(nil, nil, outcome)
 -- with outcome = { code = "EREPLAY", id =, timestamp = } or { code = "EKEYMISMATCH" }.
-function Shard:publish(category, catjson, data_json, id, callback, idem)
+function Shard:publish(category, data_json, id, callback, idem)
   local size, ttl = self.max_event_buffer_size, self.ttl_ms
   if self.limits_of then -- per-category rules: XADD MAXLEN and the MINID trim take the category's
     local limits = self.limits_of(category)
     size, ttl = limits.max_event_buffer_size, limits.event_ttl_ms
   end
-  local args = { category, catjson, data_json, id, size, ttl, self.channel,
+  local args = { category, data_json, id, size, ttl, self.channel,
     Position.epoch_candidate(), self.position:floor_arg() }
   local keys = { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }
   if idem then
     keys[4], keys[5] = self.keys.idempotency(idem.key), self.keys.idempotency_index
-    args[10], args[11], args[12], args[13], args[14] = idem.key, idem.fingerprint, ("%d"):format(idem.window_ms),
+    args[9], args[10], args[11], args[12], args[13] = idem.key, idem.fingerprint, ("%d"):format(idem.window_ms),
       ("%d"):format(idem.max_keys), self.keys.idempotency("")
   end
   local replicas, wait_ms = self.cfg.wait_replicas, self.cfg.wait_timeout_ms
@@ -175,10 +179,19 @@ end
 function Shard:add(fields) return self.waiters:add(fields) end
 function Shard:cancel(id) return self.waiters:cancel(id) end
 
--- callback(T) for long poll id (its own rules), or a plain mark when id is no waiting long poll.
-function Shard:timeout_mark(callback, id)
-  if id and self.waiters:timeout_of(id, callback) then return end
+-- A plain mark: callback(T) or callback(nil, message).
+function Shard:timeout_mark(callback)
   return self.marks:request(callback)
+end
+
+-- Long poll id's time is up (see Engine:expire); false when id is no waiting long poll.
+function Shard:expire(id, on_timeout)
+  return self.waiters:expire(id, on_timeout)
+end
+
+-- The newest timestamp this node knows Redis issued.
+function Shard:known_time()
+  return self.position:known_time()
 end
 
 -- Later timestamps of this Redis go above T (a mark handed out from several shards).

@@ -10,6 +10,7 @@ local core = require "longpoll.core"
 local Position = require "longpoll.engine.redis.position"
 
 local concat, tointeger = table.concat, math.tointeger
+local event_json, events_answer = core.event_json, core.events_answer
 local after = Position.after
 
 local Waiters = {}
@@ -97,9 +98,8 @@ function Waiters:_rewait(w)
   local ok, err = self:_wait(w)
   if ok then return end
   if w.follow then return self:end_follow(w, "cannot wait: " .. tostring(err)) end
-  -- a long poll that cannot wait again: its timeout comes now
+  -- a long poll that cannot wait again gets no more events: its timeout answers it
   self.log("warn", "subscriber cannot wait again", { error = tostring(err) })
-  self:_settle_timeout(w, self:offline_time(w))
 end
 
 -- A new waiter. fields: categories (a list), since, last_id (lower case), and on_answer (a long
@@ -135,14 +135,12 @@ end
 ---------------------------------------------------------------------------------------------
 -- Delivery
 
--- An event as a stream gets it: { json =, timestamp =, id = }, made once per event.
+-- An event as a stream gets it: { json =, timestamp =, id =, category =, data_json = }, made
+-- once per event.
 local function stream_item(ev)
   local item = ev.item
   if not item then
-    local json = ev.json
-    local ts = ev.ts or tointeger(tonumber(json:match('^{"timestamp":(%d+)')))
-    -- the JSON ends with ,"id":"<36 characters>"}
-    item = { json = json, timestamp = ts, id = json:sub(-38, -3) }
+    item = { json = ev.json, timestamp = ev.ts, id = ev.id, category = ev.category, data_json = ev.data_json }
     ev.item = item
   end
   return item
@@ -169,17 +167,17 @@ function Waiters:_deliver(w, events, missed)
   if #events == 1 and not missed then
     -- one event waking many subscribers: its answer is built once
     local ev = events[1]
-    body = ev.body or core.events_answer({ ev.json }, false)
+    body = ev.body or events_answer({ ev.json }, false)
     ev.body = body
   else
     local parts = {}
     for i = 1, #events do parts[i] = events[i].json end
-    body = core.events_answer(parts, missed)
+    body = events_answer(parts, missed == true)
   end
   self.delivered = self.delivered + #events
+  -- a timeout asked for meanwhile is settled by this answer
+  w.timeout_cb, w.expired, w.mark_T = nil, nil, nil
   call(self.log, w.on_answer, body)
-  -- a timeout asked for meanwhile: the manager finds it answered (cancel returns false)
-  self:_settle_timeout(w, self.position:known_time())
 end
 
 ---------------------------------------------------------------------------------------------
@@ -203,10 +201,11 @@ end
 -- tells which of them are new to it.
 function Waiters:_fetch(group)
   local w1 = group[1]
-  local keys, seen = { self.keys.clock }, {}
+  local keys, seen, cats = { self.keys.clock }, {}, {}
   for _, c in ipairs(w1.categories) do
     if not seen[c] then
       seen[c] = true
+      cats[#cats + 1] = c
       keys[#keys + 1] = self.keys.stream(c)
       keys[#keys + 1] = self.keys.dropped(c)
     end
@@ -229,7 +228,7 @@ function Waiters:_fetch(group)
   self.fetches = self.fetches + 1
   local ok = self.link:script("fetch", keys, args, function(reply, err)
     self.fetches = self.fetches - 1
-    self:_fetched(group, reply, err)
+    self:_fetched(group, cats, reply, err)
   end)
   if not ok then
     self.fetches = self.fetches - 1
@@ -237,12 +236,24 @@ function Waiters:_fetch(group)
   end
 end
 
-function Waiters:_fetched(group, reply, err)
-  local epoch, last, seq, missed
+-- The events of a read's reply (after its 4 header values): ts, category index, id, data.
+local function read_events(reply, cats)
+  local events = {}
+  for i = 5, #reply - 3, 4 do
+    local ts, category, id, data_json = tointeger(tonumber(reply[i])), cats[tointeger(reply[i + 1])], reply[i + 2], reply[i + 3]
+    events[#events + 1] = { ts = ts, id = id, category = category, data_json = data_json,
+      json = event_json(ts, category, data_json, id) }
+  end
+  return events
+end
+
+function Waiters:_fetched(group, cats, reply, err)
+  local epoch, last, seq, missed, events
   if not err then
     epoch, last, seq = reply[1], tointeger(tonumber(reply[2])), tointeger(tonumber(reply[3]))
     missed = reply[4] == 1
     self.position:observe(epoch, last, seq)
+    events = read_events(reply, cats)
   else
     self.log("warn", "read from Redis failed", { error = err })
   end
@@ -255,10 +266,8 @@ function Waiters:_fetched(group, reply, err)
         w.needs_fetch = true
         if w.expired then self:_settle_timeout(w, self:offline_time(w)) end
       elseif w.follow then
-        self:_followed(w, reply, pending)
-      elseif #reply > 4 then
-        local events = {}
-        for i = 5, #reply do events[#events + 1] = { json = reply[i] } end
+        self:_followed(w, reply, events, pending)
+      elseif #events > 0 then
         self:_deliver(w, events, missed)
       else
         w.cursor = { epoch = epoch, ts = last, seq = seq }
@@ -289,11 +298,11 @@ end
 
 -- A follower's read: its events, then those pub/sub brought meanwhile after the position Redis
 -- was at (the read holds everything up to there). The follower stays in the store throughout.
-function Waiters:_followed(w, reply, pending)
+function Waiters:_followed(w, reply, read, pending)
   local cursor = { epoch = reply[1], ts = tointeger(tonumber(reply[2])), seq = tointeger(tonumber(reply[3])) }
   w.cursor = cursor
   local events = {}
-  for i = 5, #reply do events[#events + 1] = { json = reply[i] } end
+  for i = 1, #read do events[i] = read[i] end
   -- after a gap or a lost pub/sub connection while the read was in flight, events may be
   -- missing before the pending ones: the next read, from the new cursor, returns them all
   if not w.needs_fetch then
@@ -359,12 +368,16 @@ end
 ---------------------------------------------------------------------------------------------
 -- Timeouts
 
--- The timeout of long poll id: callback(T) as Waiters:timeout settles it. False when id is no
--- waiting long poll.
-function Waiters:timeout_of(id, callback)
+-- Long poll id's time is up: it gets on_timeout(T) once Waiters:timeout settles it (and is
+-- forgotten then), unless events reach it first (on_answer). False when id is no waiting
+-- long poll.
+function Waiters:expire(id, on_timeout)
   local w = self.by_id[id]
   if not w or w.done or w.follow then return false end
-  w.timeout_cb = callback
+  w.timeout_cb = function(T)
+    self:finish(w)
+    on_timeout(T)
+  end
   self:timeout(w)
   return true
 end
@@ -400,7 +413,7 @@ function Waiters:close(why)
       local cb = w.timeout_cb
       self:finish(w)
       w.timeout_cb = nil
-      if cb then call(self.log, cb, nil, why) end
+      if cb then call(self.log, cb, nil) end
     end
   end
 end
