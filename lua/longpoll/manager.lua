@@ -50,18 +50,19 @@ end
 -- Returns the event when the engine stored it before returning (memory), true when it is on
 -- its way (Redis), or nil, message, code when refused. key: an Idempotency-Key (checked) or
 -- nil; a replay then counts as stored, as { id =, timestamp =, category =, replayed = true }.
+local function replayed(category, prior)
+  return { id = prior.id, timestamp = prior.timestamp, category = category, replayed = true }
+end
+
 local function publish_json_text(self, category, data_json, data, callback, key)
   local stored
   local opts = key and { idempotency_key = key, fingerprint = idempotency.fingerprint(category, data_json) }
-  local function replayed(prior)
-    return { id = prior.id, timestamp = prior.timestamp, category = category, replayed = true }
-  end
   local ok, err, code, prior = self.engine:publish(category, data_json, function(event, perr, pcode, pprior)
     if event then
       stored = hooks.event(event, data)
       if callback then callback(stored) end
     elseif pcode == idempotency.REPLAY then
-      stored = replayed(pprior)
+      stored = replayed(category, pprior)
       if callback then callback(stored) end
     elseif callback then
       callback(nil, perr, pcode)
@@ -69,7 +70,7 @@ local function publish_json_text(self, category, data_json, data, callback, key)
   end, data, opts)
   if not ok then
     if code ~= idempotency.REPLAY then return nil, err, code end
-    stored = replayed(prior)
+    stored = replayed(category, prior)
     if callback then callback(stored) end
     return stored
   end
