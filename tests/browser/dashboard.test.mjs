@@ -169,7 +169,9 @@ test("screenshots: desktop and phone, non-trivial, the parts visible, no horizon
     const phone = await browser.newPage({ viewport: { width: 390, height: 844 }, deviceScaleFactor: 2, isMobile: true });
     phone.on("pageerror", (e) => problems.push("phone pageerror: " + e.message));
     await phone.goto(server.base + "/dashboard", { timeout: 10000 });
-    await phone.waitForFunction(() => document.querySelectorAll("#busiest tbody tr").length >= 2, null, { timeout: 8000 });
+    // rates need two samples: wait for the second
+    await phone.waitForFunction(() => document.querySelectorAll("#busiest tbody tr").length >= 2 &&
+      /\d/.test(document.getElementById("events-rate").textContent), null, { timeout: 8000 });
     for (const [p, name, width] of [[page, "dashboard.png", 1280], [phone, "dashboard-phone.png", 390]]) {
       const shot = join(SHOTS, name);
       await p.screenshot({ path: shot });
