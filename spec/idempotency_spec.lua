@@ -301,3 +301,94 @@ for _, mode in ipairs(modes) do
     end
   end)
 end
+
+describe("the in-memory key table (idempotency.new_keys)", function()
+  local idem = require "longpoll.idempotency"
+
+  -- The reference: a plain list, oldest first, with the same rules.
+  local function reference(max_keys, max_bytes, window_ms)
+    local r = { list = {}, count = 0, bytes = 0, evicted = 0, replays = 0, conflicts = 0 }
+    local function live_at(key)
+      for i = #r.list, 1, -1 do
+        local e = r.list[i]
+        if e.key == key and e.live then return e end
+      end
+    end
+    local function pop()
+      local e = table.remove(r.list, 1)
+      if e.live then
+        e.live = false
+        r.count, r.bytes = r.count - 1, r.bytes - e.cost
+        return true
+      end
+    end
+    function r.expire(now)
+      while #r.list > 0 and (not r.list[1].live or r.list[1].exp <= now) do pop() end
+    end
+    function r.begin(key, fp, now)
+      r.expire(now)
+      local e = live_at(key)
+      if e then
+        if e.fp ~= fp then r.conflicts = r.conflicts + 1; return nil, "EKEYMISMATCH" end
+        if not e.id then return nil, "EKEYBUSY" end
+        r.replays = r.replays + 1
+        return nil, "EREPLAY", { id = e.id, timestamp = e.ts }
+      end
+      local cost = #key + #fp + 36 + idem.RECORD_COST
+      while (r.count + 1 > max_keys or r.bytes + cost > max_bytes) and #r.list > 0 do
+        if pop() then r.evicted = r.evicted + 1 end
+      end
+      e = { key = key, fp = fp, exp = now + window_ms, cost = cost, live = true }
+      r.list[#r.list + 1] = e
+      r.count, r.bytes = r.count + 1, r.bytes + cost
+      return e
+    end
+    function r.commit(e, id, ts) if e.live then e.id, e.ts = id, ts end end
+    function r.abort(e)
+      if e.live then
+        e.live = false
+        r.count, r.bytes = r.count - 1, r.bytes - e.cost
+      end
+    end
+    return r
+  end
+
+  it("behaves as a plain list under random begins, commits, aborts, expiry and both bounds", function()
+    for seed = 1, 10 do
+      math.randomseed(seed)
+      local max_keys, max_bytes = math.random(1, 50), math.random(300, 12000)
+      local window = math.random(5, 200)
+      local k = idem.new_keys { max_keys = max_keys, max_bytes = max_bytes, window_ms = window }
+      local r = reference(max_keys, max_bytes, window)
+      local now = 0
+      for step = 1, 2000 do
+        now = now + math.random(0, 3)
+        local key = "k" .. math.random(1, 80) .. ("x"):rep(math.random(0, 3) * 40)
+        local fp = math.random(1, 10) == 1 and "other" or "fp"
+        local slot, code, prior = k:begin(key, fp, now)
+        local e, rcode, rprior = r.begin(key, fp, now)
+        local where = ("seed %d step %d"):format(seed, step)
+        assert.equals(rcode, code, where)
+        assert.same(rprior, prior, where)
+        if e then
+          local roll = math.random(1, 10)
+          if roll <= 8 then
+            k:commit(slot, key, "id" .. step, step)
+            r.commit(e, "id" .. step, step)
+          elseif roll == 9 then
+            k:abort(slot, key)
+            r.abort(e)
+          end -- else left in flight
+        end
+        local st = k:stats(now)
+        r.expire(now)
+        assert.equals(r.count, st.idempotency_keys, where)
+        assert.equals(r.bytes, st.idempotency_key_bytes, where)
+        assert.equals(r.evicted, st.idempotency_evicted, where)
+        assert.equals(r.replays, st.idempotency_replays, where)
+        assert.equals(r.conflicts, st.idempotency_conflicts, where)
+        assert.is_true(st.idempotency_keys <= max_keys and st.idempotency_key_bytes <= math.max(max_bytes, 600), where)
+      end
+    end
+  end)
+end)

@@ -74,6 +74,11 @@ end
 
 ---------------------------------------------------------------------------------------------
 -- The bounded table of keys (in-memory engine)
+--
+-- Records live in a ring of parallel arrays (no table per key: a publish with a key allocates
+-- nothing here but its map entry), oldest first; one window for all, so insertion order is
+-- expiry order. map[key] is the key's slot; a slot whose key was forgotten (aborted, evicted)
+-- is skipped when the ring reaches it.
 
 local Keys = {}
 Keys.__index = Keys
@@ -84,11 +89,10 @@ function M.new_keys(limits)
     max_keys = limits.max_keys or M.DEFAULT_MAX_KEYS,
     max_bytes = limits.max_bytes or M.DEFAULT_MAX_BYTES,
     window_ms = limits.window_ms,
-    map = {}, -- key -> record
-    queue = {}, -- records oldest first (one window for all: insertion order is expiry order)
-    head = 1,
-    tail = 0,
-    count = 0,
+    map = {}, -- key -> slot
+    keys = {}, fps = {}, ids = {}, tss = {}, exps = {}, costs = {}, -- by slot, 0 .. cap - 1
+    cap = 0, head = 0, n = 0, -- the ring: slots head .. head + n - 1 (mod cap)
+    count = 0, -- live keys
     bytes = 0,
     replays = 0,
     conflicts = 0,
@@ -96,72 +100,93 @@ function M.new_keys(limits)
   }, Keys)
 end
 
-local function forget(self, r)
-  if self.map[r.key] == r then
-    self.map[r.key] = nil
-    self.count = self.count - 1
-    self.bytes = self.bytes - r.cost
-  end
-end
-
+-- Takes the oldest slot off the ring; forgets its key if it is still live there. Returns
+-- whether a live key went.
 local function pop_oldest(self)
-  local r = self.queue[self.head]
-  self.queue[self.head] = nil
-  self.head = self.head + 1
-  if self.head > self.tail then self.head, self.tail = 1, 0 end
-  return r
+  local slot = self.head
+  local key = self.keys[slot]
+  local live = key and self.map[key] == slot
+  if live then
+    self.map[key] = nil
+    self.count = self.count - 1
+    self.bytes = self.bytes - self.costs[slot]
+  end
+  self.keys[slot], self.fps[slot], self.ids[slot], self.tss[slot], self.exps[slot], self.costs[slot] =
+    nil, nil, nil, nil, nil, nil
+  self.head = (slot + 1) % self.cap
+  self.n = self.n - 1
+  return live
 end
 
--- Forgets the records whose window ended.
+-- Doubles the ring, keeping its order (slots renumbered from 0).
+local function grow(self)
+  local cap = math.max(16, self.cap * 2)
+  local keys, fps, ids, tss, exps, costs = {}, {}, {}, {}, {}, {}
+  local map = self.map
+  for i = 0, self.n - 1 do
+    local old = (self.head + i) % self.cap
+    local key = self.keys[old]
+    keys[i], fps[i], ids[i], tss[i], exps[i], costs[i] =
+      key, self.fps[old], self.ids[old], self.tss[old], self.exps[old], self.costs[old]
+    if key and map[key] == old then map[key] = i end
+  end
+  self.keys, self.fps, self.ids, self.tss, self.exps, self.costs = keys, fps, ids, tss, exps, costs
+  self.cap, self.head = cap, 0
+end
+
+-- Forgets the keys whose window ended (and dead slots at the head).
 function Keys:expire(now)
-  while self.head <= self.tail do
-    local r = self.queue[self.head]
-    if self.map[r.key] == r and r.expires > now then return end
+  while self.n > 0 do
+    local slot = self.head
+    local key = self.keys[slot]
+    if key and self.map[key] == slot and self.exps[slot] > now then return end
     pop_oldest(self)
-    forget(self, r)
   end
 end
 
--- keys:begin(key, fingerprint, now) -> record (a new key: publish, then commit or abort) |
--- nil, code, record (EREPLAY with the first event's record, EKEYMISMATCH, EKEYBUSY).
+-- keys:begin(key, fingerprint, now) -> slot (a new key: publish, then commit or abort) |
+-- nil, code, prior (EREPLAY with prior = { id =, timestamp = } of the first event,
+-- EKEYMISMATCH, EKEYBUSY).
 function Keys:begin(key, fingerprint, now)
   self:expire(now)
-  local r = self.map[key]
-  if r then
-    if r.fingerprint ~= fingerprint then
+  local slot = self.map[key]
+  if slot then
+    if self.fps[slot] ~= fingerprint then
       self.conflicts = self.conflicts + 1
       return nil, M.MISMATCH
     end
-    if not r.id then return nil, M.BUSY end
+    local id = self.ids[slot]
+    if not id then return nil, M.BUSY end
     self.replays = self.replays + 1
-    return nil, M.REPLAY, r
+    return nil, M.REPLAY, { id = id, timestamp = self.tss[slot] }
   end
-  r = { key = key, fingerprint = fingerprint, expires = now + self.window_ms,
-    cost = #key + #fingerprint + 36 + M.RECORD_COST }
+  local cost = #key + #fingerprint + 36 + M.RECORD_COST
   -- over a bound: the oldest keys go first (a retry of theirs would publish again)
-  while (self.count + 1 > self.max_keys or self.bytes + r.cost > self.max_bytes) and self.head <= self.tail do
-    local old = pop_oldest(self)
-    if self.map[old.key] == old then
-      forget(self, old)
-      self.evicted = self.evicted + 1
-    end
+  while (self.count + 1 > self.max_keys or self.bytes + cost > self.max_bytes) and self.n > 0 do
+    if pop_oldest(self) then self.evicted = self.evicted + 1 end
   end
-  self.map[key] = r
-  self.tail = self.tail + 1
-  self.queue[self.tail] = r
+  if self.n == self.cap then grow(self) end
+  slot = (self.head + self.n) % self.cap
+  self.n = self.n + 1
+  self.keys[slot], self.fps[slot], self.exps[slot], self.costs[slot] = key, fingerprint, now + self.window_ms, cost
+  self.map[key] = slot
   self.count = self.count + 1
-  self.bytes = self.bytes + r.cost
-  return r
+  self.bytes = self.bytes + cost
+  return slot
 end
 
 -- The event of a begun key was stored.
-function Keys.commit(_, r, id, timestamp)
-  r.id, r.timestamp = id, timestamp
+function Keys:commit(slot, key, id, timestamp)
+  if self.map[key] == slot then self.ids[slot], self.tss[slot] = id, timestamp end
 end
 
--- The publish of a begun key failed: the key is free again.
-function Keys:abort(r)
-  forget(self, r)
+-- The publish of a begun key failed: the key is free again (its slot is skipped later).
+function Keys:abort(slot, key)
+  if self.map[key] == slot then
+    self.map[key] = nil
+    self.count = self.count - 1
+    self.bytes = self.bytes - self.costs[slot]
+  end
 end
 
 -- Figures for stats.

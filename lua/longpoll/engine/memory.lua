@@ -128,13 +128,13 @@ function Memory:publish(category, data_json, callback, data, opts)
   end
   local json, id, timestamp, woken, _, answer = self.store:publish(category, data_json, self.now())
   if not json then
-    if record then self.keys:abort(record) end
+    if record then self.keys:abort(record, key) end
     return nil, id, timestamp -- message, code
   end
   local event = { id = id, timestamp = timestamp, category = category, data_json = data_json, json = json,
     data = data }
   deliver(self, event, woken, answer)
-  if record then self.keys:commit(record, id, timestamp) end
+  if record then self.keys:commit(record, key, id, timestamp) end
   if callback then callback(event) end
   return true
 end
