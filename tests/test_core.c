@@ -554,6 +554,45 @@ static void test_top_categories(void) {
   report("categories ranked by size, a page at a time", ok);
 }
 
+typedef struct collected {
+  char ids[8][LP_UUID_LEN + 1];
+  size_t n;
+  int stop_at; /* the callback stops the fetch at this call (-1: never) */
+} collected;
+
+static int collect_event(void *ctx, const lp_event_view *e) {
+  collected *c = ctx;
+  if ((int)c->n == c->stop_at) return 1;
+  if (c->n < 8) memcpy(c->ids[c->n], e->id, LP_UUID_LEN + 1);
+  c->n++;
+  return e->json_len > 0 && e->json[0] == '{' ? 0 : 1;
+}
+
+static void test_fetch_each(void) {
+  int ok = 1;
+  lp_store *s = new_store(3, 0, 1); /* delete-after-first: a stopped fetch must delete nothing */
+  lp_published a1 = pub(s, "a", "1", 100);
+  lp_published b1 = pub(s, "b", "1", 100);
+  lp_published a2 = pub(s, "a", "2", 101);
+  lp_slice ab[2] = {S("a"), S("b")};
+  size_t count;
+  int missed;
+  lp_store_stats st;
+  collected c = {.stop_at = 1};
+  CHECK(lp_store_fetch_each(s, ab, 2, 0, NULL, 200, collect_event, &c, &count, &missed) == LP_ENOMEM);
+  CHECK(count == 0 && missed == 0);
+  lp_store_get_stats(s, &st);
+  CHECK(st.events == 3 && st.delivered == 0);
+  collected all = {.stop_at = -1};
+  CHECK(lp_store_fetch_each(s, ab, 2, 0, NULL, 200, collect_event, &all, &count, &missed) == LP_OK);
+  CHECK(count == 3 && all.n == 3 && !missed);
+  CHECK(strcmp(all.ids[0], a1.id) == 0 && strcmp(all.ids[1], b1.id) == 0 && strcmp(all.ids[2], a2.id) == 0);
+  lp_store_get_stats(s, &st);
+  CHECK(st.events == 0 && st.delivered == 3);
+  lp_store_free(s);
+  report("fetch_each: events in store order; a stopped fetch changes nothing", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -574,6 +613,7 @@ int main(void) {
   test_time_bounds();
   test_json_escaped_keys();
   test_top_categories();
+  test_fetch_each();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }
