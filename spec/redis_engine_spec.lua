@@ -126,6 +126,8 @@ describe("Redis engine interface", function()
     with_nodes(R.url, 2, function(nodes)
       local A, B = nodes[1], nodes[2]
       local e1, e2 = publish(A, "c", "1"), publish(A, "c", "2")
+      -- B answers from what it received (its local cache): let it receive them first
+      wait_until("B to receive them", function() return #B.events == 2 end)
       local answer = async.event()
       assert(B.engine:subscribe({ categories = { "c" }, since = 0 }, function(body) answer:set(body) end))
       assert.same({ e1.id, e2.id }, ids_of(answer:wait(3000)))
