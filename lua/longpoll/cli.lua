@@ -58,6 +58,7 @@ flags:
                          503 otherwise
   --redis-shards LIST    spread categories over several Redis masters (redis://...,redis://...),
                          listed in the same order on every server
+  --redis-no-cache       answer every catch-up from Redis, not from this server's copy of the stream
   --log-level LEVEL      debug, info, warn or error (default warn)
   --quiet                no start-up line
   -h, --help             this text
@@ -75,6 +76,7 @@ local FLAGS = {
   ["--log-level"] = "string", ["--quiet"] = "boolean",
   ["--redis"] = "string", ["--redis-prefix"] = "string", ["--redis-sentinel"] = "string",
   ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
+  ["--redis-no-cache"] = "boolean",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
   ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
@@ -90,7 +92,7 @@ end
 function M.redis_option(flags)
   local any = flags.redis or flags["redis-sentinel"] or flags["redis-shards"]
   if not any then
-    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait" } do
+    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait", "redis-no-cache" } do
       if flags[f] ~= nil then return nil, "--" .. f .. " needs --redis, --redis-sentinel or --redis-shards" end
     end
     return nil
@@ -98,11 +100,13 @@ function M.redis_option(flags)
   if (flags["redis-sentinel"] == nil) ~= (flags["redis-master"] == nil) then
     return nil, "--redis-sentinel and --redis-master go together"
   end
+  local cache -- nil: the default (on)
+  if flags["redis-no-cache"] then cache = false end
   return {
     url = flags.redis, prefix = flags["redis-prefix"], master_name = flags["redis-master"],
     sentinels = flags["redis-sentinel"] and comma_list(flags["redis-sentinel"]),
     shards = flags["redis-shards"] and comma_list(flags["redis-shards"]),
-    wait_replicas = flags["redis-wait"],
+    wait_replicas = flags["redis-wait"], cache = cache,
   }
 end
 
