@@ -90,7 +90,7 @@ function Shard:_sync()
       self.position:observe(reply[1], int(reply[2]), int(reply[3]))
       self.position:handed_out(int(reply[4]))
       self.link:set_online()
-      if not self.link.online then return end
+      if not self.link:is_online() then return end
       -- pub/sub was subscribed before this mark ran: every later event reaches the cache
       if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = int(reply[3]) }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
@@ -119,7 +119,7 @@ function Shard:_on_event_message(ev)
   end
   self.position:observe(ev.epoch, ev.ts, ev.seq)
   if self.cache then
-    if self.cache_from_next_message and self.link.online then
+    if self.cache_from_next_message and self.link:is_online() then
       -- messages are contiguous from here on: the cache holds what comes after the one before
       self.cache_from_next_message = false
       self.cache:start({ epoch = ev.epoch, ts = ev.ts, seq = ev.seq - 1 })
@@ -230,7 +230,7 @@ function Shard:close(done)
   timer:start(0, 10, function()
     waited = waited + 10
     local busy = self.marks:busy() or self.waiters:stats().fetches_in_flight > 0
-    if busy and waited < CLOSE_WAIT_MS and self.link.online then return end
+    if busy and waited < CLOSE_WAIT_MS and self.link:is_online() then return end
     timer:close()
     self.marks:close("Redis engine is closed")
     if self.cache then self.cache:close() end

@@ -124,8 +124,8 @@ function Waiters:add(w)
   elseif w.since == nil then
     w.cursor = self.position:cursor()
     -- pub/sub may have missed events, which only a read can tell
-    if not self.link.online then w.needs_fetch = true end
-  elseif self.link.online then
+    if not self.link:is_online() then w.needs_fetch = true end
+  elseif self.link:is_online() then
     self:_fetch({ w })
   else
     w.needs_fetch = true
@@ -284,7 +284,7 @@ function Waiters:_fetched(group, cats, reply, err)
           -- a gap or a lost pub/sub connection while this read was in flight: events may be
           -- missing before the pending ones, so read again (they stay pending meanwhile)
           w.pending = new
-          if self.link.online then
+          if self.link:is_online() then
             self:_fetch({ w })
           elseif w.expired then
             self:_settle_timeout(w, self:offline_time(w))
@@ -316,7 +316,7 @@ function Waiters:_followed(w, reply, read, pending)
     end
   end
   if #events > 0 then self:_deliver(w, events, reply[4] == 1) end
-  if not w.done and w.needs_fetch and not w.fetching and self.link.online then self:_fetch({ w }) end
+  if not w.done and w.needs_fetch and not w.fetching and self.link:is_online() then self:_fetch({ w }) end
 end
 
 -- Reads again for every waiter that needs it, one read per (categories, cursor) group.
@@ -360,7 +360,7 @@ function Waiters:on_event(ev)
         if w.fetching then w.pending[#w.pending + 1] = ev end
         self:_rewait(w)
         -- a read owed while online (an earlier one failed): do it now
-        if not w.done and not w.fetching and self.link.online then self:_fetch({ w }) end
+        if not w.done and not w.fetching and self.link:is_online() then self:_fetch({ w }) end
       elseif after(w.cursor, ev) then
         self:_deliver(w, { ev })
       else
@@ -393,7 +393,7 @@ function Waiters:timeout(w)
   if w.done then return self:_settle_timeout(w, self.position:known_time()) end
   w.expired = true
   if w.fetching then return end -- the read's answer settles it
-  if w.needs_fetch or not self.link.online then return self:_settle_timeout(w, self:offline_time(w)) end
+  if w.needs_fetch or not self.link:is_online() then return self:_settle_timeout(w, self:offline_time(w)) end
   self.marks:request(function(T)
     if w.done or not T then return self:_settle_timeout(w, T or self:offline_time(w)) end
     if w.fetching then
