@@ -126,6 +126,8 @@ describe("Redis engine interface", function()
     with_nodes(R.url, 2, function(nodes)
       local A, B = nodes[1], nodes[2]
       local e1, e2 = publish(A, "c", "1"), publish(A, "c", "2")
+      -- B answers from what it received (its local cache): let it receive them first
+      wait_until("B to receive them", function() return #B.events == 2 end)
       local answer = async.event()
       assert(B.engine:subscribe({ categories = { "c" }, since = 0 }, function(body) answer:set(body) end))
       assert.same({ e1.id, e2.id }, ids_of(answer:wait(3000)))
@@ -241,5 +243,31 @@ describe("Redis engine interface", function()
       assert.same({ e1.id, e2.id }, got)
       assert.equals(1, B.engine:stats().redis.gaps)
     end, { [2] = { transport = t.option } })
+  end)
+end)
+
+describe("longpoll serve's Redis flags", function()
+  local cli = require "longpoll.cli"
+
+  it("map to the redis option, and wrong combinations are refused clearly", function()
+    assert.is_nil(cli.redis_option({}))
+    assert.same({ url = "redis://h:1/0", prefix = "p:" }, cli.redis_option({ redis = "redis://h:1/0", ["redis-prefix"] = "p:" }))
+    assert.same({ sentinels = { "a:1", "b:2" }, master_name = "m", wait_replicas = 1 },
+      cli.redis_option({ ["redis-sentinel"] = "a:1,b:2", ["redis-master"] = "m", ["redis-wait"] = 1 }))
+    assert.same({ shards = { "redis://a:1", "redis://b:2" }, cache = false },
+      cli.redis_option({ ["redis-shards"] = "redis://a:1,redis://b:2", ["redis-no-cache"] = true }))
+    assert.same({ nil, "--redis-sentinel and --redis-master go together" },
+      { cli.redis_option({ ["redis-sentinel"] = "a:1" }) })
+    assert.same({ nil, "--redis-wait needs --redis, --redis-sentinel or --redis-shards" },
+      { cli.redis_option({ ["redis-wait"] = 1 }) })
+    -- and the option's own checks name the key
+    local config = require "longpoll.engine.redis.config"
+    assert.equals("key 'sentinels' has a bad address \"nohost\" (host:port)", config.check({ sentinels = { "nohost" },
+      master_name = "m" }))
+    assert.equals("needs both 'sentinels' and 'master_name'", config.check({ sentinels = { "a:1" } }))
+    assert.equals("cannot have both 'shards' and 'sentinels'",
+      config.check({ shards = { "redis://a:1" }, sentinels = { "a:1" }, master_name = "m" }))
+    assert.equals("key 'wait_timeout_ms' must be below 'command_timeout_ms'",
+      config.check({ wait_replicas = 1, wait_timeout_ms = 6000 }))
   end)
 end)

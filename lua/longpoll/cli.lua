@@ -66,6 +66,7 @@ flags:
                          503 otherwise
   --redis-shards LIST    spread categories over several Redis masters (redis://...,redis://...),
                          listed in the same order on every server
+  --redis-no-cache       answer every catch-up from Redis, not from this server's copy of the stream
   --log-level LEVEL      debug, info, warn or error (default warn)
   --quiet                no start-up line
   -h, --help             this text
@@ -83,6 +84,7 @@ local FLAGS = {
   ["--log-level"] = "string", ["--quiet"] = "boolean",
   ["--redis"] = "string", ["--redis-prefix"] = "string", ["--redis-sentinel"] = "string",
   ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
+  ["--redis-no-cache"] = "boolean",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
   ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
@@ -90,6 +92,34 @@ local FLAGS = {
   ["--idempotency-window"] = "number", ["--idempotency-max-keys"] = "integer",
   ["--category-rule"] = "repeatable", ["--dashboard"] = "string",
 }
+
+local function comma_list(v)
+  local out = {}
+  for item in v:gmatch("[^,]+") do out[#out + 1] = item end
+  return out
+end
+
+-- The `redis` option the --redis* flags ask for: a table, nil (no Redis), or nil, message.
+function M.redis_option(flags)
+  local any = flags.redis or flags["redis-sentinel"] or flags["redis-shards"]
+  if not any then
+    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait", "redis-no-cache" } do
+      if flags[f] ~= nil then return nil, "--" .. f .. " needs --redis, --redis-sentinel or --redis-shards" end
+    end
+    return nil
+  end
+  if (flags["redis-sentinel"] == nil) ~= (flags["redis-master"] == nil) then
+    return nil, "--redis-sentinel and --redis-master go together"
+  end
+  local cache -- nil: the default (on)
+  if flags["redis-no-cache"] then cache = false end
+  return {
+    url = flags.redis, prefix = flags["redis-prefix"], master_name = flags["redis-master"],
+    sentinels = flags["redis-sentinel"] and comma_list(flags["redis-sentinel"]),
+    shards = flags["redis-shards"] and comma_list(flags["redis-shards"]),
+    wait_replicas = flags["redis-wait"], cache = cache,
+  }
+end
 
 M.DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 M.DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -111,32 +141,6 @@ function M.default_max_memory()
   local total = uv.get_total_memory and uv.get_total_memory() or 0
   if total > 0 and total // 4 < M.DEFAULT_MAX_MEMORY then return math.floor(total // 4) end
   return M.DEFAULT_MAX_MEMORY
-end
-
-local function comma_list(v)
-  local out = {}
-  for item in v:gmatch("[^,]+") do out[#out + 1] = item end
-  return out
-end
-
--- The `redis` option the --redis* flags ask for: a table, nil (no Redis), or nil, message.
-function M.redis_option(flags)
-  local any = flags.redis or flags["redis-sentinel"] or flags["redis-shards"]
-  if not any then
-    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait" } do
-      if flags[f] ~= nil then return nil, "--" .. f .. " needs --redis, --redis-sentinel or --redis-shards" end
-    end
-    return nil
-  end
-  if (flags["redis-sentinel"] == nil) ~= (flags["redis-master"] == nil) then
-    return nil, "--redis-sentinel and --redis-master go together"
-  end
-  return {
-    url = flags.redis, prefix = flags["redis-prefix"], master_name = flags["redis-master"],
-    sentinels = flags["redis-sentinel"] and comma_list(flags["redis-sentinel"]),
-    shards = flags["redis-shards"] and comma_list(flags["redis-shards"]),
-    wait_replicas = flags["redis-wait"],
-  }
 end
 
 -- Returns a table of flag values (keys without the dashes), or nil, message.
@@ -221,7 +225,7 @@ function M.serve(flags)
   local redis, rerr = M.redis_option(flags)
   if rerr then return die(rerr) end
   if flags["max-memory"] and redis then
-    return die("--max-memory cannot be used with --redis (events are kept in Redis: set maxmemory there)")
+    return die("--max-memory cannot be used with Redis (events are kept in Redis: set maxmemory there)")
   end
   local token = flags["publish-token"] or os.getenv("LONGPOLL_PUBLISH_TOKEN")
   if token == "" then token = nil end

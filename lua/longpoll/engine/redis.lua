@@ -72,7 +72,8 @@ function M.new(options, host)
   for i, cfg in ipairs(config.resolve(options.redis)) do
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
-      max_event_buffer_size = options.max_event_buffer_size, limits_of = limits_of, log = log, on_event = host_event,
+      max_event_buffer_size = options.max_event_buffer_size, max_category_bytes = options.max_category_bytes,
+      limits_of = limits_of, log = log, on_event = host_event,
     }
     if not shard then
       for _, s in ipairs(self.shards) do s:close(noop) end

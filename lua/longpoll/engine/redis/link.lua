@@ -261,6 +261,11 @@ function Link:start()
   self:_connect_sub()
 end
 
+-- Whether both connections are up and synced.
+function Link:is_online()
+  return self.online
+end
+
 -- Whether scripts can be sent now.
 function Link:can_send()
   return self.cmd ~= nil and self.cmd_ready

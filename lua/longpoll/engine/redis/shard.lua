@@ -3,6 +3,7 @@
 -- exactly one shard; with one Redis there is one shard.
 local uv = require "luv"
 local core = require "longpoll.core"
+local Cache = require "longpoll.engine.redis.cache"
 local Link = require "longpoll.engine.redis.link"
 local Marks = require "longpoll.engine.redis.marks"
 local Position = require "longpoll.engine.redis.position"
@@ -43,7 +44,16 @@ function M.new(opts)
     idempotency = function(key) return prefix .. "k:" .. key end,
     idempotency_index = prefix .. "keys",
   }
-  self.position = Position.new(log)
+  -- the local cache keeps one buffer size and no TTL: off with a TTL or per-category rules
+  if opts.ttl_ms == 0 and cfg.cache and not opts.limits_of then
+    self.cache = Cache.new({ max_event_buffer_size = opts.max_event_buffer_size,
+      max_category_bytes = opts.max_category_bytes }, log)
+  end
+  self.position = Position.new(log, function()
+    if not self.cache then return end
+    self.cache:reset("Redis has a new epoch")
+    self.cache_from_next_message = true -- every later message reaches it: it starts there
+  end)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
   if not reply then
     local where = cfg.sentinels and ("master '%s' (Sentinel)"):format(cfg.master_name)
@@ -57,6 +67,10 @@ function M.new(opts)
     ready = function() self:_sync() end,
     pubsub_lost = function(why)
       self.msg_seq = nil
+      if self.cache then
+        self.cache:reset("pub/sub lost")
+        self.cache_from_next_message = false -- the next sync starts it
+      end
       self.waiters:all_owe_a_read()
       self.marks:fail_all(why)
     end,
@@ -64,7 +78,7 @@ function M.new(opts)
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
-    keys = self.keys, ttl_ms = opts.ttl_ms, limits_of = opts.limits_of, log = log }
+    cache = self.cache, keys = self.keys, ttl_ms = opts.ttl_ms, limits_of = opts.limits_of, log = log }
   self.link:start()
   return self
 end
@@ -81,7 +95,9 @@ function Shard:_sync()
       self.position:observe(reply[1], int(reply[2]), int(reply[3]))
       self.position:handed_out(int(reply[4]))
       self.link:set_online()
-      if not self.link.online then return end
+      if not self.link:is_online() then return end
+      -- pub/sub was subscribed before this mark ran: every later event reaches the cache
+      if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = int(reply[3]) }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
       self.waiters:fetch_owed()
     end)
@@ -96,6 +112,10 @@ function Shard:_on_event_message(ev)
   if self.msg_epoch == ev.epoch and self.msg_seq and ev.seq > self.msg_seq + 1 then
     self.log("warn", "pub/sub gap: reading missed events from Redis", { expected = self.msg_seq + 1, got = ev.seq })
     self.gaps = self.gaps + 1
+    if self.cache then
+      self.cache:reset("pub/sub gap")
+      self.cache_from_next_message = true
+    end
     self.waiters:all_owe_a_read()
     self.waiters:fetch_owed()
   end
@@ -103,6 +123,14 @@ function Shard:_on_event_message(ev)
     self.msg_epoch, self.msg_seq = ev.epoch, ev.seq
   end
   self.position:observe(ev.epoch, ev.ts, ev.seq)
+  if self.cache then
+    if self.cache_from_next_message and self.link:is_online() then
+      -- messages are contiguous from here on: the cache holds what comes after the one before
+      self.cache_from_next_message = false
+      self.cache:start({ epoch = ev.epoch, ts = ev.ts, seq = ev.seq - 1 })
+    end
+    self.cache:add(ev)
+  end
   self.waiters:on_event(ev)
   self.on_event(ev)
 end
@@ -209,6 +237,9 @@ function Shard:stats()
   s.waiters, s.fetches_in_flight, s.delivered = w.waiters, w.fetches_in_flight, w.delivered
   s.epoch, s.seq, s.last_timestamp, s.gaps = self.position.epoch, self.position.seq, self.position.ts, self.gaps
   s.pubsub_seq = self.msg_seq
+  if self.cache then
+    for k, v in pairs(self.cache:stats()) do s[k] = v end
+  end
   s.unreplicated = self.unreplicated
   return s
 end
@@ -222,9 +253,10 @@ function Shard:close(done)
   timer:start(0, 10, function()
     waited = waited + 10
     local busy = self.marks:busy() or self.waiters:stats().fetches_in_flight > 0
-    if busy and waited < CLOSE_WAIT_MS and self.link.online then return end
+    if busy and waited < CLOSE_WAIT_MS and self.link:is_online() then return end
     timer:close()
     self.marks:close("Redis engine is closed")
+    if self.cache then self.cache:close() end
     self.waiters:close("manager is shut down")
     self.link:close()
     done()

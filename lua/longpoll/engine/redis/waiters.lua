@@ -20,14 +20,14 @@ local M = {}
 
 -- parts = {
 --   store = a core store, the index of who waits on which category,
---   link = the Redis link, position = its Position, marks = its Marks,
+--   link = the Redis link, position = its Position, marks = its Marks, cache = its Cache or nil,
 --   keys = { clock = "...", stream = f(category), dropped = f(category) },
 --   ttl_ms = event TTL (0: forever), log = function(level, message, fields),
 --   limits_of = nil or function(category) -> { event_ttl_ms =, ... } (per-category rules),
 -- }
 function M.new(parts)
   return setmetatable({
-    store = parts.store, link = parts.link, position = parts.position, marks = parts.marks,
+    store = parts.store, link = parts.link, position = parts.position, marks = parts.marks, cache = parts.cache,
     keys = parts.keys, ttl_ms = parts.ttl_ms, limits_of = parts.limits_of, log = parts.log,
     by_handle = {}, by_id = {}, next_id = 0, count = 0, fetches = 0,
     delivered = 0, -- events handed out, once per subscriber (stats, the dashboard)
@@ -104,19 +104,30 @@ end
 
 -- A new waiter. fields: categories (a list), since, last_id (lower case), and on_answer (a long
 -- poll) or on_events + follow = true (a stream). Without since it starts at the node's
--- position; with it, a read resolves it. Returns its id or nil, message, code.
+-- position; with it, the local cache or a read resolves it. Returns its id (0: answered
+-- already, from the cache) or nil, message, code.
 function Waiters:add(w)
+  local cached, x
+  if self.cache and w.since ~= nil and not w.follow then
+    cached, x = self.cache:answer(w.categories, w.since, w.last_id)
+    if cached == "events" then
+      call(self.log, w.on_answer, x)
+      return 0
+    end
+  end
   local ok, err, code = self:_wait(w)
   if not ok then return nil, err, code end
   self.next_id = self.next_id + 1
   w.id = self.next_id
   self.by_id[w.id] = w
   self.count = self.count + 1
-  if w.since == nil then
+  if cached == "wait" then
+    w.cursor = x -- the cache holds everything up to there: nothing after the client's cursor yet
+  elseif w.since == nil then
     w.cursor = self.position:cursor()
     -- pub/sub may have missed events, which only a read can tell
-    if not self.link.online then w.needs_fetch = true end
-  elseif self.link.online then
+    if not self.link:is_online() then w.needs_fetch = true end
+  elseif self.link:is_online() then
     self:_fetch({ w })
   else
     w.needs_fetch = true
@@ -196,6 +207,17 @@ local function cursor_args(w)
   return { "since", ("%d"):format(since), plus1, w.last_id or "" }
 end
 
+-- The events of a read's reply (after its 4 header values): ts, category index, id, data.
+local function read_events(reply, cats)
+  local events = {}
+  for i = 5, #reply - 3, 4 do
+    local ts, category, id, data_json = tointeger(tonumber(reply[i])), cats[tointeger(reply[i + 1])], reply[i + 2], reply[i + 3]
+    events[#events + 1] = { ts = ts, id = id, category = category, data_json = data_json,
+      json = event_json(ts, category, data_json, id) }
+  end
+  return events
+end
+
 -- Reads from Redis what the waiters of group (same categories, same cursor) missed. Each keeps
 -- waiting meanwhile; events arriving meanwhile are kept beside it (pending) until the answer
 -- tells which of them are new to it.
@@ -225,26 +247,21 @@ function Waiters:_fetch(group)
     w.fetching, w.needs_fetch = true, false
     w.pending = w.pending or {}
   end
+  -- a first read of one category may fill the local cache with what Redis holds
+  local warm = self.cache and #cats == 1 and w1.cursor == nil and not w1.follow and w1.since
   self.fetches = self.fetches + 1
   local ok = self.link:script("fetch", keys, args, function(reply, err)
     self.fetches = self.fetches - 1
+    if warm and not err then
+      self.cache:warm(cats[1], warm, read_events(reply, cats), reply[4] == 1,
+        { epoch = reply[1], ts = tointeger(tonumber(reply[2])), seq = tointeger(tonumber(reply[3])) })
+    end
     self:_fetched(group, cats, reply, err)
   end)
   if not ok then
     self.fetches = self.fetches - 1
     for _, w in ipairs(group) do w.fetching, w.needs_fetch = false, true end
   end
-end
-
--- The events of a read's reply (after its 4 header values): ts, category index, id, data.
-local function read_events(reply, cats)
-  local events = {}
-  for i = 5, #reply - 3, 4 do
-    local ts, category, id, data_json = tointeger(tonumber(reply[i])), cats[tointeger(reply[i + 1])], reply[i + 2], reply[i + 3]
-    events[#events + 1] = { ts = ts, id = id, category = category, data_json = data_json,
-      json = event_json(ts, category, data_json, id) }
-  end
-  return events
 end
 
 function Waiters:_fetched(group, cats, reply, err)
@@ -279,7 +296,7 @@ function Waiters:_fetched(group, cats, reply, err)
           -- a gap or a lost pub/sub connection while this read was in flight: events may be
           -- missing before the pending ones, so read again (they stay pending meanwhile)
           w.pending = new
-          if self.link.online then
+          if self.link:is_online() then
             self:_fetch({ w })
           elseif w.expired then
             self:_settle_timeout(w, self:offline_time(w))
@@ -311,7 +328,7 @@ function Waiters:_followed(w, reply, read, pending)
     end
   end
   if #events > 0 then self:_deliver(w, events, reply[4] == 1) end
-  if not w.done and w.needs_fetch and not w.fetching and self.link.online then self:_fetch({ w }) end
+  if not w.done and w.needs_fetch and not w.fetching and self.link:is_online() then self:_fetch({ w }) end
 end
 
 -- Reads again for every waiter that needs it, one read per (categories, cursor) group.
@@ -355,7 +372,7 @@ function Waiters:on_event(ev)
         if w.fetching then w.pending[#w.pending + 1] = ev end
         self:_rewait(w)
         -- a read owed while online (an earlier one failed): do it now
-        if not w.done and not w.fetching and self.link.online then self:_fetch({ w }) end
+        if not w.done and not w.fetching and self.link:is_online() then self:_fetch({ w }) end
       elseif after(w.cursor, ev) then
         self:_deliver(w, { ev })
       else
@@ -388,7 +405,7 @@ function Waiters:timeout(w)
   if w.done then return self:_settle_timeout(w, self.position:known_time()) end
   w.expired = true
   if w.fetching then return end -- the read's answer settles it
-  if w.needs_fetch or not self.link.online then return self:_settle_timeout(w, self:offline_time(w)) end
+  if w.needs_fetch or not self.link:is_online() then return self:_settle_timeout(w, self:offline_time(w)) end
   self.marks:request(function(T)
     if w.done or not T then return self:_settle_timeout(w, T or self:offline_time(w)) end
     if w.fetching then
