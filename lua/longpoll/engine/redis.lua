@@ -297,11 +297,13 @@ function Engine:stats(with_categories)
   local s = self.store_closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
-  local delivered = 0
+  local delivered, keys = 0, 0
   for i, shard in ipairs(self.shards) do
     shards[i] = shard:stats()
     online = online and shards[i].online
     delivered = delivered + shards[i].delivered
+    keys = keys + shards[i].idempotency_keys
+    if not self.closed then shard:refresh_key_count() end
   end
   -- this node's figures: its own stored publishes, the events it handed to its subscribers
   s.published, s.delivered = self.published, delivered
@@ -310,6 +312,8 @@ function Engine:stats(with_categories)
   local idem = self.idempotency
   s.idempotency_in_flight, s.idempotency_replays, s.idempotency_conflicts =
     idem.in_flight_count, idem.replays, idem.conflicts
+  -- the keys live in Redis: their count as Redis answered the previous stats call
+  s.idempotency_keys = keys
   return s
 end
 

@@ -241,7 +241,20 @@ function Shard:stats()
     for k, v in pairs(self.cache:stats()) do s[k] = v end
   end
   s.unreplicated = self.unreplicated
+  s.idempotency_keys = self.idempotency_keys or 0
   return s
+end
+
+-- Asks Redis how many Idempotency-Keys it keeps (ZCARD of their index), for the next stats:
+-- stats are synchronous, so they report the count of the previous ask.
+function Shard:refresh_key_count()
+  if self.counting_keys or not self.link:can_send() then return end
+  self.counting_keys = true
+  local ok = self.link:command({ "ZCARD", self.keys.idempotency_index }, function(n)
+    self.counting_keys = false
+    if math.type(n) == "integer" then self.idempotency_keys = n end
+  end)
+  if not ok then self.counting_keys = false end
 end
 
 -- Waits (briefly) for reads and marks in flight, ends the waiters left, closes the link, then
