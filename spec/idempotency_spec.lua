@@ -38,7 +38,9 @@ local function start_node(options, url)
   for k, v in pairs(options or {}) do o[k] = v end
   local transport = holding_transport()
   if url then
-    o.redis = { url = url, transport = transport.option }
+    -- cache = false: a read right after a publish goes to Redis (the node-local cache may not
+    -- have the event from pub/sub yet; the read-path specs of the Redis engine do the same)
+    o.redis = { url = url, transport = transport.option, cache = false }
     for k, v in pairs(FAST) do o.redis[k] = v end
   end
   local m = assert(longpoll.start(o))
