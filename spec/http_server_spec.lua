@@ -338,7 +338,7 @@ describe("http server", function()
   end)
 
   it("answers 503 over max_connections", function()
-    with_server({ max_connections = 2 }, function(srv)
+    with_server({ max_connections = 2, reserve_connections = 0 }, function(srv)
       srv:route("GET", "/", function(_, res)
         res:send(200, "ok")
       end)
@@ -359,6 +359,39 @@ describe("http server", function()
       local status = async.http(port, { path = "/" })
       assert.same(200, status)
       b:close()
+    end)
+  end)
+
+  it("serves immediate answers from the reserve above max_connections, 503 to those that would wait", function()
+    with_server({ max_connections = 2, reserve_connections = 2 }, function(srv)
+      srv:route("GET", "/", function(_, res)
+        res:send(200, "ok")
+      end)
+      srv:route("GET", "/wait", function(_, res)
+        res:on_close(function() end)
+      end)
+    end, function(srv, port)
+      local a, b = async.connect(port), async.connect(port)
+      for _, c in ipairs{ a, b } do
+        c:send("GET /wait HTTP/1.1\r\n\r\n")
+      end
+      assert.is_true(async.wait_for(function() return srv:connection_count() == 2 end, 3000))
+      -- the waiting clients fill max_connections: a short request is still answered
+      local status, _, body = async.http(port, { path = "/" })
+      assert.same(200, status)
+      assert.same("ok", body)
+      -- one that would wait is refused, with its handler's on_close run
+      local data, closed = async.raw(port, "GET /wait HTTP/1.1\r\n\r\n")
+      assert.matches("^HTTP/1.1 503 ", data)
+      assert.matches('{"error":"too many connections"}$', data)
+      assert.is_true(closed)
+      -- above max_connections + reserve_connections: 503 before any request, never a silent close
+      local c, d = async.connect(port), async.connect(port)
+      assert.is_true(async.wait_for(function() return srv:connection_count() == 4 end, 3000))
+      data, closed = async.raw(port, "GET / HTTP/1.1\r\n\r\n")
+      assert.matches("^HTTP/1.1 503 ", data)
+      assert.is_true(closed)
+      for _, x in ipairs{ a, b, c, d } do x:close() end
     end)
   end)
 

@@ -1,6 +1,7 @@
 -- The response object handlers answer through: send() for a whole body, write_head/write/finish
 -- for streams. It may be answered long after the handler returned (long poll); the connection
--- (longpoll.server) is told through conn:write(), conn:response_done() and conn:abort().
+-- (the C engine's handle, see longpoll.server) is told through conn:write(), conn:done(keep),
+-- conn:attach(res) (for on_close) and conn:abort().
 local cjson = require "cjson"
 local util = require "longpoll.http.util"
 
@@ -10,13 +11,10 @@ local encode, status_text, http_date = cjson.encode, util.status_text, util.http
 
 local response = {}
 
--- A streaming client that lets this much pile up unread is cut off rather than buffered forever.
-local MAX_STREAM_BACKLOG = 8 * 1024 * 1024
-
 local Response = {}
 Response.__index = Response
 
--- conn: the connection (longpoll.server); req: the request, or nil for errors found while parsing
+-- conn: the connection's handle (core.http_server); req: the request, or nil for errors found while parsing
 -- (those always close the connection).
 function response.new(conn, req)
   return setmetatable({ _conn = conn, _req = req, sent = false }, Response)
@@ -68,10 +66,11 @@ end
 -- fn() runs once if the client goes away before the response is complete.
 function Response:on_close(fn)
   self._on_close = fn
+  self._conn:attach(self)
 end
 
 function Response:is_open()
-  return not self._conn.closed
+  return self._conn:is_open()
 end
 
 local status_lines = setmetatable({}, {
@@ -124,7 +123,7 @@ local function open_conn(self)
     return nil, "already sent"
   end
   local conn = self._conn
-  if conn.closed then
+  if not conn:is_open() then
     return nil, "closed"
   end
   return conn
@@ -180,13 +179,13 @@ function Response:send(status, body)
   else
     conn:write({ head, body })
   end
-  conn:response_done(self, keep)
+  conn:done(keep)
   return true
 end
 
 -- A constant block of headers, checked once: list = { { name, value }, ... }. Answers that
 -- always carry the same headers (the manager's JSON answers) write it as it is with
--- res:_send_block, instead of setting each header on each response.
+-- res:send_block, instead of setting each header on each response.
 function response.header_block(list)
   local lines, values = {}, {}
   for i = 1, #list do
@@ -218,7 +217,7 @@ local length_lines = setmetatable({}, {
 -- send() for a string body and the headers of a block (see response.header_block): one string,
 -- one write. A response that has headers of its own (set by a wrapper: CORS, say) gets the
 -- block's headers set over them and goes through send(), as does a status without a body.
-function Response:_send_block(status, block, body)
+function Response:send_block(status, block, body)
   local status_line = rawget(status_lines, status)
   if not status_line then
     check_status(status)
@@ -251,12 +250,12 @@ function Response:_send_block(status, block, body)
     local length = n < LENGTH_LINES_MAX and length_lines[n] or "Content-Length: " .. n .. "\r\n"
     conn:write(status_line .. block.text .. length .. date_line() .. connection .. "\r\n" .. body)
   end
-  conn:response_done(self, keep)
+  conn:done(keep)
   return true
 end
 
 -- One answer for many responses (a publish waking its subscribers): status line, block,
--- Content-Length, Date and body, for a keep-alive HTTP/1.1 response (see _send_shared).
+-- Content-Length, Date and body, for a keep-alive HTTP/1.1 response (see send_shared).
 function response.shared_answer(status, block, body)
   check_status(status)
   return status_lines[status] .. block.text .. "Content-Length: " .. #body .. "\r\n" .. date_line() .. "\r\n"
@@ -265,16 +264,16 @@ end
 
 -- Writes an answer made by response.shared_answer with that block, when it fits this response
 -- as it is: no headers of its own, a keep-alive HTTP/1.1 GET. Returns false (nothing sent)
--- otherwise; the caller then uses _send_block.
-function Response:_send_shared(answer, block)
+-- otherwise; the caller then uses send_block.
+function Response:send_shared(answer, block)
   local req, conn = self._req, self._conn
-  if self._h or self.sent or conn.closed or not req or not req.keep_alive or req.version ~= "1.1"
+  if self._h or self.sent or not conn:is_open() or not req or not req.keep_alive or req.version ~= "1.1"
     or req.method == "HEAD" or not conn:may_keep_alive() then
     return false
   end
   self.sent, self._done, self._block = true, true, block
   conn:write(answer)
-  conn:response_done(self, true)
+  conn:done(true)
   return true
 end
 
@@ -305,22 +304,17 @@ function Response:write(chunk)
     return nil, "finished"
   end
   local conn = self._conn
-  if conn.closed then
+  if not conn:is_open() then
     return nil, "closed"
   end
   if #chunk == 0 or self._head_only then
     return true
   end
-  if conn:backlog() > MAX_STREAM_BACKLOG then
-    conn:abort()
-    return nil, "client too slow"
-  end
+  -- a client that lets the engine's output budget pile up unread is cut off: nil, message
   if self._chunked then
-    conn:write({ format("%x\r\n", #chunk), chunk, "\r\n" })
-  else
-    conn:write(chunk)
+    return conn:write({ format("%x\r\n", #chunk), chunk, "\r\n" })
   end
-  return true
+  return conn:write(chunk)
 end
 
 function Response:finish()
@@ -332,14 +326,18 @@ function Response:finish()
   end
   self._done = true
   local conn = self._conn
-  if conn.closed then
+  if not conn:is_open() then
     return nil, "closed"
   end
   if self._chunked and not self._head_only then
     conn:write("0\r\n\r\n")
   end
-  conn:response_done(self, self._keep)
+  conn:done(self._keep)
   return true
 end
+
+-- The names the manager used before they were public (until it calls the public ones).
+Response._send_block = Response.send_block
+Response._send_shared = Response.send_shared
 
 return response
