@@ -121,11 +121,14 @@ describe("answers", function()
     with_server({}, function(t)
       local conn = subscribe(t.port, "GET /events?category=idle&timeout=20 HTTP/1.1\r\nHost: x\r\n\r\n")
       assert(async.wait_for(function() return t.manager:stats().waiting == 1 end, 5000))
-      local sconn = next(t.srv._conns)
-      assert.is_nil(sconn.parser) -- dropped while the long poll waits
+      local info = t.srv:connections()[1]
+      assert.equals("answering", info.phase)
+      assert.equals(0, info.memory) -- the parser's buffers go while the long poll waits
       t.manager:publish("idle", 1)
       assert.equals(200, (conn:read_response()))
-      assert.is_nil(sconn.parser) -- and not made again until bytes arrive
+      info = t.srv:connections()[1]
+      assert.equals("reading", info.phase)
+      assert.equals(0, info.memory) -- and are not made again until bytes arrive
       conn:send("GET /events?category=idle&timeout=5&since_time=0 HTTP/1.1\r\nHost: x\r\n\r\n")
       assert.equals(200, (conn:read_response()))
       conn:close()

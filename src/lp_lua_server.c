@@ -242,6 +242,10 @@ static void on_shutdown(uv_shutdown_t *req, int status) {
 
 static void host_shutdown(void *ud) {
   sconn *s = ud;
+  if (s->counted) { /* a closing connection serves nobody: it no longer counts against the caps */
+    s->counted = 0;
+    s->srv->count--;
+  }
   s->shutdown_req.data = s;
   if (uv_shutdown(&s->shutdown_req, (uv_stream_t *)&s->tcp, on_shutdown) != 0) lp_conn_abort(&s->conn);
 }
