@@ -60,14 +60,25 @@ $(BUILD)/test_http_plain: tests/test_http.c $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_http.c $(CORE_SRC) -o $@
 
-test-c: $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain
+$(BUILD)/test_conn: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_conn.c $(CORE_SRC) -o $@
+
+$(BUILD)/test_conn_plain: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g -Isrc tests/test_conn.c $(CORE_SRC) -o $@
+
+C_TESTS := $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain \
+           $(BUILD)/test_conn $(BUILD)/test_conn_plain
+
+test-c: $(C_TESTS)
 	@scripts/run-tests c
 
 test-lua: build
 	@scripts/run-tests lua
 
 # `make test`: deps, build, C tests (ASan+UBSan, then valgrind), every busted spec, one summary line.
-test: deps build $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain
+test: deps build $(C_TESTS)
 	@scripts/run-tests all
 
 $(BUILD)/asan/longpoll/core.so: $(CORE_SRC) $(LUA_SRC) $(CORE_HDR)

@@ -171,10 +171,10 @@ static int save_head(lp_conn *c, const lp_http_event *ev) {
   }
   /* b has room for everything: the offsets below stay valid */
   c->head = *ev;
-#define COPY(dst, src)                                   \
-  do {                                                   \
-    (dst).ptr = b->data + b->len;                        \
-    (dst).len = (src).len;                               \
+#define COPY(dst, src)                                       \
+  do {                                                       \
+    (dst).ptr = b->data + b->len;                            \
+    (dst).len = (src).len;                                   \
     lp_buf_append(b, (src).ptr ? (src).ptr : "", (src).len); \
   } while (0)
   COPY(c->head.method, ev->method);
@@ -298,9 +298,7 @@ void lp_conn_peer_eof(lp_conn *c, uint64_t now) {
       c->peer_eof = 1;
       if (c->fin_sent) close_now(c);
       return;
-    case LP_CONN_ANSWERING: /* the client left while its answer was pending (a long poll) */
-      close_now(c);
-      return;
+    case LP_CONN_ANSWERING: /* the client left while its answer was pending (a long poll) */ close_now(c); return;
     default:
       c->peer_eof = 1;
       if (!c->paused && !c->scheduled) process(c, now);

@@ -61,15 +61,15 @@ typedef struct lp_conn {
   lp_http_parser parser;
   int phase;
   int deadline_kind;
-  uint64_t deadline; /* ms, in the host's clock; meaningful when deadline_kind != LP_DL_NONE */
-  unsigned paused : 1;      /* output above high_water: the next request waits for a drain */
-  unsigned scheduled : 1;   /* host->schedule was called and lp_conn_resume has not run */
-  unsigned peer_eof : 1;    /* the client sent FIN */
-  unsigned fin_sent : 1;    /* our FIN went out */
-  unsigned continued : 1;   /* "100 Continue" was sent for the request being read */
+  uint64_t deadline;         /* ms, in the host's clock; meaningful when deadline_kind != LP_DL_NONE */
+  unsigned paused : 1;       /* output above high_water: the next request waits for a drain */
+  unsigned scheduled : 1;    /* host->schedule was called and lp_conn_resume has not run */
+  unsigned peer_eof : 1;     /* the client sent FIN */
+  unsigned fin_sent : 1;     /* our FIN went out */
+  unsigned continued : 1;    /* "100 Continue" was sent for the request being read */
   unsigned no_keepalive : 1; /* the server is closing: answers end the connection */
-  unsigned keep : 1;        /* the pending request allows keep-alive */
-  unsigned in_request : 1;  /* inside host->request */
+  unsigned keep : 1;         /* the pending request allows keep-alive */
+  unsigned in_request : 1;   /* inside host->request */
   /* The head of a request whose body is still arriving: the parser's buffer moves as bytes are
    * pushed, so its slices are copied here (ev.headers points into head_headers). */
   lp_http_event head;

@@ -8,8 +8,8 @@
 #include "lp_json.h"
 #include "lp_store.h"
 
-int lp_lua_json_encode(lua_State *L); /* lp_lua_json.c */
-void lp_lua_http_open(lua_State *L);  /* lp_lua_http.c */
+int lp_lua_json_encode(lua_State *L);  /* lp_lua_json.c */
+void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
 void lp_lua_server_open(lua_State *L); /* lp_lua_server.c */
 
 #define STORE_MT "longpoll.Store"

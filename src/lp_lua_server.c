@@ -6,6 +6,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -13,32 +14,34 @@
 #include <uv.h>
 
 #include "lp_conn.h"
-
-/* lua-luv-dev's luv.h pulls in lua.h paths that differ between Lua versions; this is the one
- * function we need from it (liblua5.4-luv). */
-uv_loop_t *luv_loop(lua_State *L);
+/* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstrict-prototypes"
+#include "luv/lhandle.h"
+#pragma GCC diagnostic pop
 
 void lp_lua_http_push_request(lua_State *L, const lp_http_event *head, lp_slice body, const char *remote_addr);
 
 #define SERVER_MT "longpoll.HttpServer"
 #define CONN_MT "longpoll.HttpConn"
+#define SHADOW_MT "longpoll.HttpServerHandles"
 #define READ_BUFFER 65536
 
 typedef struct server server;
 
 typedef struct sconn {
-  uv_tcp_t tcp;
+  uv_tcp_t tcp; /* first: a handle is its connection */
   uv_shutdown_t shutdown_req;
   lp_conn conn;
   server *srv;
-  size_t queued;  /* bytes handed to uv_write and not completed */
-  int box_ref;    /* registry ref of the Lua handle (longpoll.HttpConn) */
+  size_t queued; /* bytes handed to uv_write and not completed */
+  int box_ref;   /* registry ref of the Lua handle (longpoll.HttpConn) */
   uint64_t id;
   size_t request_bytes; /* written for the current request */
   unsigned reserve : 1; /* admitted above max_connections: served only for immediate answers */
   unsigned counted : 1;
   unsigned handle_closing : 1;
-  struct sconn *prev, *next;           /* every connection whose handle is open */
+  struct sconn *prev, *next;             /* every connection whose handle is open */
   struct sconn *sched_prev, *sched_next; /* waiting for lp_conn_resume */
   int in_sched;
   char remote[64];
@@ -49,7 +52,12 @@ typedef struct conn_box {
 } conn_box;
 
 struct server {
-  lua_State *L; /* main thread */
+  /* luv owns the loop and reads every handle's data as its own luv_handle_t (uv.walk, the
+   * loop's collection at exit): each of ours points here, at a record whose userdata is the
+   * server's shadow object (see SHADOW_MT). Our callbacks find their struct by address. */
+  luv_handle_t walk;
+  struct server **shadow; /* the shadow object's pointer to us */
+  lua_State *L;           /* main thread */
   uv_loop_t *loop;
   uv_tcp_t listener;
   uv_timer_t sweep;
@@ -143,8 +151,10 @@ static void sched_remove(sconn *s) {
   s->in_sched = 0;
 }
 
+#define SERVER_OF(handle, field) ((server *)((char *)(handle)-offsetof(server, field)))
+
 static void on_turn(uv_idle_t *h) {
-  server *srv = h->data;
+  server *srv = SERVER_OF(h, turn);
   /* Take the whole list: connections scheduled while it runs wait for the next turn. */
   sconn *list = srv->sched_head;
   srv->sched_head = NULL;
@@ -251,7 +261,7 @@ static void host_shutdown(void *ud) {
 }
 
 static void on_conn_closed(uv_handle_t *h) {
-  sconn *s = h->data;
+  sconn *s = (sconn *)h;
   server *srv = s->srv;
   if (s->prev)
     s->prev->next = s->next;
@@ -355,21 +365,21 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   }
 }
 
-static const lp_conn_host HOST = {host_request, host_write, host_queued, host_shutdown,
-                                  host_close,   host_schedule, host_gone, host_date};
+static const lp_conn_host HOST = {host_request, host_write,    host_queued, host_shutdown,
+                                  host_close,   host_schedule, host_gone,   host_date};
 
 /* ---------------------------------------------------------------------------------------------
  * Accepting */
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
   (void)suggested;
-  sconn *s = h->data;
+  sconn *s = (sconn *)h;
   buf->base = s->srv->read_buffer;
   buf->len = READ_BUFFER;
 }
 
 static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
-  sconn *s = stream->data;
+  sconn *s = (sconn *)stream;
   uint64_t now = now_ms(s->srv);
   if (nread > 0)
     lp_conn_received(&s->conn, buf->base, (size_t)nread, now);
@@ -408,7 +418,7 @@ static void log_refused(server *srv) {
 }
 
 static void on_connection(uv_stream_t *listener, int status) {
-  server *srv = listener->data;
+  server *srv = SERVER_OF(listener, listener);
   if (status < 0) {
     log_line(srv, "warn", "accept failed", "code", status);
     return;
@@ -419,7 +429,7 @@ static void on_connection(uv_stream_t *listener, int status) {
   s->srv = srv;
   s->box_ref = LUA_NOREF;
   uv_tcp_init(srv->loop, &s->tcp);
-  s->tcp.data = s;
+  s->tcp.data = &srv->walk;
   srv->handles++;
   s->next = srv->conns;
   if (srv->conns) srv->conns->prev = s;
@@ -453,7 +463,7 @@ static void on_connection(uv_stream_t *listener, int status) {
  * Server lifetime */
 
 static void on_sweep(uv_timer_t *t) {
-  server *srv = t->data;
+  server *srv = SERVER_OF(t, sweep);
   uint64_t now = now_ms(srv);
   sconn *s = srv->conns;
   /* closing only starts uv_close: every node stays valid until its close callback */
@@ -464,11 +474,13 @@ static void on_sweep(uv_timer_t *t) {
   }
 }
 
-static void on_server_handle_closed(uv_handle_t *h) {
-  server *srv = h->data;
+static void server_handle_closed(server *srv) {
   srv->handles--;
   maybe_closed(srv);
 }
+static void on_listener_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, listener)); }
+static void on_sweep_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, sweep)); }
+static void on_turn_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, turn)); }
 
 static void finish_close(server *srv) {
   lua_State *L = srv->L;
@@ -487,6 +499,10 @@ static void finish_close(server *srv) {
   }
   luaL_unref(L, LUA_REGISTRYINDEX, srv->log_ref);
   srv->log_ref = LUA_NOREF;
+  if (srv->shadow) *srv->shadow = NULL; /* a spec may keep it after the server is gone */
+  srv->shadow = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, srv->walk.ref);
+  srv->walk.ref = LUA_NOREF;
   luaL_unref(L, LUA_REGISTRYINDEX, self); /* the userdata may be collected from now on */
 }
 
@@ -495,8 +511,8 @@ static void maybe_closed(server *srv) {
   /* The sweep timer and the turn outlive the connections (they cut those that never read). */
   if (srv->conns == NULL && srv->listening) {
     srv->listening = 0;
-    uv_close((uv_handle_t *)&srv->sweep, on_server_handle_closed);
-    uv_close((uv_handle_t *)&srv->turn, on_server_handle_closed);
+    uv_close((uv_handle_t *)&srv->sweep, on_sweep_closed);
+    uv_close((uv_handle_t *)&srv->turn, on_turn_closed);
     return;
   }
   if (srv->handles == 0) finish_close(srv);
@@ -546,6 +562,8 @@ static int l_http_server(lua_State *L) {
   if (!srv) return luaL_error(L, "out of memory");
   *p = srv;
   srv->dispatch_ref = srv->gone_ref = srv->log_ref = srv->close_ref = srv->self_ref = LUA_NOREF;
+  srv->walk.ref = srv->walk.callbacks[0] = srv->walk.callbacks[1] = LUA_NOREF;
+  srv->walk.ctx = luv_context(L);
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   srv->L = lua_tothread(L, -1);
   lua_pop(L, 1);
@@ -593,7 +611,7 @@ static int server_listen(lua_State *L) {
   int rc = uv_ip4_addr(srv->host, srv->port, (struct sockaddr_in *)&addr);
   if (rc != 0) rc = uv_ip6_addr(srv->host, srv->port, (struct sockaddr_in6 *)&addr);
   uv_tcp_init(srv->loop, &srv->listener);
-  srv->listener.data = srv;
+  srv->listener.data = &srv->walk;
   if (rc == 0) rc = uv_tcp_bind(&srv->listener, (struct sockaddr *)&addr, 0);
   if (rc == 0) rc = uv_listen((uv_stream_t *)&srv->listener, 1024, on_connection);
   if (rc != 0) {
@@ -613,20 +631,26 @@ static int server_listen(lua_State *L) {
   signal(SIGPIPE, SIG_IGN);
   /* One timer for every deadline; its period follows the shortest timeout, so short test
    * timeouts stay accurate; unref'd, it never keeps the loop alive by itself. */
-  uint64_t shortest = srv->config.header_timeout_ms < srv->config.keepalive_timeout_ms ? srv->config.header_timeout_ms
-                                                                                        : srv->config.keepalive_timeout_ms;
+  uint64_t shortest = srv->config.header_timeout_ms < srv->config.keepalive_timeout_ms
+                          ? srv->config.header_timeout_ms
+                          : srv->config.keepalive_timeout_ms;
   uint64_t period = shortest / 4;
   if (period > 1000) period = 1000;
   if (period < 10) period = 10;
   uv_timer_init(srv->loop, &srv->sweep);
-  srv->sweep.data = srv;
+  srv->sweep.data = &srv->walk;
   uv_timer_start(&srv->sweep, on_sweep, period, period);
   uv_unref((uv_handle_t *)&srv->sweep);
   uv_idle_init(srv->loop, &srv->turn);
-  srv->turn.data = srv;
+  srv->turn.data = &srv->walk;
   srv->handles += 2;
   lua_pushvalue(L, 1);
   srv->self_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* kept while handles are open */
+  server **shadow = lua_newuserdatauv(L, sizeof *shadow, 0);
+  *shadow = srv;
+  srv->shadow = shadow;
+  luaL_setmetatable(L, SHADOW_MT);
+  srv->walk.ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushinteger(L, srv->port);
   return 1;
 }
@@ -655,7 +679,7 @@ static int server_close(lua_State *L) {
     finish_close(srv);
     return 0;
   }
-  uv_close((uv_handle_t *)&srv->listener, on_server_handle_closed);
+  uv_close((uv_handle_t *)&srv->listener, on_listener_closed);
   uint64_t now = now_ms(srv);
   sconn *s = srv->conns;
   while (s) {
@@ -798,16 +822,43 @@ static int conn_queued(lua_State *L) {
   return 1;
 }
 
+/* What uv.walk hands to Lua for each of the server's handles: one object per server that says
+ * what they are. */
+static int shadow_get_type(lua_State *L) {
+  lua_pushliteral(L, "longpoll_http");
+  return 1;
+}
+static int shadow_is_closing(lua_State *L) {
+  server **p = luaL_checkudata(L, 1, SHADOW_MT);
+  lua_pushboolean(L, *p == NULL || (*p)->closing);
+  return 1;
+}
+static int shadow_is_active(lua_State *L) {
+  server **p = luaL_checkudata(L, 1, SHADOW_MT);
+  lua_pushboolean(L, *p != NULL);
+  return 1;
+}
+static int shadow_tostring(lua_State *L) {
+  server **p = luaL_checkudata(L, 1, SHADOW_MT);
+  if (*p)
+    lua_pushfstring(L, "longpoll_http: %d handles, port %d", (*p)->handles, (*p)->port);
+  else
+    lua_pushliteral(L, "longpoll_http: closed");
+  return 1;
+}
+static const luaL_Reg shadow_methods[] = {
+    {"get_type", shadow_get_type}, {"is_closing", shadow_is_closing}, {"is_active", shadow_is_active}, {NULL, NULL}};
+
 static const luaL_Reg server_methods[] = {{"listen", server_listen},
                                           {"close", server_close},
                                           {"connection_count", server_connection_count},
                                           {"connections", server_connections},
                                           {NULL, NULL}};
 
-static const luaL_Reg conn_methods[] = {{"write", conn_write},   {"done", conn_done},
-                                        {"attach", conn_attach}, {"abort", conn_abort},
+static const luaL_Reg conn_methods[] = {{"write", conn_write},     {"done", conn_done},
+                                        {"attach", conn_attach},   {"abort", conn_abort},
                                         {"is_open", conn_is_open}, {"may_keep_alive", conn_may_keep_alive},
-                                        {"queued", conn_queued}, {NULL, NULL}};
+                                        {"queued", conn_queued},   {NULL, NULL}};
 
 /* Raises the soft limit of open files to the hard one; returns the limit now in force. */
 static int l_raise_nofile(lua_State *L) {
@@ -825,7 +876,8 @@ static int l_raise_nofile(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg functions[] = {{"http_server", l_http_server}, {"raise_nofile_limit", l_raise_nofile}, {NULL, NULL}};
+static const luaL_Reg functions[] = {
+    {"http_server", l_http_server}, {"raise_nofile_limit", l_raise_nofile}, {NULL, NULL}};
 
 /* Adds core.http_server to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_server_open(lua_State *L) {
@@ -834,6 +886,13 @@ void lp_lua_server_open(lua_State *L) {
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, server_gc);
     lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, SHADOW_MT)) {
+    luaL_newlib(L, shadow_methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, shadow_tostring);
+    lua_setfield(L, -2, "__tostring");
   }
   lua_pop(L, 1);
   if (luaL_newmetatable(L, CONN_MT)) {

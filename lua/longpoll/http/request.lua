@@ -48,11 +48,15 @@ end
 
 -- Turns a parsed request (a table from the C engine or longpoll.http.parser, which already holds
 -- the decoded path and query) into a request object in place. Returns it, or nil, message when
--- its target could not be decoded (the caller answers 400).
-function request.new(parsed)
+-- its target could not be decoded (the caller answers 400). remote_addr: "ip:port" of the client,
+-- when the table does not carry it already.
+function request.new(parsed, remote_addr)
   local err = parsed._target_error
   if err then
     return nil, err
+  end
+  if remote_addr then
+    parsed.remote_addr = remote_addr
   end
   return setmetatable(parsed, Request)
 end
