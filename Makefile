@@ -20,9 +20,10 @@ HOST      ?= 127.0.0.1
 PORT      ?= 8101
 
 DEBIAN_PACKAGES := lua5.4 liblua5.4-dev lua-cjson lua-luv lua-luv-dev libuv1-dev lua-busted luarocks \
-                   gcc make valgrind libhiredis-dev lua-check clang-format clang libclang-rt-14-dev
+                   gcc make valgrind libhiredis-dev lua-check clang-format clang libclang-rt-14-dev \
+                   redis-server redis-sentinel chromium nodejs npm stress-ng
 
-.PHONY: all deps build test test-c test-lua test-asan valgrind run bench soak fuzz lint clean
+.PHONY: all deps build test test-c test-lua test-asan test-stress valgrind run bench soak fuzz lint clean
 
 all: build
 
@@ -91,6 +92,11 @@ $(BUILD)/asan/longpoll/hiredis.so: src/lp_hiredis.c
 
 test-asan: deps $(BUILD)/asan/longpoll/core.so $(BUILD)/asan/longpoll/hiredis.so
 	@scripts/run-tests asan
+
+# The busted suite (plain and ASan) while stress-ng loads both cores, RUNS times in a row
+# (default 3): the suite must not depend on an idle machine.
+test-stress: deps build $(BUILD)/asan/longpoll/core.so $(BUILD)/asan/longpoll/hiredis.so
+	@scripts/test-stress-suite $(or $(RUNS),3)
 
 # Long-running jobs, not part of `make test`; each prints progress as it goes.
 bench: deps build

@@ -64,7 +64,7 @@ local function recording(log)
 end
 
 local function waiting(manager)
-  return next(manager.waiting) ~= nil
+  return manager:stats().waiting > 0
 end
 
 describe("longpoll.client", function()
@@ -79,8 +79,15 @@ describe("longpoll.client", function()
         published[#published + 1] = t.manager:publish("news", "event " .. round)
         t.manager:publish("other", "not for us")
         wait_until("event " .. round, function() return #seen == round end)
-        -- let the next poll time out at least once before the next event
-        async.sleep(1300)
+        -- the next poll times out before the next event: wait for the poll that continues from
+        -- a timeout answer's timestamp
+        wait_until("a poll after a timeout", function()
+          for i = #requests, 1, -1 do
+            local since = tonumber(requests[i].query.since_time)
+            if since and since > seen[round].timestamp then return true end
+          end
+          return false
+        end, 10000)
       end
       c:stop()
       assert.same(ids(published), ids(seen))

@@ -368,6 +368,8 @@ describe("robustness: bad input over a real socket", function()
   end)
 
   it("slow-drip clients: a head dripping one byte every 100 ms gets 408 at header_timeout_ms", function()
+    -- header_timeout_ms is 1 s here: the head is ~150 bytes, so a drip that got 408 before its
+    -- end was cut by the deadline on the whole head, however slowly this machine runs
     fixture.with_server({}, function(t)
       local request = "GET /events?category=drip&timeout=1 HTTP/1.1\r\nHost: t\r\nX-Slow: " .. ("z"):rep(100) .. "\r\n\r\n"
       local drips = {}
@@ -385,8 +387,8 @@ describe("robustness: bad input over a real socket", function()
           assert.is_true(c:closed_by_peer(2000))
           assert.equals(408, status_of(c.buf))
           local took = uv.now() - started
-          assert.is_true(took >= 300 and took < 1500, "408 after " .. took .. " ms")
-          assert.is_true(sent < 20, "bytes sent before 408: " .. sent)
+          assert.is_true(took >= 990 and took < 10000, "408 after " .. took .. " ms")
+          assert.is_true(sent < 60, "bytes sent before 408: " .. sent)
           c:close()
         end)
       end
@@ -395,11 +397,11 @@ describe("robustness: bad input over a real socket", function()
       async.wait_all(drips)
       -- a drip that never starts a head (nothing sent) is closed silently at the same bound
       local c = async.connect(t.port)
-      assert.is_true(c:closed_by_peer(1500))
+      assert.is_true(c:closed_by_peer(10000))
       assert.equals("", c.buf)
       c:close()
       serving(t, "after")
-    end, { server = { host = "127.0.0.1", port = 0, header_timeout_ms = 400 } })
+    end, { server = { host = "127.0.0.1", port = 0, header_timeout_ms = 1000 } })
   end)
 
   it("slow-drip clients: a body that stops arriving gets 408 header_timeout_ms after its last byte", function()
@@ -408,22 +410,24 @@ describe("robustness: bad input over a real socket", function()
       local c = async.connect(t.port)
       assert(c:send("POST /publish HTTP/1.1\r\nContent-Length: 100\r\n\r\n"))
       -- like nginx's client_body_timeout the bound is between two reads, not on the whole body:
-      -- a byte every 100 ms keeps the request alive (max_body_bytes and max_connections bound it)
+      -- a byte every 100 ms keeps the request alive (max_body_bytes and max_connections bound it);
+      -- the 1.5 s deadline leaves a slow machine 1.4 s of slack between two drips
+      local stalled
       for _ = 1, 10 do
         assert(c:send("x"))
+        stalled = uv.now()
         async.sleep(100)
       end
       assert.equals("", c.buf)
       serving(t, "during")
-      local stalled = uv.now()
       assert.is_true(c:closed_by_peer(2000))
       local took = uv.now() - stalled
       assert.equals(408, status_of(c.buf))
-      assert.is_true(took < 1200, "408 " .. took .. " ms after the last byte")
+      assert.is_true(took >= 1400 and took < 10000, "408 " .. took .. " ms after the last byte")
       c:close()
       assert.equals(before + 1, t.manager:stats().published) -- only the healthy client's event
       serving(t, "after")
-    end, { server = { host = "127.0.0.1", port = 0, header_timeout_ms = 400 } })
+    end, { server = { host = "127.0.0.1", port = 0, header_timeout_ms = 1500 } })
   end)
 
   it("clients that never read: pipelined subscribes with ~1 MB answers stay capped, then cut", function()
@@ -478,9 +482,10 @@ describe("robustness: bad input over a real socket", function()
       local server_conn = paused_connection(t)
       assert.truthy(server_conn, "the server paused the non-reading connection")
       local paused_at = uv.now()
-      assert.is_true(async.wait_for(function() return connection_info(t, server_conn) == nil end, 5000), "cut off")
+      assert.is_true(async.wait_for(function() return connection_info(t, server_conn) == nil end, 10000), "cut off")
       local took = uv.now() - paused_at
-      assert.is_true(took >= 300 and took < 3000, "cut " .. took .. " ms after the pause")
+      -- a failure deadline: cut at the keep-alive bound (500 ms), not held forever
+      assert.is_true(took < 10000, "cut " .. took .. " ms after the pause")
       report("a paused non-reader was cut %d ms after its output stalled (keep-alive 500 ms)", took)
       c:close()
       serving(t, "after")

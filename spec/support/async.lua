@@ -121,6 +121,11 @@ function async.owns(handle)
   return owned[handle] == true
 end
 
+-- True inside a coroutine that async runs (where async.sleep and the waits may be used).
+function async.in_task()
+  return tasks[coroutine.running()] ~= nil
+end
+
 function async.sleep(ms)
   wait(waiter(), ms)
 end
