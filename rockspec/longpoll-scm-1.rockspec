@@ -57,6 +57,7 @@ build = {
     ["longpoll.http.request"] = "lua/longpoll/http/request.lua",
     ["longpoll.http.response"] = "lua/longpoll/http/response.lua",
     ["longpoll.http.util"] = "lua/longpoll/http/util.lua",
+    ["longpoll.http.static"] = "lua/longpoll/http/static.lua",
     ["longpoll.client"] = "lua/longpoll/client.lua",
     ["longpoll.http.client"] = "lua/longpoll/http/client.lua",
     ["longpoll.sse"] = "lua/longpoll/sse.lua",

@@ -34,8 +34,10 @@ typedef struct sconn {
   uv_shutdown_t shutdown_req;
   lp_conn conn;
   server *srv;
-  size_t queued; /* bytes handed to uv_write and not completed */
-  int box_ref;   /* registry ref of the Lua handle (longpoll.HttpConn) */
+  size_t queued;      /* bytes handed to uv_write and not completed */
+  int box_ref;        /* registry ref of the Lua handle (longpoll.HttpConn) */
+  int drain_ref;      /* conn:on_drain's function, LUA_NOREF when none */
+  size_t drain_below; /* ... called once queued is at most this */
   uint64_t id;
   size_t request_bytes; /* written for the current request */
   unsigned reserve : 1; /* admitted above max_connections: served only for immediate answers */
@@ -187,15 +189,26 @@ static void host_schedule(void *ud) {
   uv_idle_start(&srv->turn, on_turn);
 }
 
+static void call_drain(sconn *s) {
+  lua_State *L = s->srv->L;
+  int ref = s->drain_ref;
+  s->drain_ref = LUA_NOREF;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, ref);
+  call_lua(s->srv, 0);
+}
+
 static void on_written(uv_write_t *req, int status) {
   write_req *w = (write_req *)req;
   sconn *s = w->s;
   s->queued -= w->len;
   free(w);
-  if (status < 0)
+  if (status < 0) {
     lp_conn_abort(&s->conn);
-  else
-    lp_conn_wrote(&s->conn, now_ms(s->srv));
+    return;
+  }
+  lp_conn_wrote(&s->conn, now_ms(s->srv));
+  if (s->drain_ref != LUA_NOREF && s->queued <= s->drain_below && !s->handle_closing) call_drain(s);
 }
 
 static void host_write(void *ud, const lp_slice *bufs, size_t nbufs) {
@@ -310,6 +323,8 @@ static void host_close(void *ud) {
   lua_pop(L, 1);
   luaL_unref(L, LUA_REGISTRYINDEX, s->box_ref);
   s->box_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, s->drain_ref); /* never called: on_close tells the owner */
+  s->drain_ref = LUA_NOREF;
   uv_read_stop((uv_stream_t *)&s->tcp);
   uv_close((uv_handle_t *)&s->tcp, on_conn_closed);
 }
@@ -427,7 +442,7 @@ static void on_connection(uv_stream_t *listener, int status) {
   sconn *s = calloc(1, sizeof *s);
   if (!s) return; /* the connection stays in the backlog; tried again on the next one */
   s->srv = srv;
-  s->box_ref = LUA_NOREF;
+  s->box_ref = s->drain_ref = LUA_NOREF;
   uv_tcp_init(srv->loop, &s->tcp);
   s->tcp.data = &srv->walk;
   srv->handles++;
@@ -798,6 +813,22 @@ static int conn_attach(lua_State *L) {
   return 0;
 }
 
+/* conn:on_drain(fn[, below]): fn() once at most `below` bytes (default 0) wait to be written;
+ * at once when that is so already. Never called once the connection is closed. */
+static int conn_on_drain(lua_State *L) {
+  conn_box *box = check_box(L);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  lua_Integer below = luaL_optinteger(L, 3, 0);
+  sconn *s = box->s;
+  if (!s || s->handle_closing) return 0;
+  if (s->drain_ref != LUA_NOREF) luaL_unref(L, LUA_REGISTRYINDEX, s->drain_ref);
+  lua_pushvalue(L, 2);
+  s->drain_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  s->drain_below = below < 0 ? 0 : (size_t)below;
+  if (s->queued <= s->drain_below) call_drain(s);
+  return 0;
+}
+
 static int conn_abort(lua_State *L) {
   conn_box *box = check_box(L);
   if (box->s) lp_conn_abort(&box->s->conn);
@@ -855,10 +886,10 @@ static const luaL_Reg server_methods[] = {{"listen", server_listen},
                                           {"connections", server_connections},
                                           {NULL, NULL}};
 
-static const luaL_Reg conn_methods[] = {{"write", conn_write},     {"done", conn_done},
-                                        {"attach", conn_attach},   {"abort", conn_abort},
-                                        {"is_open", conn_is_open}, {"may_keep_alive", conn_may_keep_alive},
-                                        {"queued", conn_queued},   {NULL, NULL}};
+static const luaL_Reg conn_methods[] = {
+    {"write", conn_write},   {"done", conn_done},         {"attach", conn_attach},
+    {"abort", conn_abort},   {"is_open", conn_is_open},   {"may_keep_alive", conn_may_keep_alive},
+    {"queued", conn_queued}, {"on_drain", conn_on_drain}, {NULL, NULL}};
 
 /* Raises the soft limit of open files to the hard one; returns the limit now in force. */
 static int l_raise_nofile(lua_State *L) {

@@ -2,14 +2,13 @@
 -- (accept, read, parse, keep-alive, pipelining, limits, deadlines, writes) are the C engine on
 -- luv's loop (core.http_server, src/lp_lua_server.c + src/lp_conn.c), which hands every whole
 -- request to dispatch() below and takes the answer back through the response object.
-local uv = require "luv" -- the engine runs on luv's loop: luv must be loaded first
+require "luv" -- the engine runs on luv's loop: luv must be loaded first
 local core = require "longpoll.core"
 local request = require "longpoll.http.request"
 local response = require "longpoll.http.response"
-local util = require "longpoll.http.util"
+local static = require "longpoll.http.static"
 
-local find, sub, gmatch, concat, sort = string.find, string.sub, string.gmatch, table.concat,
-  table.sort
+local find, sub, concat, sort = string.find, string.sub, table.concat, table.sort
 local xpcall, traceback, pairs, type, tostring = xpcall, debug.traceback, pairs, type, tostring
 
 local server = {}
@@ -48,71 +47,6 @@ local function log(srv, level, message, fields)
     -- A failing logger must not take the event loop down with it.
     pcall(logger, level, message, fields)
   end
-end
-
----------------------------------------------------------------------------------------------
--- Static files
-
-local function close_fd(fd)
-  uv.fs_close(fd, function() end)
-end
-
--- Reads a whole regular file with async uv.fs calls; done(data) or done(nil, status).
-local function read_file(path, done)
-  uv.fs_open(path, "r", 0, function(oerr, fd)
-    if oerr then
-      return done(nil, find(oerr, "^ENOENT") and 404 or find(oerr, "^ENOTDIR") and 404 or 500)
-    end
-    uv.fs_fstat(fd, function(serr, stat)
-      if serr or stat.type ~= "file" then
-        close_fd(fd)
-        return done(nil, serr and 500 or 404)
-      end
-      local parts, got, size = {}, 0, stat.size
-      local function step()
-        -- Each read returns at least one byte or ends the loop, so it is bounded by the size.
-        if got >= size then
-          close_fd(fd)
-          return done(concat(parts), nil, stat)
-        end
-        uv.fs_read(fd, size - got, got, function(rerr, chunk)
-          if rerr or not chunk or #chunk == 0 then
-            close_fd(fd)
-            return done(nil, 500)
-          end
-          parts[#parts + 1] = chunk
-          got = got + #chunk
-          step()
-        end)
-      end
-      step()
-    end)
-  end)
-end
-
-local function serve_static(mount, req, res)
-  local rel = sub(req.path, #mount.prefix + 1)
-  -- req.path is already percent-decoded, so "%2e%2e", "%00" and "%5c" are caught here too.
-  if find(rel, "%z") or find(rel, "\\", 1, true) then
-    return res:send(400, { error = "invalid path" })
-  end
-  for segment in gmatch(rel, "[^/]+") do
-    if sub(segment, 1, 1) == "." then -- "..", "." and hidden files
-      return res:send(404, { error = "not found" })
-    end
-  end
-  if rel == "" or sub(rel, -1) == "/" then
-    rel = rel .. "index.html"
-  end
-  local path = mount.dir .. "/" .. rel
-  read_file(path, function(data, status, stat)
-    if not data then
-      return res:send(status, { error = status == 404 and "not found" or "cannot read file" })
-    end
-    res:set_header("Content-Type", util.mime_type(path))
-    res:set_header("Last-Modified", util.http_date(stat.mtime.sec))
-    res:send(200, data)
-  end)
 end
 
 ---------------------------------------------------------------------------------------------
@@ -283,20 +217,25 @@ function Server:route(method, path, handler)
   route.allow = concat(allow, ", ")
 end
 
-function Server:static(prefix, dir)
+-- options: { follow_symlinks = true } serves symlinks whose target is outside dir (refused by
+-- default).
+function Server:static(prefix, dir, options)
   if type(prefix) ~= "string" or sub(prefix, 1, 1) ~= "/" then
     error("static: prefix must start with '/'", 2)
   end
   if type(dir) ~= "string" or dir == "" then
     error("static: dir must be a directory path", 2)
   end
+  if options ~= nil and type(options) ~= "table" then
+    error("static: options must be a table", 2)
+  end
   if sub(prefix, -1) ~= "/" then
     prefix = prefix .. "/"
   end
   dir = dir:gsub("(.)/+$", "%1")
-  local mount = { prefix = prefix, dir = dir }
+  local mount = static.mount(prefix, dir, options)
   mount.handler = function(req, res)
-    return serve_static(mount, req, res)
+    return static.serve(mount, req, res)
   end
   local statics = self._statics
   statics[#statics + 1] = mount

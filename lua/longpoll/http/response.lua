@@ -277,22 +277,33 @@ function Response:send_shared(answer, block)
   return true
 end
 
--- Starts a streamed response of unknown length: chunked on HTTP/1.1; on HTTP/1.0 the end of the
--- body is the end of the connection.
-function Response:write_head(status)
+-- Starts a streamed response. Without a length: chunked on HTTP/1.1, and on HTTP/1.0 the end of
+-- the body is the end of the connection. With one (a file): Content-Length, and exactly that
+-- many bytes must be written before finish().
+function Response:write_head(status, length)
   check_status(status)
+  if length ~= nil and (math.type(length) ~= "integer" or length < 0) then
+    error("write_head: length must be a non-negative integer", 2)
+  end
   local conn, err = open_conn(self)
   if not conn then
     return nil, err
   end
   self.sent = true
   local req = self._req
-  local chunked = req.version == "1.1"
-  self._chunked = chunked
-  self._keep = chunked and keep_alive(self)
+  local framing
+  if length then
+    self._left = length
+    self._keep = keep_alive(self)
+    framing = "Content-Length: " .. length .. "\r\n"
+  else
+    local chunked = req.version == "1.1"
+    self._chunked = chunked
+    self._keep = chunked and keep_alive(self)
+    framing = chunked and "Transfer-Encoding: chunked\r\n" or ""
+  end
   self._head_only = req.method == "HEAD"
-  conn:write(build_head(self, status, chunked and "Transfer-Encoding: chunked\r\n" or "",
-    self._keep))
+  conn:write(build_head(self, status, framing, self._keep))
   return true
 end
 
@@ -310,11 +321,25 @@ function Response:write(chunk)
   if #chunk == 0 or self._head_only then
     return true
   end
+  local left = self._left
+  if left then
+    if #chunk > left then
+      return nil, "longer than the announced length"
+    end
+    self._left = left - #chunk
+  end
   -- a client that lets the engine's output budget pile up unread is cut off: nil, message
   if self._chunked then
     return conn:write({ format("%x\r\n", #chunk), chunk, "\r\n" })
   end
   return conn:write(chunk)
+end
+
+-- fn() runs once at most `below` bytes (default 0) of this connection's output wait to be
+-- written (at once when that is so already): a producer (a file) writes its next piece then.
+-- It never runs once the client is gone (on_close does).
+function Response:on_drain(fn, below)
+  self._conn:on_drain(fn, below)
 end
 
 function Response:finish()
@@ -328,6 +353,10 @@ function Response:finish()
   local conn = self._conn
   if not conn:is_open() then
     return nil, "closed"
+  end
+  if self._left and self._left > 0 and not self._head_only then
+    conn:abort() -- fewer bytes than announced: the client must not take this as the whole body
+    return nil, "shorter than the announced length"
   end
   if self._chunked and not self._head_only then
     conn:write("0\r\n\r\n")
