@@ -689,6 +689,54 @@ end)
 
 -- golongpoll parses since_time with Go's strconv.ParseInt(s, 10, 64): a leading '+' is taken,
 -- anything outside int64 refused.
+describe("robustness: logging never blocks the loop", function()
+  it("writes one message repeated request after request at most 10 times a second, then counts", function()
+    local lines = {}
+    local logger = require("longpoll.log").new { level = "info", sink = function(_, message, fields)
+      lines[#lines + 1] = { message, fields and fields.suppressed }
+    end }
+    local second = os.time()
+    for _ = 1, 500 do logger("warn", "too many connections") end
+    logger("warn", "another message")
+    if os.time() == second then -- all in one second (else the count restarted: nothing to check)
+      assert.equals(11, #lines)
+      assert.same({ "another message" }, { lines[11][1] })
+    end
+    -- the next second: the first line says how many were left out
+    async.run(function() async.wait_for(function() return os.time() > second + 1 end, 3000) end)
+    local before = #lines
+    logger("warn", "too many connections")
+    assert.equals(before + 1, #lines)
+    assert.is_true(lines[#lines][2] >= 1, "suppressed count")
+  end)
+
+  it("keeps serving with stderr a pipe nobody reads, and rate-limits repeated warnings", function()
+    async.run(function()
+      local child = process.start({ "bin/longpoll", "serve", "--port", "0", "--log-level", "debug" },
+        { stderr_unread = true })
+      -- every publish logs a debug line of ~16 KB; repeated lines are limited to 10 a second, so
+      -- 2.5 s of publishing writes ~400 KB: several times what a pipe holds
+      local data = cjson.encode(("x"):rep(16000))
+      local started, n = uv.now(), 0
+      while uv.now() - started < 2500 and n < 20000 do
+        n = n + 1
+        local status = async.http(child.port, { method = "POST", path = "/publish", timeout_ms = 10000,
+          body = '{"category":"logged","data":' .. data .. "}" })
+        assert.equals(200, status, "publish " .. n)
+      end
+      -- and as many bad publishes (one warning each): the server still answers at once
+      for i = 1, 400 do
+        local status = async.http(child.port, { method = "POST", path = "/publish", body = "{", timeout_ms = 10000 })
+        assert.equals(400, status, "bad publish " .. i)
+      end
+      local status = async.http(child.port, { path = "/stats", timeout_ms = 5000 })
+      assert.equals(200, status)
+      local code = child:stop()
+      assert.equals(0, code)
+    end, 60000)
+  end)
+end)
+
 describe("since_time parsing matches golongpoll's ParseInt", function()
   it("takes a leading '+' and refuses values below -2^63", function()
     fixture.with_server({}, function(t)
