@@ -60,8 +60,10 @@ local function default_caps(max, reserve)
   local nofile = core.raise_nofile_limit() or 1024
   local usable = math.max(32, nofile - FD_SLACK)
   if not reserve then
-    local base = max or usable
-    reserve = math.max(16, math.min(1024, base // 10))
+    reserve = math.max(16, math.min(1024, (max or usable) // 10))
+    if max then -- a cap given near the limit leaves the reserve what file descriptors remain
+      reserve = math.min(reserve, math.max(0, usable - max))
+    end
   end
   if not max then
     max = math.max(16, usable - reserve)
