@@ -30,7 +30,7 @@ local function lines_of(path)
 end
 
 local function fetch(manager, category, since, last_id)
-  local body = manager.store:fetch(category, since or 0, last_id, now_ms())
+  local body = manager.engine.store:fetch(category, since or 0, last_id, now_ms())
   return body and cjson.decode(body).events or {}
 end
 
@@ -143,7 +143,7 @@ describe("longpoll.addons.file", function()
         assert.same({ n = i }, e.data)
       end
       -- data text is kept as written: every digit
-      local body = m2.store:fetch("other", 0, nil, now_ms())
+      local body = m2.engine.store:fetch("other", 0, nil, now_ms())
       assert.truthy(body:find('"data":{"big":123456789012345678901234567890,"f":1.10}', 1, true))
       -- publishing goes on after the restored events
       local fresh = assert(m2:publish("news", { n = 6 }))

@@ -107,8 +107,8 @@ describe("subscription handler", function()
 
   it("walks events of one millisecond with since_time and last_id", function()
     with_server({}, function(t)
-      for i = 1, 4 do assert(t.manager.store:restore("ms", tostring(i), core.uuid(), 1000)) end
-      local all = cjson.decode((t.manager.store:fetch("ms", 0, nil, 2000))).events
+      for i = 1, 4 do assert(t.manager.engine.store:restore("ms", tostring(i), core.uuid(), 1000)) end
+      local all = cjson.decode((t.manager.engine.store:fetch("ms", 0, nil, 2000))).events
       local _, body = t.get({ { "category", "ms" }, { "timeout", "1" }, { "since_time", "1000" }, { "last_id", all[2].id } })
       assert.same({ 3, 4 }, { body.events[1].data, body.events[2].data })
       local _, none = t.get({ { "category", "ms" }, { "timeout", "1" }, { "since_time", "1000" }, { "last_id", all[4].id } })

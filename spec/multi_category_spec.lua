@@ -80,7 +80,7 @@ describe("multi-category subscription", function()
       assert.truthy(polls > 3)
       assert.equals(75, #seen)
       -- the order is publish order: the store's own merged order, per publisher ascending
-      local store_order = cjson.decode((t.manager.store:fetch({ "red", "green", "blue" }, 0, nil, 0))).events
+      local store_order = cjson.decode((t.manager.engine.store:fetch({ "red", "green", "blue" }, 0, nil, 0))).events
       for i, e in ipairs(seen) do assert.equals(store_order[i].id, e.id) end
       local next_i = { 1, 1, 1 }
       for _, e in ipairs(seen) do
@@ -93,8 +93,8 @@ describe("multi-category subscription", function()
   it("walks events of one millisecond across categories with since_time and last_id", function()
     with_server({}, function(t)
       local cats = { "x", "y", "x", "z", "y", "x" }
-      for i, c in ipairs(cats) do assert(t.manager.store:restore(c, tostring(i), core.uuid(), 5000)) end
-      local all = cjson.decode((t.manager.store:fetch({ "x", "y", "z" }, 0, nil, 6000))).events
+      for i, c in ipairs(cats) do assert(t.manager.engine.store:restore(c, tostring(i), core.uuid(), 5000)) end
+      local all = cjson.decode((t.manager.engine.store:fetch({ "x", "y", "z" }, 0, nil, 6000))).events
       assert.equals(6, #all)
       -- resume after the third event (an "x") while subscribed to x and y only
       local _, body = t.get(query({ "x", "y" }, { { "timeout", "1" }, { "since_time", "5000" }, { "last_id", all[3].id } }))

@@ -10,8 +10,8 @@ local longpoll = require "longpoll"
 local server = require "longpoll.server"
 local core = require "longpoll.core"
 local hiredis = require "longpoll.hiredis"
-local scripts = require "longpoll.redis.scripts"
-local Connection = require "longpoll.redis.connection"
+local scripts = require "longpoll.engine.redis.scripts"
+local Connection = require "longpoll.engine.redis.connection"
 local cjson = require "cjson"
 
 local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
@@ -25,6 +25,9 @@ end
 
 local wait_until = async.wait_or_fail
 
+-- The figures of a node's Redis (engine:stats().redis).
+local function rs(node) return node.engine:stats().redis end
+
 local function open_handles()
   local n = 0
   uv.walk(function(h) if not async.owns(h) and not h:is_closing() then n = n + 1 end end)
@@ -35,12 +38,17 @@ end
 local function start_node(url, options)
   local o = {}
   for k, v in pairs(options or {}) do o[k] = v end
+  local transport = redis.transport()
   o.redis = o.redis or redis_option(url)
+  local with_transport = {}
+  for k, v in pairs(o.redis) do with_transport[k] = v end
+  with_transport.transport = transport.option
+  o.redis = with_transport
   local m = assert(longpoll.start(o))
   local srv = assert(server.new { host = "127.0.0.1", port = 0 })
   srv:route("GET", "/events", m.subscription_handler)
   srv:route("*", "/publish", m.publish_handler)
-  local node = { manager = m, engine = m.engine, srv = srv, port = assert(srv:listen()) }
+  local node = { manager = m, engine = m.engine, srv = srv, port = assert(srv:listen()), transport = transport }
   function node.get(query, timeout_ms)
     local status, _, body = async.http(node.port, { path = fixture.url("/events", query), timeout_ms = timeout_ms or 15000 })
     local ok, decoded = pcall(cjson.decode, body)
@@ -79,7 +87,7 @@ local function with_nodes(url, n, options, fn, timeout_ms)
     local nodes = {}
     for i = 1, n do nodes[i] = start_node(url, options) end
     wait_until("nodes online", function()
-      for _, node in ipairs(nodes) do if not node.engine.online then return false end end
+      for _, node in ipairs(nodes) do if not rs(node).online then return false end end
       return true
     end)
     local ok, err = pcall(fn, nodes)
@@ -269,7 +277,7 @@ describe("Redis engine", function()
     with_nodes(R.url, 2, {}, function(nodes)
       local got
       local t = async.spawn(function() got = select(2, nodes[2].get(q("news"))) end)
-      wait_until("the subscriber to wait", function() return nodes[2].engine.nwaiters == 1 end)
+      wait_until("the subscriber to wait", function() return rs(nodes[2]).waiters == 1 end)
       local status, body = nodes[1].publish("news", '"hello"')
       assert.equals(200, status)
       assert.same({ success = true }, body)
@@ -277,7 +285,7 @@ describe("Redis engine", function()
       assert.equals(1, #got.events)
       assert.equals("hello", got.events[1].data)
       assert.equals("news", got.events[1].category)
-      assert.equals(0, nodes[2].engine.nwaiters)
+      assert.equals(0, rs(nodes[2]).waiters)
     end)
   end)
 
@@ -308,7 +316,7 @@ describe("Redis engine", function()
       local t = async.spawn(function()
         got = select(2, B.get(q("c", { { "since_time", ahead }, { "last_id", e[4].id } })))
       end)
-      wait_until("the subscriber to wait", function() return B.engine.nwaiters == 1 end)
+      wait_until("the subscriber to wait", function() return rs(B).waiters == 1 end)
       local e5 = assert(nodes[1].publish_lua("c", 5))
       async.wait_all { t }
       assert.same({ e5.id }, ids(got))
@@ -373,17 +381,17 @@ describe("Redis engine", function()
       local e0 = assert(A.publish_lua("race", 0))
       -- B's reads answer late: the event below is published after B's read ran in Redis,
       -- and reaches B by pub/sub while the read is still in flight
-      B.engine.hooks.fetch_reply_delay_ms = 300
+      B.transport.fetch_delay_ms = 300
       local got
       local t = async.spawn(function()
         got = select(2, B.get(q("race", { { "since_time", e0.timestamp }, { "last_id", e0.id } })))
       end)
-      wait_until("B's read to have run in Redis", function() return B.engine.hooks.delayed_replies == 1 end)
+      wait_until("B's read to have run in Redis", function() return B.transport.delayed_replies == 1 end)
       local e1 = assert(A.publish_lua("race", 1))
-      assert.equals(1, B.engine.hooks.delayed_replies) -- B has not seen the read's answer yet
+      assert.equals(1, B.transport.delayed_replies) -- B has not seen the read's answer yet
       async.wait_all { t }
       assert.same({ e1.id }, ids(got))
-      B.engine.hooks.fetch_reply_delay_ms = nil
+      B.transport.fetch_delay_ms = nil
     end)
   end)
 
@@ -391,8 +399,8 @@ describe("Redis engine", function()
     with_nodes(R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
       local e0 = assert(A.publish_lua("late", 0))
-      wait_until("B to see e0", function() return B.engine.pos_seq >= 1 and B.engine.msg_seq ~= nil end)
-      B.engine:hold_messages() -- a slow pub/sub link
+      wait_until("B to see e0", function() return rs(B).seq >= 1 and rs(B).pubsub_seq ~= nil end)
+      B.transport.hold() -- a slow pub/sub link
       local e1 = assert(A.publish_lua("late", 1))
       local _, body = B.get(q("late", { { "since_time", e0.timestamp }, { "last_id", e0.id } }))
       assert.same({ e1.id }, ids(body)) -- from the stream
@@ -400,11 +408,11 @@ describe("Redis engine", function()
       local t = async.spawn(function()
         got = select(2, B.get(q("late", { { "since_time", e1.timestamp }, { "last_id", e1.id } })))
       end)
-      wait_until("the subscriber to wait", function() return B.engine.nwaiters == 1 and B.engine.fetches == 0 end)
+      wait_until("the subscriber to wait", function() return rs(B).waiters == 1 and rs(B).fetches_in_flight == 0 end)
       async.sleep(20)
-      B.engine:release_messages() -- e1's message arrives now: old news for this subscriber
+      B.transport.release() -- e1's message arrives now: old news for this subscriber
       async.sleep(50)
-      assert.equals(1, B.engine.nwaiters)
+      assert.equals(1, rs(B).waiters)
       local e2 = assert(A.publish_lua("late", 2))
       async.wait_all { t }
       assert.same({ e2.id }, ids(got))
@@ -415,10 +423,10 @@ describe("Redis engine", function()
     with_nodes(R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
       assert(A.publish_lua("gap", 0))
-      wait_until("B to see it", function() return B.engine.msg_seq ~= nil end)
+      wait_until("B to see it", function() return rs(B).pubsub_seq ~= nil end)
       local got
       local t = async.spawn(function() got = select(2, B.get(q("gap"))) end)
-      wait_until("the subscriber to wait", function() return B.engine.nwaiters == 1 end)
+      wait_until("the subscriber to wait", function() return rs(B).waiters == 1 end)
       -- an event whose message is lost: published on a channel nobody listens to
       local conn = assert(hiredis.connect("127.0.0.1", R.port, 1000))
       local silent_id = core.uuid()
@@ -429,7 +437,7 @@ describe("Redis engine", function()
       local e2 = assert(A.publish_lua("gap", 2))
       async.wait_all { t }
       assert.same({ silent_id, e2.id }, ids(got))
-      assert.equals(1, B.engine:stats().gaps)
+      assert.equals(1, rs(B).gaps)
     end)
   end)
 
@@ -466,24 +474,24 @@ describe("Redis engine", function()
     end)
   end)
 
-  it("offers streaming handlers a cursor read that waits (watch_after)", function()
+  it("offers the manager a cursor read that waits (subscribe through the engine interface)", function()
     with_nodes(R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
       local e1 = assert(A.publish_lua("wa", 1))
       local e2 = assert(A.publish_lua("wa", 2))
       local first = async.event()
-      assert(B.engine:watch_after("wa", 0, nil, function(jsons, missed) first:set(jsons, missed) end))
-      local jsons, missed = first:wait(3000)
-      assert.same({ e1.json, e2.json }, jsons)
-      assert.is_false(missed)
+      assert(B.engine:subscribe({ categories = { "wa" }, since = 0 }, function(body) first:set(body) end))
+      assert.equals('{"events":[' .. e1.json .. "," .. e2.json .. "]}", first:wait(3000))
       local next_one = async.event()
-      assert(B.engine:watch_after({ "wa" }, e2.timestamp, e2.id, function(j) next_one:set(j) end))
-      wait_until("the read to return", function() return B.engine.fetches == 0 end)
+      assert(B.engine:subscribe({ categories = { "wa" }, since = e2.timestamp, last_id = e2.id },
+        function(body) next_one:set(body) end))
+      wait_until("the read to return", function() return rs(B).fetches_in_flight == 0 end)
       async.sleep(20)
       assert.is_false(next_one.is_set)
       local e3 = assert(A.publish_lua("wa", 3))
-      assert.same({ e3.json }, next_one:wait(3000))
-      assert.same({ nil, "last_id must be a UUID" }, { B.engine:watch_after("wa", 0, "x", function() end) })
+      assert.equals('{"events":[' .. e3.json .. "]}", next_one:wait(3000))
+      assert.same({ nil, "last_id must be a UUID", "EINVAL" },
+        { B.engine:subscribe({ categories = { "wa" }, since = 0, last_id = "x" }, function() end) })
     end)
   end)
 
@@ -493,17 +501,17 @@ describe("Redis engine", function()
       local sec = tonumber(R:cli("TIME"):match("^(%d+)"))
       R:cli(("HSET longpoll:clock last %d"):format(sec * 1000 + 5000))
       local e0 = assert(A.publish_lua("epoch", 0))
-      wait_until("B to see it", function() return B.engine.msg_seq ~= nil end)
-      local epoch = B.engine.epoch
+      wait_until("B to see it", function() return rs(B).pubsub_seq ~= nil end)
+      local epoch = rs(B).epoch
       local got
       local t = async.spawn(function() got = select(2, B.get(q("epoch"))) end)
-      wait_until("the subscriber to wait", function() return B.engine.nwaiters == 1 end)
+      wait_until("the subscriber to wait", function() return rs(B).waiters == 1 end)
       R:cli("FLUSHALL")
       local e1 = assert(A.publish_lua("epoch", 1))
       async.wait_all { t }
       assert.same({ e1.id }, ids(got))
       assert.truthy(e1.timestamp >= e0.timestamp)
-      assert.are_not.equal(epoch, B.engine.epoch)
+      assert.are_not.equal(epoch, rs(B).epoch)
     end)
   end)
 
@@ -529,7 +537,7 @@ describe("Redis engine", function()
       -- a failure deadline only: the answer came from the 300 ms command timeout, not from the
       -- end of the 3 s pause
       assert.truthy(uv.now() - t0 < 2500)
-      wait_until("both nodes back", function() return A.engine.online and B.engine.online end, 5000)
+      wait_until("both nodes back", function() return rs(A).online and rs(B).online end, 5000)
       local e2 = assert(A.publish_lua("hang", 2))
       local _, body = B.get(q("hang", { { "since_time", 0 } }))
       -- the first publish may have been applied when Redis woke up: never twice, never after e2
@@ -542,10 +550,10 @@ describe("Redis engine", function()
     async.run(function()
       local before = open_handles()
       local node = start_node(R.url)
-      wait_until("online", function() return node.engine.online end)
+      wait_until("online", function() return rs(node).online end)
       local got
       local t = async.spawn(function() got = select(2, node.get(q("bye"))) end)
-      wait_until("the subscriber to wait", function() return node.engine.nwaiters == 1 end)
+      wait_until("the subscriber to wait", function() return rs(node).waiters == 1 end)
       stop_node(node)
       async.wait_all { t }
       assert.equals("no events before timeout", got.timeout)
@@ -567,10 +575,10 @@ describe("Redis engine when Redis fails", function()
           { "last_id", e1.id } }))
         waited_at = uv.now()
       end)
-      wait_until("the subscriber to wait", function() return B.engine.nwaiters == 1 and B.engine.fetches == 0 end)
+      wait_until("the subscriber to wait", function() return rs(B).waiters == 1 and rs(B).fetches_in_flight == 0 end)
       local killed_at = uv.now()
       R:kill()
-      wait_until("A to notice", function() return not A.engine.cmd_ready end)
+      wait_until("A to notice", function() return not rs(A).command_connected end)
       local status, body, h = A.publish("f", "2")
       assert.equals(503, status)
       assert.equals("application/json", h["content-type"])
@@ -589,7 +597,7 @@ describe("Redis engine when Redis fails", function()
       assert.equals(200, status2)
       assert.equals(e1.timestamp, body2.timestamp)
       R:start()
-      wait_until("both nodes online again", function() return A.engine.online and B.engine.online end, 5000)
+      wait_until("both nodes online again", function() return rs(A).online and rs(B).online end, 5000)
       local e2 = assert(A.publish_lua("f", 2))
       assert.truthy(e2.timestamp > waited.timestamp)
       -- continuing like golongpoll's client (since_time = the timeout's timestamp, same last_id)
@@ -609,14 +617,14 @@ describe("Redis engine when Redis fails", function()
       local A, B = nodes[1], nodes[2]
       local e1 = assert(A.publish_lua("g", 1))
       R:kill()
-      wait_until("B to notice", function() return not B.engine.online end)
+      wait_until("B to notice", function() return not rs(B).online end)
       local got
       local t = async.spawn(function()
         got = select(2, B.get(q("g", { { "since_time", e1.timestamp }, { "last_id", e1.id } })))
       end)
       async.sleep(100)
       R:start()
-      wait_until("A online", function() return A.engine.online end, 5000)
+      wait_until("A online", function() return rs(A).online end, 5000)
       local e2 = assert(A.publish_lua("g", 2))
       async.wait_all { t }
       assert.same({ e2.id }, ids(got))

@@ -14,6 +14,9 @@ local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms
 
 local wait_until = async.wait_or_fail
 
+-- The figures of a node's Redis (engine:stats().redis).
+local function rs(node) return node.engine:stats().redis end
+
 ---------------------------------------------------------------------------------------------
 -- The raw-socket SSE client of the specs (spec/support/sse_client.lua).
 local function open_stream(port, query, headers, method)
@@ -32,14 +35,15 @@ end
 local function start_node(url, options)
   local o = { sse_heartbeat_seconds = 1 }
   for k, v in pairs(options or {}) do o[k] = v end
-  o.redis = { url = url }
+  local transport = redis.transport()
+  o.redis = { url = url, transport = transport.option }
   for k, v in pairs(FAST) do o.redis[k] = v end
   local m = assert(longpoll.start(o))
   local srv = assert(server.new { host = "127.0.0.1", port = 0 })
   srv:route("GET", "/events", m.subscription_handler)
   srv:route("GET", "/sse", m.sse_handler)
   srv:route("HEAD", "/sse", m.sse_handler)
-  local node = { manager = m, engine = m.engine, srv = srv, port = assert(srv:listen()) }
+  local node = { manager = m, engine = m.engine, srv = srv, port = assert(srv:listen()), transport = transport }
   function node.publish(category, data)
     local done = async.event()
     local queued, err = m:publish(category, data, function(event, perr) done:set(event or false, perr) end)
@@ -68,7 +72,7 @@ end
 local function with_nodes(url, options, fn, timeout_ms)
   async.run(function()
     local nodes = { start_node(url, options), start_node(url, options) }
-    wait_until("nodes online", function() return nodes[1].engine.online and nodes[2].engine.online end)
+    wait_until("nodes online", function() return rs(nodes[1]).online and rs(nodes[2]).online end)
     local ok, err = pcall(fn, nodes[1], nodes[2])
     for _, node in ipairs(nodes) do stop_node(node) end
     if not ok then error(err, 0) end
@@ -146,7 +150,7 @@ describe("SSE with Redis", function()
       -- since_time ahead of Redis's clock: a live event is still sent (as to a long poll)
       local ahead = B.stream({ { "category", "r" }, { "since_time", tostring(math.tointeger(2 ^ 50)) } })
       ahead:wait_for(function(st) return #st.messages >= 1 end)
-      wait_until("its read to return", function() return B.engine.fetches == 0 end)
+      wait_until("its read to return", function() return rs(B).fetches_in_flight == 0 end)
       assert(A.publish("r", 7))
       assert.same({ 7 }, data_of(ahead:next_events(1)))
       ahead:close()
@@ -163,7 +167,7 @@ describe("SSE with Redis", function()
       s:wait_for(function(st) return #st.messages >= 1 end)
       local start_id = s.messages[1].id
       s:close()
-      wait_until("B to forget it", function() return B.engine.nwaiters == 0 end)
+      wait_until("B to forget it", function() return rs(B).waiters == 0 end)
       local e1 = assert(A.publish("q", "while away 1"))
       assert(B.publish("q", "while away 2"))
       assert.equals(before.timestamp + 1, e1.timestamp) -- the starting time is between them
@@ -239,28 +243,28 @@ describe("SSE with Redis", function()
   it("sends what arrives during the catch-up read after it, and nothing twice after a late message or a gap", function()
     with_nodes(R.url, {}, function(A, B)
       local e1 = assert(A.publish("c", 1))
-      B.engine.hooks.fetch_reply_delay_ms = 150
+      B.transport.fetch_delay_ms = 150
       local s1 = B.stream({ { "category", "c" } }, { ["Last-Event-ID"] = sse.cursor_string(e1.timestamp - 1) })
-      wait_until("the read to answer", function() return (B.engine.hooks.delayed_replies or 0) == 1 end)
+      wait_until("the read to answer", function() return B.transport.delayed_replies == 1 end)
       assert(A.publish("c", 2)) -- after the read ran in Redis, before B handles its answer
       assert.same({ 1, 2 }, data_of(s1:next_events(2)))
-      B.engine.hooks.fetch_reply_delay_ms = nil
+      B.transport.fetch_delay_ms = nil
       -- an event whose pub/sub message comes after a read returned it
-      B.engine:hold_messages()
+      B.transport.hold()
       local e3 = assert(A.publish("c", 3))
       local s2 = B.stream({ { "category", "c" } }, { ["Last-Event-ID"] = cursor_of(e1) })
       assert.same({ 2, 3 }, data_of(s2:next_events(2)))
-      B.engine:release_messages()
+      B.transport.release()
       assert.same({ 3 }, data_of(s1:next_events(1)))
       -- a gap in the pub/sub sequence: both streams read again from their cursors
-      B.engine:hold_messages()
+      B.transport.hold()
       assert(A.publish("c", 4))
       local e5 = assert(A.publish("c", 5))
-      wait_until("both messages at B", function() return #B.engine.hooks.held == 2 end)
-      table.remove(B.engine.hooks.held, 1)
-      local gaps = B.engine.gaps
-      B.engine:release_messages()
-      assert.equals(gaps + 1, B.engine.gaps)
+      wait_until("both messages at B", function() return #B.transport.held == 2 end)
+      B.transport.drop(1)
+      local gaps = rs(B).gaps
+      B.transport.release()
+      assert.equals(gaps + 1, rs(B).gaps)
       assert.same({ 4, 5 }, data_of(s1:next_events(2)))
       assert.same({ 4, 5 }, data_of(s2:next_events(2)))
       assert.is_false(s1:more_within(100))
@@ -270,15 +274,15 @@ describe("SSE with Redis", function()
       s1:close()
       s2:close()
       -- a gap while a stream's read is in flight: it reads again once that read is answered
-      B.engine.hooks.fetch_reply_delay_ms = 100
+      B.transport.fetch_delay_ms = 100
       local s3 = B.stream({ { "category", "d" } }, { ["Last-Event-ID"] = cursor_of(e5) })
-      wait_until("the read to answer", function() return (B.engine.hooks.delayed_replies or 0) == 1 end)
-      B.engine:hold_messages()
+      wait_until("the read to answer", function() return B.transport.delayed_replies == 1 end)
+      B.transport.hold()
       assert(A.publish("d", 6))
       assert(A.publish("d", 7))
-      wait_until("both messages at B", function() return #B.engine.hooks.held == 2 end)
-      table.remove(B.engine.hooks.held, 1)
-      B.engine:release_messages()
+      wait_until("both messages at B", function() return #B.transport.held == 2 end)
+      B.transport.drop(1)
+      B.transport.release()
       assert.same({ 6, 7 }, data_of(s3:next_events(2)))
       assert.is_false(s3:more_within(250))
       s3:close()
@@ -289,10 +293,10 @@ describe("SSE with Redis", function()
     with_nodes(R.url, {}, function(A, B)
       local s = B.stream({ { "category", "g" }, { "category", "h" } })
       assert.truthy(s:wait_for(function(st) return st.comments >= 1 end, 2500))
-      assert.equals(1, B.engine.nwaiters)
+      assert.equals(1, rs(B).waiters)
       assert.equals(1, B.manager.sse.count)
       s:close()
-      wait_until("B to forget it", function() return B.engine.nwaiters == 0 end, 1000)
+      wait_until("B to forget it", function() return rs(B).waiters == 0 end, 1000)
       assert.equals(0, B.manager.sse.count)
       assert.equals(0, B.manager:stats().waiting)
       assert.is_nil(B.manager.sse.timer)
@@ -311,7 +315,7 @@ describe("SSE with Redis", function()
         cjson.decode(bad.body))
       bad:close()
       assert.equals(0, B.manager.sse.count)
-      assert.equals(0, B.engine.nwaiters)
+      assert.equals(0, rs(B).waiters)
     end)
   end)
 
@@ -330,7 +334,7 @@ describe("SSE with Redis", function()
       assert.truthy(s:wait_for(function(st) return st.ended end, 2000))
       assert.equals(503, starting.status)
       assert.same({ error = "manager is shut down" }, cjson.decode(starting.body))
-      assert.equals(0, B.engine.nwaiters)
+      assert.equals(0, rs(B).waiters)
       s:close()
       starting:close()
       wait_until("Redis to answer again", function() return A.publish("s", "after") ~= nil end)
@@ -344,11 +348,11 @@ describe("SSE with Redis", function()
       local e1 = assert(A.publish("k", 1))
       assert.same({ 1 }, data_of(s:next_events(1)))
       -- B's pub/sub is slow: it has not seen 2 and 3 when Redis dies
-      B.engine:hold_messages()
+      B.transport.hold()
       assert(A.publish("k", 2))
       assert(A.publish("k", 3))
       R:kill()
-      wait_until("both nodes to notice", function() return not A.engine.online and not B.engine.online end)
+      wait_until("both nodes to notice", function() return not rs(A).online and not rs(B).online end)
       assert.is_nil((A.publish("k", "refused")))
       -- the stream stays open, heartbeats go on; a stream opened now is accepted and waits
       local comments = s.comments
@@ -360,10 +364,10 @@ describe("SSE with Redis", function()
       assert.truthy(fresh:wait_for(function(st) return #st.messages >= 1 end))
       assert.is_nil(fresh.messages[1].id)
       R:start()
-      wait_until("both nodes online again", function() return A.engine.online and B.engine.online end)
+      wait_until("both nodes online again", function() return rs(A).online and rs(B).online end)
       assert.same({ 2, 3 }, data_of(s:next_events(2)))
       assert.same({ 2, 3 }, data_of(late:next_events(2)))
-      B.engine:release_messages() -- the old messages come late: nothing twice
+      B.transport.release() -- the old messages come late: nothing twice
       assert(B.publish("k", 4))
       assert.same({ 4 }, data_of(s:next_events(1)))
       assert.same({ 4 }, data_of(late:next_events(1)))

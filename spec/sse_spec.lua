@@ -52,10 +52,9 @@ describe("sse handler", function()
       local e2 = t.manager:publish("a", "two")
       local got = s:next_events(2)
       local _, lp = t.get({ { "category", "a" }, { "timeout", "1" }, { "since_time", "0" } })
-      local body = t.manager.store:fetch("a", 0, nil, 0)
-      local jsons = sse.split_events(body)
-      assert.equals(2, #jsons)
-      assert.equals(jsons[1], got[1].data)
+      local events = t.manager.engine.store:fetch_events("a", 0, nil, 0)
+      assert.equals(2, #events)
+      assert.equals(events[1].json, got[1].data)
       assert.equals(e2.json, got[2].data)
       assert.matches("123456789012345678901234567890", got[1].data, 1, true)
       assert.equals(math.tointeger(lp.events[1].timestamp) .. "_" .. lp.events[1].id, got[1].id)
@@ -97,8 +96,8 @@ describe("sse handler", function()
 
   it("sends buffered events after since_time (+ last_id) first, then live ones", function()
     with_server({}, function(t)
-      for i = 1, 4 do assert(t.manager.store:restore("ms", tostring(i), core.uuid(), 1000)) end
-      local all = cjson.decode((t.manager.store:fetch("ms", 0, nil, 2000))).events
+      for i = 1, 4 do assert(t.manager.engine.store:restore("ms", tostring(i), core.uuid(), 1000)) end
+      local all = cjson.decode((t.manager.engine.store:fetch("ms", 0, nil, 2000))).events
       local s = open_stream(t.port, { { "category", "ms" }, { "since_time", "1000" }, { "last_id", all[2].id } })
       local got = s:next_events(2)
       assert.same({ 3, 4 }, { decoded(got[1]).data, decoded(got[2]).data })
@@ -346,20 +345,25 @@ describe("sse handler", function()
 end)
 
 describe("sse helpers", function()
-  it("split fetch answers into event texts, whatever the data holds", function()
+  it("get events from the core as a list of texts, whatever the data holds", function()
     local tricky = { '"}]},{\\"x"', "[{\"id\":\"a\"},{\"timestamp\":1}]", '{"a":["]","}"]}', '"\\\\"',
       "12.5e3" }
     local store = core.new_store { max_event_buffer_size = 10 }
-    local jsons = {}
+    local jsons, ids = {}, {}
     for i, d in ipairs(tricky) do
-      jsons[i] = assert(store:publish("c", d, 1000 + i))
+      jsons[i], ids[i] = assert(store:publish("c", d, 1000 + i))
     end
-    local body = store:fetch("c", 0, nil, 2000)
-    assert.same(jsons, sse.split_events(body))
+    local events, count, missed = store:fetch_events("c", 0, nil, 2000)
+    assert.equals(#tricky, count)
+    assert.is_false(missed)
+    for i, e in ipairs(events) do
+      assert.same({ jsons[i], ids[i], 1000 + i }, { e.json, e.id, e.timestamp })
+    end
     for _ = 1, 8 do store:publish("c", "1", 3000) end
-    local missed_body = store:fetch("c", 0, nil, 4000)
-    assert.matches('"missed":true}$', missed_body)
-    assert.equals(10, #sse.split_events(missed_body))
+    events, count, missed = store:fetch_events("c", 0, nil, 4000)
+    assert.is_true(missed)
+    assert.equals(10, count)
+    assert.equals(10, #events)
   end)
 
   it("parses cursors", function()

@@ -121,8 +121,9 @@ static void push_event(lua_State *L, const lp_published *p) {
   lua_pushinteger(L, (lua_Integer)p->timestamp);
 }
 
-/* store:publish(category, data_json, now_ms) -> json, id, timestamp, woken, buffered
- * woken is an array of subscription handles (possibly empty). */
+/* store:publish(category, data_json, now_ms) -> json, id, timestamp, woken, buffered[, answer]
+ * woken is an array of subscription handles (possibly empty); answer, present
+ * when woken is not empty, is the long-poll answer {"events":[json]} for them. */
 static int l_publish(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lp_slice cat = check_slice(L, 2);
@@ -141,7 +142,15 @@ static int l_publish(lua_State *L) {
   }
   lua_pushboolean(L, p.buffered);
   if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
-  return 5;
+  if (u->nwoken == 0) return 5;
+  /* the answer every woken long poll gets, built here once */
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "{\"events\":[");
+  luaL_addlstring(&b, p.json, p.json_len);
+  luaL_addstring(&b, "]}");
+  luaL_pushresult(&b);
+  return 6;
 }
 
 /* store:restore(category, data_json, id, timestamp) -> json | nil, err */
@@ -208,6 +217,52 @@ static int l_fetch(lua_State *L) {
   lua_pushboolean(L, missed);
   /* one huge answer should not pin its memory for the store's lifetime */
   if (u->out.cap > (1u << 20)) lp_buf_free(&u->out);
+  return 3;
+}
+
+static int push_event_view(void *ctx, const lp_event_view *e) {
+  lua_State *L = ctx;
+  /* an allocation error raises out of the store's fetch before it changed anything */
+  lua_createtable(L, 0, 3);
+  lua_pushlstring(L, e->json, e->json_len);
+  lua_setfield(L, -2, "json");
+  lua_pushinteger(L, (lua_Integer)e->timestamp);
+  lua_setfield(L, -2, "timestamp");
+  lua_pushstring(L, e->id);
+  lua_setfield(L, -2, "id");
+  lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+  return 0;
+}
+
+/* store:fetch_events(categories, since_ms, last_id|nil, now_ms) -> list|nil, count, missed
+ * or nil, message. list holds {json=, timestamp=, id=} per event, oldest first:
+ * what streams (SSE) frame themselves, with no JSON to parse back. */
+static int l_fetch_events(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lp_slice cats[MAX_CATEGORIES];
+  size_t n = check_categories(L, 2, cats);
+  lua_Integer since = luaL_checkinteger(L, 3);
+  const char *last_id = luaL_optstring(L, 4, NULL);
+  lua_Integer now = luaL_checkinteger(L, 5);
+  char lower[LP_UUID_LEN + 1];
+  if (last_id) {
+    if (!lp_uuid_is_valid(last_id, strlen(last_id))) return fail(L, "last_id is not a UUID");
+    for (size_t i = 0; i <= LP_UUID_LEN; i++)
+      lower[i] = (char)(last_id[i] >= 'A' && last_id[i] <= 'F' ? last_id[i] + 32 : last_id[i]);
+    last_id = lower;
+  }
+  size_t count;
+  int missed;
+  lua_newtable(L);
+  int rc = lp_store_fetch_each(u->store, cats, n, (int64_t)since, last_id, (int64_t)now, push_event_view, L, &count,
+                               &missed);
+  if (rc != LP_OK) return fail_store(L, rc);
+  if (count == 0) {
+    lua_pop(L, 1);
+    lua_pushnil(L);
+  }
+  lua_pushinteger(L, (lua_Integer)count);
+  lua_pushboolean(L, missed);
   return 3;
 }
 
@@ -374,20 +429,74 @@ static int l_json_string(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg store_methods[] = {{"publish", l_publish}, {"restore", l_restore},
-                                         {"fetch", l_fetch},     {"wait", l_wait},
-                                         {"cancel", l_cancel},   {"mark_time", l_mark_time},
-                                         {"expire", l_expire},   {"stats", l_stats},
-                                         {"close", store_close}, {NULL, NULL}};
+/* core.event_json(timestamp, category, data_json, id) -> json
+ * The event's JSON text in the one format (lp_event_json_append), for events
+ * stored elsewhere (Redis). Arguments are trusted: checked JSON, a UUID. */
+static int l_event_json(lua_State *L) {
+  lua_Integer ts = luaL_checkinteger(L, 1);
+  lp_slice cat = check_slice(L, 2);
+  lp_slice data = check_slice(L, 3);
+  size_t id_len;
+  const char *id = luaL_checklstring(L, 4, &id_len);
+  luaL_argcheck(L, lp_uuid_is_valid(id, id_len), 4, "not a UUID");
+  luaL_argcheck(L, lp_utf8_is_valid(cat.ptr, cat.len), 2, "not valid UTF-8");
+  lp_buf b = LP_BUF_INIT;
+  if (lp_event_json_append(&b, cat, data, id, (int64_t)ts) != LP_OK) {
+    lp_buf_free(&b);
+    return luaL_error(L, "out of memory");
+  }
+  lua_pushlstring(L, b.data, b.len);
+  lp_buf_free(&b);
+  return 1;
+}
+
+/* core.events_answer(jsons, missed) -> '{"events":[..]}' (with "missed":true)
+ * The long-poll answer around event JSON texts made elsewhere (Redis). */
+static int l_events_answer(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  int missed = lua_toboolean(L, 2);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addstring(&b, "{\"events\":[");
+  for (lua_Integer i = 1; i <= n; i++) {
+    if (i > 1) luaL_addchar(&b, ',');
+    lua_rawgeti(L, 1, i);
+    luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 1, "event JSON texts must be strings");
+    luaL_addvalue(&b);
+  }
+  luaL_addstring(&b, missed ? "],\"missed\":true}" : "]}");
+  luaL_pushresult(&b);
+  return 1;
+}
+
+static const luaL_Reg store_methods[] = {{"publish", l_publish},
+                                         {"restore", l_restore},
+                                         {"fetch_events", l_fetch_events},
+                                         {"fetch", l_fetch},
+                                         {"wait", l_wait},
+                                         {"cancel", l_cancel},
+                                         {"mark_time", l_mark_time},
+                                         {"expire", l_expire},
+                                         {"stats", l_stats},
+                                         {"close", store_close},
+                                         {NULL, NULL}};
 /* for engines that keep events elsewhere (Redis) */
 static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}, {NULL, NULL}};
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
-static const luaL_Reg core_functions[] = {
-    {"new_store", l_new_store},     {"parse_publish", l_parse_publish},  {"json_check", l_json_check},
-    {"json_string", l_json_string}, {"utf8_valid", l_utf8_valid},        {"uuid", l_uuid},
-    {"is_uuid", l_is_uuid},         {"json_encode", lp_lua_json_encode}, {NULL, NULL}};
+static const luaL_Reg core_functions[] = {{"new_store", l_new_store},
+                                          {"parse_publish", l_parse_publish},
+                                          {"json_check", l_json_check},
+                                          {"json_string", l_json_string},
+                                          {"utf8_valid", l_utf8_valid},
+                                          {"uuid", l_uuid},
+                                          {"is_uuid", l_is_uuid},
+                                          {"json_encode", lp_lua_json_encode},
+                                          {"event_json", l_event_json},
+                                          {"events_answer", l_events_answer},
+                                          {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

@@ -315,14 +315,19 @@ static void release_retired(lp_store *s) {
   s->retired = NULL;
 }
 
-static lp_event *make_event(lp_store *s, lp_slice category, lp_slice data, const char *id, int64_t ts) {
-  lp_buf *b = &s->scratch;
-  lp_buf_reset(b);
+int lp_event_json_append(lp_buf *b, lp_slice category, lp_slice data, const char *id, int64_t ts) {
   if (lp_buf_append_str(b, "{\"timestamp\":") || lp_buf_append_i64(b, ts) || lp_buf_append_str(b, ",\"category\":") ||
       lp_json_append_string(b, category.ptr, category.len) || lp_buf_append_str(b, ",\"data\":") ||
       lp_buf_append(b, data.ptr, data.len) || lp_buf_append_str(b, ",\"id\":\"") || lp_buf_append(b, id, LP_UUID_LEN) ||
       lp_buf_append_str(b, "\"}"))
-    return NULL;
+    return LP_ENOMEM;
+  return LP_OK;
+}
+
+static lp_event *make_event(lp_store *s, lp_slice category, lp_slice data, const char *id, int64_t ts) {
+  lp_buf *b = &s->scratch;
+  lp_buf_reset(b);
+  if (lp_event_json_append(b, category, data, id, ts) != LP_OK) return NULL;
   lp_event *e = malloc(sizeof *e + b->len + 1);
   if (!e) return NULL;
   memset(e, 0, sizeof *e);
@@ -677,8 +682,13 @@ static int missed_events(const lp_category *c, const cursor *cur) {
 
 #define LP_FETCH_MAX_CATEGORIES 64
 
-int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
-                   int64_t now_ms, lp_buf *out, size_t *count, int *missed) {
+/* The events of the categories after the cursor, merged by sequence number:
+ * emit(ctx, event) for each, oldest first; emit returns non-zero to stop (out
+ * of memory), and then nothing in the store changes. Shared by both fetches. */
+typedef int (*emit_fn)(void *ctx, const lp_event *e, size_t index);
+
+static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
+                       int64_t now_ms, emit_fn emit, void *ctx, size_t *count, int *missed) {
   *count = 0;
   *missed = 0;
   lp_store_expire(s, now_ms);
@@ -712,17 +722,14 @@ int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t si
     }
   }
   size_t total = 0;
+  int any_missed = 0;
   for (size_t k = 0; k < ncats; k++) {
     start[k] = pos[k] = first_after(cats[k], &cur);
     total += cats[k]->count - start[k];
-    *missed |= missed_events(cats[k], &cur);
+    any_missed |= missed_events(cats[k], &cur);
   }
-  if (total == 0) {
-    *missed = 0;
-    return LP_OK;
-  }
-  size_t mark = out->len;
-  if (lp_buf_append_str(out, "{\"events\":[")) goto nomem;
+  if (total == 0) return LP_OK;
+  *missed = any_missed;
   for (size_t done = 0; done < total; done++) {
     /* merge by sequence number; the number of categories is small */
     size_t best = SIZE_MAX;
@@ -733,10 +740,11 @@ int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t si
         best_seq = ring_at(cats[k], pos[k])->seq;
       }
     }
-    lp_event *e = ring_at(cats[best], pos[best]++);
-    if ((done && lp_buf_append_char(out, ',')) || lp_buf_append(out, e->json, e->json_len)) goto nomem;
+    if (emit(ctx, ring_at(cats[best], pos[best]++), done)) {
+      *missed = 0;
+      return LP_ENOMEM;
+    }
   }
-  if (lp_buf_append_str(out, *missed ? "],\"missed\":true}" : "]}")) goto nomem;
   *count = total;
   s->stats.delivered += total;
   if (s->cfg.delete_after_first) {
@@ -752,10 +760,42 @@ int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t si
     }
   }
   return LP_OK;
-nomem:
-  out->len = mark;
-  *missed = 0;
-  return LP_ENOMEM;
+}
+
+static int emit_to_buf(void *ctx, const lp_event *e, size_t index) {
+  lp_buf *out = ctx;
+  if (index == 0 && lp_buf_append_str(out, "{\"events\":[")) return 1;
+  return (index && lp_buf_append_char(out, ',')) || lp_buf_append(out, e->json, e->json_len);
+}
+
+int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
+                   int64_t now_ms, lp_buf *out, size_t *count, int *missed) {
+  size_t mark = out->len;
+  int rc = fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_buf, out, count, missed);
+  if (rc == LP_OK && *count > 0 && lp_buf_append_str(out, *missed ? "],\"missed\":true}" : "]}")) rc = LP_ENOMEM;
+  if (rc != LP_OK) {
+    out->len = mark;
+    *missed = 0;
+  }
+  return rc;
+}
+
+typedef struct each_ctx {
+  lp_event_fn fn;
+  void *ctx;
+} each_ctx;
+
+static int emit_to_fn(void *ctx, const lp_event *e, size_t index) {
+  (void)index;
+  each_ctx *c = ctx;
+  lp_event_view v = {e->json, e->json_len, e->timestamp, e->id};
+  return c->fn(c->ctx, &v);
+}
+
+int lp_store_fetch_each(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
+                        int64_t now_ms, lp_event_fn fn, void *ctx, size_t *count, int *missed) {
+  each_ctx c = {fn, ctx};
+  return fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_fn, &c, count, missed);
 }
 
 /* ---- life cycle and stats ---- */

@@ -54,6 +54,12 @@ typedef struct lp_published {
 
 typedef struct lp_store lp_store;
 
+/* Appends to b the JSON text of an event, the one format every answer, stream
+ * and engine uses: {"timestamp":ts,"category":"..","data":data,"id":"id"}.
+ * category must be valid UTF-8, data valid JSON, id LP_UUID_LEN characters.
+ * LP_OK, or LP_ENOMEM with b unchanged in content (its length may have grown). */
+int lp_event_json_append(lp_buf *b, lp_slice category, lp_slice data, const char *id, int64_t ts);
+
 /* Called once per subscription woken by a publish; the subscription has
  * already been removed from every category, so its handle is dead. The
  * callback must not call into the store (collect the handles, act after the
@@ -84,6 +90,25 @@ int lp_store_restore(lp_store *s, lp_slice category, lp_slice data_json, const c
  * delete-after-first, the events returned are removed. */
 int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t ncategories, int64_t since_ms, const char *last_id,
                    int64_t now_ms, lp_buf *out, size_t *count, int *missed);
+
+/* One event as lp_store_fetch_each hands it out: the pointers are the store's
+ * and valid only during the callback. */
+typedef struct lp_event_view {
+  const char *json; /* {"timestamp":..,"category":..,"data":..,"id":".."} */
+  size_t json_len;
+  int64_t timestamp;
+  const char *id; /* NUL-terminated lowercase UUID */
+} lp_event_view;
+
+/* Returns 0 to go on, non-zero to stop the fetch (the caller ran out of memory). */
+typedef int (*lp_event_fn)(void *ctx, const lp_event_view *event);
+
+/* Like lp_store_fetch, but hands each event to fn(ctx, event) instead of
+ * building an answer (for streams, which frame events their own way). When fn
+ * stops the fetch, LP_ENOMEM is returned and nothing counts as delivered. fn
+ * must not call into the store. */
+int lp_store_fetch_each(lp_store *s, const lp_slice *categories, size_t ncategories, int64_t since_ms,
+                        const char *last_id, int64_t now_ms, lp_event_fn fn, void *ctx, size_t *count, int *missed);
 
 /* Registers a waiting subscription on the categories (1 or more). Returns
  * LP_OK and a handle, which stays valid until the subscription is woken or

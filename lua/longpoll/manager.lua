@@ -1,347 +1,268 @@
--- The manager: options, publish, the golongpoll-compatible HTTP handlers,
--- the waiting subscribers' timeouts, add-on hooks and shutdown. Events and
--- subscriptions live in the C store (longpoll.core); this file is the glue
--- between it, the luv loop and the HTTP req/res objects.
-local uv = require "luv"
+-- The manager: options, publish, the golongpoll-compatible HTTP handlers, the waiting long
+-- polls' timeouts and their timeout answer, add-on hooks and shutdown. Events and waiting
+-- subscribers live in an engine (engine/memory.lua: the C store; engine/redis.lua: Redis),
+-- reached only through the engine interface (docs/architecture.md).
 local core = require "longpoll.core"
 local options_mod = require "longpoll.options"
 local log = require "longpoll.log"
 local Timeouts = require "longpoll.timeouts"
-local response = require "longpoll.http.response"
-local cjson = require "cjson"
+local answers = require "longpoll.answers"
+local subscription = require "longpoll.subscription"
+local hooks = require "longpoll.hooks"
+local memory = require "longpoll.engine.memory"
+
+local send_json, send_error = answers.send_json, answers.send_error
 
 local Manager = {}
 Manager.__index = Manager
 
--- The headers of every JSON answer, checked once and written as one block.
-local NO_CACHE = response.header_block {
-  { "Content-Type", "application/json" },
-  { "Cache-Control", "no-cache, no-store, must-revalidate" },
-  { "Pragma", "no-cache" },
-  { "Expires", "0" },
-  { "X-Content-Type-Options", "nosniff" },
+local TIMEOUT_BODY = '{"timeout":"no events before timeout","timestamp":%d}'
+
+-- HTTP status of an engine's refusal code.
+local STATUS_OF_CODE = {
+  EINVAL = 400,
+  EUTF8 = 400,
+  ETOOBIG = 413,
+  ECATEGORIES = 503,
+  EWAITERS = 503,
+  ENOMEM = 503,
+  ELIMIT = 503,
+  ECLOSED = 503,
+  EUNAVAILABLE = 503,
 }
 
-local function now_ms()
-  local sec, usec = uv.gettimeofday()
-  return sec * 1000 + usec // 1000
+local function status_of(code)
+  return STATUS_OF_CODE[code] or 503
 end
 
-local function send_json(res, status, body)
-  return res:_send_block(status, NO_CACHE, body)
-end
-
-local function error_body(message)
-  return '{"error":' .. core.json_string(message) .. "}"
-end
-
--- An event as add-ons and Lua callers see it; `data` is decoded on first use
--- when the event came in as JSON text (an HTTP publish).
-local Event = {}
-Event.__index = function(e, k)
-  if k == "data" then
-    local ok, v = pcall(cjson.decode, rawget(e, "data_json"))
-    if ok then rawset(e, "data", v) return v end
-  end
-end
-
-local function new_event(category, data, data_json, json, id, timestamp)
-  return setmetatable({ id = id, timestamp = timestamp, category = category, data = data,
-    data_json = data_json, json = json }, Event)
-end
-
-local function add_on_list(a)
-  if a == nil then return {} end
-  if #a > 0 then return a end
-  return { a }
-end
-
-function Manager:_log(level, message, fields)
-  if self.logger then self.logger(level, message, fields) end
-end
-
--- Calls hook `name` of every add-on; an error inside one is logged and the
--- others still run.
-function Manager:_call_add_ons(name, ...)
-  for i, a in ipairs(self.add_ons) do
-    local hook = a[name]
-    if hook then
-      local ok, err = pcall(hook, ...)
-      if not ok then
-        self:_log("error", "add-on hook failed", { add_on = i, hook = name, error = tostring(err) })
-      end
-    end
-  end
-end
-
--- Publishes already-validated JSON text. Returns the event or nil, message.
-function Manager:_publish_json(category, data_json, data)
-  if self.closed then return nil, "manager is shut down" end
-  local json, id, timestamp, woken = self.store:publish(category, data_json, now_ms())
-  if not json then return nil, id, timestamp end -- message, error code
-  local event = new_event(category, data, data_json, json, id, timestamp)
-  if #woken > 0 then
-    local body = '{"events":[' .. json .. "]}"
-    local answer -- the whole HTTP answer, built once for every plain keep-alive subscriber
-    local waiting, timeouts = self.waiting, self.timeouts
-    for i = 1, #woken do
-      local handle = woken[i]
-      local res = waiting[handle]
-      if res then
-        waiting[handle] = nil
-        timeouts:cancel(handle)
-        answer = answer or response.shared_answer(200, NO_CACHE, body)
-        if not res:_send_shared(answer, NO_CACHE) then send_json(res, 200, body) end
-      else
-        local watcher = self.watchers[handle]
-        if watcher then
-          self.watchers[handle] = nil
-          local ok, err = pcall(watcher, event)
-          if not ok then self:_log("error", "watcher failed", { error = tostring(err) }) end
-        end
-      end
-    end
-  end
-  if self.logger then
-    self:_log("debug", "published", { category = category, id = id, woken = #woken, data = data_json })
-  end
-  if #self.add_ons > 0 then self:_call_add_ons("on_publish", event) end
-  return event
-end
-
--- Publishes and tells callback(event) (or, in Redis mode, callback(nil, message) when Redis
--- failed). In memory the event is returned and callback runs before that; with the `redis`
--- option publishing is asynchronous: true means the event is on its way to Redis.
-function Manager:_publish_with(category, data_json, data, callback)
-  if self.engine then return self:_publish_json(category, data_json, data, callback) end
-  local event, err, code = self:_publish_json(category, data_json, data)
-  if event and callback then callback(event) end
-  return event, err, code
-end
-
--- manager:publish(category, data[, callback]) -> event (true in Redis mode) | nil, message
-function Manager:publish(category, data, callback)
+local function check_category(self, category)
   if type(category) ~= "string" or #category == 0 or #category > self.options.max_category_bytes then
     return nil, ("category must be a string of 1 to %d bytes"):format(self.options.max_category_bytes)
   end
+  return true
+end
+
+-- Publishes checked JSON text through the engine. callback(event | nil, message, code).
+-- Returns the event when the engine stored it before returning (memory), true when it is on
+-- its way (Redis), or nil, message, code when refused.
+local function publish_json_text(self, category, data_json, data, callback)
+  local stored
+  local ok, err, code = self.engine:publish(category, data_json, function(event, perr, pcode)
+    if event then
+      stored = hooks.event(event, data)
+      if callback then callback(stored) end
+    elseif callback then
+      callback(nil, perr, pcode)
+    end
+  end, data)
+  if not ok then return nil, err, code end
+  if self.logger then
+    self.logger("debug", "published", { category = category, data = data_json })
+  end
+  return stored or true
+end
+
+-- manager:publish(category, data[, callback]) -> event | true | nil, message
+-- callback(event) once the event is stored, or callback(nil, message) when storing failed
+-- later (Redis). In memory the event is stored (and returned) before publish returns; with
+-- Redis, true means it is on its way.
+function Manager:publish(category, data, callback)
+  if self.closed then return nil, "manager is shut down" end
+  local ok, err = check_category(self, category)
+  if not ok then return nil, err end
   if data == nil then return nil, "data must not be nil" end
-  local data_json, err = core.json_encode(data)
-  if not data_json then return nil, "data cannot be encoded as JSON: " .. err end
-  return self:_publish_with(category, data_json, data, callback)
+  local data_json, jerr = core.json_encode(data)
+  if not data_json then return nil, "data cannot be encoded as JSON: " .. jerr end
+  return publish_json_text(self, category, data_json, data, callback)
 end
 
 -- manager:publish_json(category, json_text[, callback]): publishes JSON text as given.
 function Manager:publish_json(category, data_json, callback)
-  if type(category) ~= "string" or #category == 0 or #category > self.options.max_category_bytes then
-    return nil, ("category must be a string of 1 to %d bytes"):format(self.options.max_category_bytes)
-  end
+  if self.closed then return nil, "manager is shut down" end
+  local ok, err = check_category(self, category)
+  if not ok then return nil, err end
   if type(data_json) ~= "string" then return nil, "data_json must be a string" end
-  local ok, err = core.json_check(data_json)
-  if not ok then return nil, "data_json is not JSON: " .. err end
+  local jok, jerr = core.json_check(data_json)
+  if not jok then return nil, "data_json is not JSON: " .. jerr end
   if data_json:match("^%s*null%s*$") then return nil, "data must not be null" end
-  return self:_publish_with(category, data_json, nil, callback)
+  return publish_json_text(self, category, data_json, nil, callback)
+end
+
+local function category_list(categories)
+  if type(categories) == "string" then return { categories } end
+  return categories
 end
 
 -- manager:watch(categories, on_event) -> handle | nil, message
--- Calls on_event(event) once, for the next event published in any of the
--- categories (a string or a list), then forgets the watch: a caller that wants
--- more watches again (fetching with its cursor first). For in-process
--- listeners and streaming handlers (SSE).
+-- Calls on_event(event) once, for the next event published in any of the categories (a
+-- string or a list), then forgets the watch: a caller that wants more watches again. For
+-- in-process listeners.
 function Manager:watch(categories, on_event)
   if self.closed then return nil, "manager is shut down" end
-  local handle, err = self.store:wait(categories)
+  local handle
+  local fired = false
+  local err
+  handle, err = self.engine:follow(category_list(categories), nil, nil, function(list)
+    if fired or not list or #list == 0 then return end
+    fired = true
+    self.engine:unfollow(handle)
+    local e = list[1]
+    if e.category == nil then
+      -- a stream item ({json, timestamp, id}): category and data as the core reads the JSON
+      local category, data_json = core.parse_publish(e.json, math.maxinteger)
+      e = { id = e.id, timestamp = e.timestamp, category = category, data_json = data_json, json = e.json }
+    end
+    on_event(hooks.event(e))
+  end)
   if not handle then return nil, err end
-  self.watchers[handle] = on_event
   return handle
 end
 
 -- manager:unwatch(handle): ends a watch; true when it was still pending.
 function Manager:unwatch(handle)
-  if not self.watchers[handle] then return false end
-  self.watchers[handle] = nil
-  return self.store:cancel(handle)
+  return self.engine:unfollow(handle)
 end
 
-function Manager:_answer_timeout(handle)
+-- manager:follow(categories, since, last_id, on_events) -> handle | nil, message
+-- Every event after the cursor (since nil: from now on), in batches, oldest first, each once:
+-- on_events(list, missed) with list = { {json=, timestamp=, id=}, ... }, or on_events(nil,
+-- message) once when the engine ends it. For streams (SSE). manager:unfollow(handle) ends it.
+function Manager:follow(categories, since, last_id, on_events)
+  if self.closed then return nil, "manager is shut down" end
+  return self.engine:follow(category_list(categories), since, last_id, on_events)
+end
+
+function Manager:unfollow(handle)
+  return self.engine:unfollow(handle)
+end
+
+-- manager:start_mark(callback): callback(ts) with a timestamp no later event reaches (a
+-- stream's exact "from now on"), or callback(nil, message) when none can be had now.
+function Manager:start_mark(callback)
+  if self.closed then return callback(nil, "manager is shut down") end
+  self.engine:timeout_mark(callback)
+end
+
+-- Writes the answer to a waiting long poll: events (one string shared by every subscriber a
+-- publish woke) or, when body is nil, the timeout answer with ts (503 with failure when no
+-- timestamp could be had).
+local function answer_waiting(self, handle, body, ts, failure)
   local res = self.waiting[handle]
   if not res then return end
   self.waiting[handle] = nil
-  self.store:cancel(handle)
-  send_json(res, 200, ('{"timeout":"no events before timeout","timestamp":%d}'):format(self.store:mark_time(now_ms())))
-end
-
--- Parses and checks a subscription request's query. Returns a table or nil,
--- message (golongpoll's messages).
-function Manager:_parse_subscription(req)
-  local o = self.options
-  local timeout = req.query.timeout
-  timeout = timeout and tonumber(timeout:match("^%+?(%d+)$"))
-  if not timeout or timeout < 1 or timeout > o.max_longpoll_timeout_seconds then
-    return nil, ("Invalid or missing 'timeout' arg.  Must be 1-%d."):format(o.max_longpoll_timeout_seconds)
-  end
-  local categories = req:query_all("category")
-  if #categories == 0 then
-    return nil, ("Invalid subscription category, must be 1-%d characters long."):format(o.max_category_bytes)
-  end
-  if #categories > o.max_categories_per_subscription then
-    return nil, ("Too many categories: at most %d per subscription."):format(o.max_categories_per_subscription)
-  end
-  for _, c in ipairs(categories) do
-    if #c == 0 or #c > o.max_category_bytes then
-      return nil, ("Invalid subscription category, must be 1-%d characters long."):format(o.max_category_bytes)
+  self.timeouts:cancel(handle)
+  if body then
+    if self.shared_body ~= body then
+      self.shared_body, self.shared_answer = body, answers.shared(body)
     end
-    if not core.utf8_valid(c) then return nil, "Invalid subscription category, must be valid UTF-8." end
+    return answers.send_shared(res, self.shared_answer, body)
   end
-  -- an empty value counts as absent, as in golongpoll (its JS client sends `last_id=`)
-  local since = req.query.since_time
-  if since == "" then since = nil end
-  if since ~= nil then
-    -- as Go's strconv.ParseInt(s, 10, 64): an optional sign, digits, within int64 (Lua
-    -- reads a decimal integer out of range as a float, which is refused here)
-    local n = since:match("^[+-]?%d+$") and tonumber(since)
-    since = math.type(n) == "integer" and n or nil
-    if not since then return nil, "Invalid 'since_time' arg." end
-  end
-  local last_id = req.query.last_id
-  if last_id == "" then last_id = nil end
-  if last_id ~= nil then
-    if since == nil then return nil, "Must provide 'since_time' arg when providing 'last_id'." end
-    if not core.is_uuid(last_id) then return nil, "Param 'last_id' was not a valid UUID." end
-  end
-  return { timeout = timeout, categories = #categories == 1 and categories[1] or categories,
-    since = since, last_id = last_id }
+  if ts then return send_json(res, 200, TIMEOUT_BODY:format(ts)) end
+  return send_error(res, 503, failure or "manager is shut down")
 end
 
--- Answers now with buffered events after the cursor, or registers a waiting
--- subscriber. on_wait(handle) lets the caller (SSE) keep its own state.
-function Manager:_subscribe(req, res)
-  if self.closed then
-    return send_json(res, 503, error_body("manager is shut down"))
-  end
-  local sub, err = self:_parse_subscription(req)
+local function on_timeout(self, handle)
+  if not self.waiting[handle] then return end
+  self.engine:expire(handle, function(ts, err) answer_waiting(self, handle, nil, ts, err) end)
+end
+
+-- The long-poll handler: answers at once with buffered events after the cursor, or waits.
+local function subscribe(self, req, res)
+  if self.closed then return send_error(res, 503, "manager is shut down") end
+  local sub, err = subscription.parse(req, self.options, "poll")
   if not sub then
-    self:_log("warn", "bad subscription request", { error = err })
-    return send_json(res, self.options.subscribe_error_status, error_body(err))
+    self:log("warn", "bad subscription request", { error = err })
+    return send_error(res, self.options.subscribe_error_status, err)
   end
-  local store = self.store
-  if sub.since then
-    local body, count_or_err = store:fetch(sub.categories, sub.since, sub.last_id, now_ms())
-    if body then return send_json(res, 200, body) end
-    if type(count_or_err) == "string" then
-      return send_json(res, self.options.subscribe_error_status, error_body(count_or_err))
+  local handle, answered_body
+  local function on_answer(body)
+    if handle == nil then
+      answered_body = body -- before subscribe returned: answered below
+    else
+      answer_waiting(self, handle, body)
     end
   end
-  local handle, werr = store:wait(sub.categories)
+  local werr, code
+  handle, werr, code = self.engine:subscribe(sub, on_answer)
+  if answered_body then return send_json(res, 200, answered_body) end
   if not handle then
-    self:_log("warn", "subscriber refused", { error = werr })
-    return send_json(res, 503, error_body(werr))
+    self:log("warn", "subscriber refused", { error = werr })
+    local status = status_of(code)
+    if status == 400 then status = self.options.subscribe_error_status end
+    return send_error(res, status, werr)
   end
   self.waiting[handle] = res
-  self.timeouts:add(handle, sub.timeout * 1000)
+  self.timeouts:add(handle, sub.timeout_ms)
   res:on_close(function()
     -- the client went away: forget it at once
     if self.waiting[handle] == res then
       self.waiting[handle] = nil
       self.timeouts:cancel(handle)
-      self.store:cancel(handle)
+      self.engine:cancel(handle)
     end
   end)
 end
 
-function Manager:_publish_request(req, res)
+-- The publish handler: {"category": ..., "data": ...}, answered once the engine stored it.
+local function publish_request(self, req, res)
   if req.method ~= "POST" then
     res:set_header("Allow", "POST")
-    return send_json(res, 405, error_body("Invalid HTTP Method. Only POST allowed."))
+    return send_error(res, 405, "Invalid HTTP Method. Only POST allowed.")
   end
   local category, data_json = core.parse_publish(req.body or "", self.options.max_category_bytes)
   if not category then
-    self:_log("warn", "bad publish request", { error = data_json })
-    return send_json(res, 400, error_body(data_json))
+    self:log("warn", "bad publish request", { error = data_json })
+    return send_error(res, 400, data_json)
   end
-  if self.engine then -- Redis mode: answered once Redis stored the event (503 when it could not)
-    local queued, qerr, qcode = self:_publish_json(category, data_json, nil, function(event, perr)
-      if event then return send_json(res, 200, '{"success":true}') end
-      return send_json(res, 503, error_body(perr))
-    end)
-    if not queued then return send_json(res, qcode == "EINVAL" and 400 or 503, error_body(qerr)) end
-    return
-  end
-  local event, err, code = self:_publish_json(category, data_json)
-  if not event then
-    local status = (self.closed or code == "ECATEGORIES") and 503 or code == "ETOOBIG" and 413 or 400
-    return send_json(res, status, error_body(err))
-  end
-  return send_json(res, 200, '{"success":true}')
+  if self.closed then return send_error(res, 503, "manager is shut down") end
+  local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, pcode)
+    if event then return send_json(res, 200, '{"success":true}') end
+    return send_error(res, status_of(pcode or "EUNAVAILABLE"), perr)
+  end)
+  if not ok then return send_error(res, status_of(code), err) end
 end
 
--- Current figures from the store, plus what only the manager knows.
+-- Calls logger(level, message, fields) when the manager has one.
+function Manager:log(level, message, fields)
+  if self.logger then self.logger(level, message, fields) end
+end
+
+-- Current figures from the engine, plus what only the manager knows.
 function Manager:stats(with_categories)
   if self.closed then return { closed = true } end
-  local s = self.store:stats(with_categories)
+  local s = self.engine:stats(with_categories)
   s.timeouts_pending = self.timeouts.count
+  s.sse_streams = self.sse and self.sse.count or 0
   return s
 end
 
--- Answers every waiting subscriber with the timeout answer and stops timers.
-function Manager:_stop_serving()
+-- Answers every waiting long poll with the timeout answer (the engine may ask Redis for its
+-- timestamp: engine:close waits for that), ends the streams, stops the timers.
+local function stop_serving(self)
   self.closed = true
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
-  for _, handle in ipairs(handles) do self:_answer_timeout(handle) end
+  for _, handle in ipairs(handles) do
+    self.engine:expire(handle, function(ts, err) answer_waiting(self, handle, nil, ts, err) end)
+  end
   if self.sse then self.sse:close() end -- ends the SSE streams cleanly
-  self.watchers = {}
   self.timeouts:close()
-  if self.purge_timer then Timeouts.close_handle(self.purge_timer) end
 end
 
--- manager:shutdown_with_timeout(seconds, callback): like shutdown, but gives
--- up waiting for asynchronous add-ons after `seconds`. callback(ok, err).
+-- manager:shutdown_with_timeout(seconds, callback): like shutdown, but gives up waiting for
+-- asynchronous add-ons after `seconds`. callback(ok, err).
 function Manager:shutdown_with_timeout(seconds, callback)
   if self.shutdown_started then
     if callback then callback(true) end
     return true
   end
   self.shutdown_started = true
-  self:_stop_serving()
-  local pending = 0
-  local finished = false
-  local timer
-  local function finish(ok, err)
-    if finished then return end
-    finished = true
-    if timer then Timeouts.close_handle(timer) end
-    self.store:close()
-    if callback then callback(ok, err) end
-  end
-  for i, a in ipairs(self.add_ons) do
-    local hook = a.on_shutdown
-    if hook then
-      -- a hook that takes an argument is asynchronous: it calls done() when finished
-      local async = debug.getinfo(hook, "u").nparams >= 1
-      if async then pending = pending + 1 end
-      local called = false
-      local function done()
-        if called or not async then return end
-        called = true
-        pending = pending - 1
-        if pending == 0 then finish(true) end
-      end
-      local ok, err = pcall(hook, done)
-      if not ok then
-        self:_log("error", "add-on hook failed", { add_on = i, hook = "on_shutdown", error = tostring(err) })
-        done()
-      end
-    end
-  end
-  if pending == 0 then
-    finish(true)
-  elseif seconds then
-    timer = uv.new_timer()
-    timer:start(math.floor(seconds * 1000), 0, function()
-      self:_log("warn", "shutdown timeout exceeded while waiting for add-ons", { seconds = seconds })
-      finish(false, "shutdown timeout exceeded")
+  stop_serving(self)
+  hooks.shutdown(self.add_ons, seconds, function(...) self:log(...) end, function(ok, err)
+    self.engine:close(function()
+      if callback then callback(ok, err) end
     end)
-  end
+  end)
   return true
 end
 
@@ -352,121 +273,85 @@ end
 
 local M = {}
 
--- A read-only view of the manager's options for add-ons (buffer size, TTL...).
-local function readonly(t)
-  return setmetatable({}, { __index = t, __newindex = function() error("options are read-only", 2) end })
-end
-
--- Loads the events the add-ons kept, oldest first, before anyone is served.
--- manager.started_add_ons lists those whose on_start ran (to undo on failure).
-local function restore(manager)
-  local ttl_ms = manager.ttl_ms
-  local now = now_ms()
-  local started = manager.started_add_ons
-  local restored = {} -- ids already restored: two persistence add-ons may hold the same events
-  local view = readonly(manager.options)
-  for i, a in ipairs(manager.add_ons) do
-    if a.on_start then
-      local ok, iter, state, init = pcall(a.on_start, view)
-      if not ok then return nil, ("add-on %d: on_start failed: %s"):format(i, tostring(iter)) end
-      started[#started + 1] = a
-      if iter ~= nil then
-        if type(iter) ~= "function" then return nil, ("add-on %d: on_start must return an iterator"):format(i) end
-        while true do
-          local okn, e = pcall(iter, state, init)
-          if not okn then return nil, ("add-on %d: reading stored events failed: %s"):format(i, tostring(e)) end
-          if e == nil then break end
-          init = e
-          if type(e) ~= "table" or type(e.category) ~= "string" or math.type(e.timestamp) ~= "integer" then
-            return nil, ("add-on %d: a stored event lacks category or an integer timestamp"):format(i)
-          end
-          if (ttl_ms == 0 or now - e.timestamp < ttl_ms) and not restored[e.id] then
-            restored[e.id] = true
-            local data_json = e.data_json
-            if data_json == nil then
-              local err
-              data_json, err = core.json_encode(e.data)
-              if not data_json then return nil, ("add-on %d: stored event data: %s"):format(i, err) end
-            end
-            local rok, rerr = manager.store:restore(e.category, data_json, tostring(e.id), e.timestamp)
-            if not rok then
-              return nil, ("add-on %d: stored event %s refused: %s"):format(i, tostring(e.id), rerr)
-            end
-          end
-        end
-      end
-    end
-  end
-  return true
-end
-
 -- longpoll.start(options) -> manager | nil, message
 function M.start(options)
   local o, err = options_mod.check(options)
   if not o then return nil, err end
   local ttl_ms = (o.event_ttl_seconds == options_mod.FOREVER or o.event_ttl_seconds == math.huge) and 0
     or math.max(1, math.floor(o.event_ttl_seconds * 1000))
+  local engine_options = setmetatable({ ttl_ms = ttl_ms }, { __index = o })
   local manager = setmetatable({
     options = o,
     ttl_ms = ttl_ms,
     logger = log.new(o.logger),
-    add_ons = add_on_list(o.add_on),
-    waiting = {}, -- subscription handle -> res of a waiting long poll
-    watchers = {}, -- subscription handle -> function(event), see manager:watch
-    started_add_ons = {},
-    store = core.new_store {
-      max_event_buffer_size = o.max_event_buffer_size,
-      event_ttl_ms = ttl_ms,
-      delete_after_first = o.delete_event_after_first_retrieval,
-      max_category_bytes = o.max_category_bytes,
-      max_categories = o.max_categories,
-      max_waiting_per_category = o.max_waiting_per_category,
-      max_buffered_bytes = o.max_buffered_bytes,
-    },
+    add_ons = hooks.list(o.add_on),
+    waiting = {}, -- engine handle -> res of a waiting long poll
     closed = false,
   }, Manager)
-  manager.timeouts = Timeouts.new(function(handle) manager:_answer_timeout(handle) end)
-  local ok, rerr
-  if o.redis then -- events live in Redis: the engine replaces publish/subscribe internals
-    ok, rerr = require("longpoll.redis.engine").attach(manager,
-      { send_json = send_json, error_body = error_body, new_event = new_event })
-  else
-    ok, rerr = restore(manager)
-  end
-  if not ok then
-    -- add-ons that did start get their shutdown, so they release files and timers
-    for _, a in ipairs(manager.started_add_ons) do
-      if a.on_shutdown then pcall(a.on_shutdown, function() end) end
+  local host = {
+    log = function(level, message, fields) manager:log(level, message, fields) end,
+    on_event = function(event)
+      hooks.call(manager.add_ons, "on_publish", function(msg, fields) manager:log("error", msg, fields) end,
+        hooks.event(event))
+    end,
+  }
+  local engine, eerr
+  if o.redis then
+    for i, a in ipairs(manager.add_ons) do
+      if a.on_start then
+        return nil, ("add-on %d has on_start: with 'redis', events are kept in Redis, not restored by add-ons"):format(i)
+      end
     end
-    manager.timeouts:close()
-    manager.store:close()
-    return nil, rerr
+    engine, eerr = require("longpoll.engine.redis").new(engine_options, host)
+  else
+    engine = memory.new(engine_options, host)
   end
-  if ttl_ms > 0 then
-    -- expiry also happens on every publish and fetch; this timer returns the
-    -- memory of idle categories, and never keeps the process alive by itself
-    local interval = o.purge_interval_seconds and math.floor(o.purge_interval_seconds * 1000)
-      or math.min(60000, math.max(250, ttl_ms // 2))
-    manager.purge_timer = uv.new_timer()
-    manager.purge_timer:start(interval, interval, function()
-      if not manager.closed then manager.store:expire(now_ms()) end
-    end)
-    manager.purge_timer:unref()
+  if not engine then return nil, eerr end
+  manager.engine = engine
+  manager.timeouts = Timeouts.new(function(handle) on_timeout(manager, handle) end)
+  if not o.redis then
+    local started = {}
+    local ok, rerr = hooks.restore(manager.add_ons, o, ttl_ms, (o.clock or memory.wall_clock_ms)(),
+      function(e, data_json) return engine:restore(e.category, data_json, tostring(e.id), e.timestamp) end, started)
+    if not ok then
+      -- add-ons that did start get their shutdown, so they release files and timers
+      for _, a in ipairs(started) do
+        if a.on_shutdown then pcall(a.on_shutdown, function() end) end
+      end
+      manager.timeouts:close()
+      engine:close()
+      return nil, rerr
+    end
   end
   -- handlers are plain functions (no colon), ready to be wrapped
-  manager.subscription_handler = function(req, res) return manager:_subscribe(req, res) end
-  manager.publish_handler = function(req, res) return manager:_publish_request(req, res) end
+  local handlers = {
+    subscription = function(req, res) return subscribe(manager, req, res) end,
+    publish = function(req, res) return publish_request(manager, req, res) end,
+  }
   -- extensions (docs/extensions.md): SSE, stats, and CORS around all four handlers
-  manager.sse_handler = require("longpoll.sse").attach(manager)
-  manager.stats_handler = require("longpoll.stats").handler(manager)
-  if o.cors then require("longpoll.cors").apply(manager) end
-  manager:_log("info", "manager started", { max_event_buffer_size = o.max_event_buffer_size, ttl_ms = ttl_ms })
+  manager.sse = require("longpoll.sse").new(manager)
+  handlers.sse = function(req, res) return manager.sse:handle(req, res) end
+  handlers.stats = require("longpoll.stats").handler(manager)
+  if o.cors then
+    local cors = require "longpoll.cors"
+    local policy = cors.new(o.cors)
+    manager.cors = policy
+    handlers.subscription = cors.wrap(policy, handlers.subscription, "GET, HEAD")
+    handlers.publish = cors.wrap(policy, handlers.publish, "POST", true)
+    handlers.sse = cors.wrap(policy, handlers.sse, "GET, HEAD")
+    handlers.stats = cors.wrap(policy, handlers.stats, "GET, HEAD")
+  end
+  manager.subscription_handler = handlers.subscription
+  manager.publish_handler = handlers.publish
+  manager.sse_handler = handlers.sse
+  manager.stats_handler = handlers.stats
+  manager:log("info", "manager started", { max_event_buffer_size = o.max_event_buffer_size, ttl_ms = ttl_ms })
   return manager
 end
 
 M.FOREVER = options_mod.FOREVER
-M.now_ms = now_ms
+M.now_ms = memory.wall_clock_ms
 M.send_json = send_json
-M.error_body = error_body
+M.error_body = answers.error_body
 
 return M

@@ -59,8 +59,11 @@ local SPEC = {
   max_categories_per_subscription = { 16, integer(1, 64) },
   purge_interval_seconds = { nil, function(v) if type(v) ~= "number" or v <= 0 then return "must be a positive number" end end },
   cors = { nil, function(v) return require("longpoll.cors").check(v) end },
-  redis = { nil, function(v) return require("longpoll.redis.config").check(v) end },
+  redis = { nil, function(v) return require("longpoll.engine.redis.config").check(v) end },
   sse_heartbeat_seconds = { 15, integer(1, 3600) },
+  -- the wall clock in epoch milliseconds (tests pass a fake one; the C core takes time as an
+  -- argument, so TTL and timestamps then follow it)
+  clock = { nil, function(v) if type(v) ~= "function" then return "must be a function returning epoch milliseconds" end end },
 }
 
 -- Returns a complete options table, or nil, message.

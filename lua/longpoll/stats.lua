@@ -2,18 +2,12 @@
 -- format for scrapers (Accept: text/plain, or ?format=prometheus).
 local uv = require "luv"
 local core = require "longpoll.core"
+local answers = require "longpoll.answers"
 
 local concat, format, gsub, find, lower, sort = table.concat, string.format, string.gsub,
   string.find, string.lower, table.sort
 
 local M = {}
-
-local NO_CACHE = {
-  { "Cache-Control", "no-cache, no-store, must-revalidate" },
-  { "Pragma", "no-cache" },
-  { "Expires", "0" },
-  { "X-Content-Type-Options", "nosniff" },
-}
 
 M.PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -57,8 +51,6 @@ function M.collect(manager, started, with_categories)
   if manager.closed then return nil end
   local s = manager:stats(with_categories)
   s.uptime_seconds = (uv.hrtime() - started) / 1e9
-  s.sse_streams = manager.sse and manager.sse.count or 0
-  if manager.sse then s.delivered = s.delivered - manager.sse.refetched end
   s.long_polls = s.timeouts_pending
   s.timeouts_pending = nil
   return s
@@ -124,27 +116,16 @@ end
 function M.handler(manager)
   local started = uv.hrtime()
   return function(req, res)
-    for i = 1, #NO_CACHE do res:set_header(NO_CACHE[i][1], NO_CACHE[i][2]) end
     -- the answer depends on Accept (CORS may have put Origin there already)
     local vary = res:get_header("Vary")
     res:set_header("Vary", vary and (vary .. ", Accept") or "Accept")
     local prom, err = wants_prometheus(req)
-    if prom == nil then
-      res:set_header("Content-Type", "application/json")
-      return res:send(400, '{"error":' .. core.json_string(err) .. "}")
-    end
+    if prom == nil then return answers.send_error(res, 400, err) end
     local c = req.query.categories
     local s = M.collect(manager, started, c ~= nil and c ~= "" and c ~= "0" and c ~= "false")
-    if not s then
-      res:set_header("Content-Type", "application/json")
-      return res:send(503, '{"error":"manager is shut down"}')
-    end
-    if prom then
-      res:set_header("Content-Type", M.PROMETHEUS_TYPE)
-      return res:send(200, M.prometheus(s))
-    end
-    res:set_header("Content-Type", "application/json")
-    return res:send(200, M.json(s))
+    if not s then return answers.send_error(res, 503, "manager is shut down") end
+    if prom then return answers.send_typed(res, 200, M.PROMETHEUS_TYPE, M.prometheus(s)) end
+    return answers.send_json(res, 200, M.json(s))
   end
 end
 

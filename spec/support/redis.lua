@@ -105,4 +105,52 @@ function M.start(opts)
   return self:start()
 end
 
+-- A transport for options.redis.transport that can hold pub/sub messages (a slow link), drop
+-- some (a lost message), and slow down the answers of reads ("fetch" scripts).
+--   t.option: the value for options.redis.transport
+--   t:hold(), t:release(): hold messages, then deliver those held, in order
+--   t.held: the payloads held (t:drop(i) removes one)
+--   t.fetch_delay_ms: when set, read answers arrive that much later; t.delayed_replies counts
+--   those that reached the node and wait
+function M.transport()
+  local t = { held = {}, holding = false, delayed_replies = 0 }
+  local deliver_held = {}
+  t.option = {
+    message = function(payload, deliver)
+      if t.holding then
+        t.held[#t.held + 1] = payload
+        deliver_held[payload] = deliver
+        return
+      end
+      deliver(payload)
+    end,
+    reply = function(name, reply, err, deliver)
+      if name == "fetch" and t.fetch_delay_ms then
+        t.delayed_replies = t.delayed_replies + 1
+        local timer = uv.new_timer()
+        timer:start(t.fetch_delay_ms, 0, function()
+          timer:close()
+          t.delayed_replies = t.delayed_replies - 1
+          deliver(reply, err)
+        end)
+        return
+      end
+      deliver(reply, err)
+    end,
+  }
+  function t.hold() t.holding = true end
+  function t.drop(i) table.remove(t.held, i) end
+  function t.release()
+    t.holding = false
+    local held = t.held
+    t.held = {}
+    for _, payload in ipairs(held) do
+      local deliver = deliver_held[payload]
+      deliver_held[payload] = nil
+      deliver(payload)
+    end
+  end
+  return t
+end
+
 return M

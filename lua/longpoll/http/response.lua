@@ -365,8 +365,4 @@ function Response:finish()
   return true
 end
 
--- The names the manager used before they were public (until it calls the public ones).
-Response._send_block = Response.send_block
-Response._send_shared = Response.send_shared
-
 return response

@@ -2,7 +2,13 @@
 -- key that is wrong) and the parsed form the engine uses.
 --   redis = { url = "redis://[[user]:password@]host[:port][/db]", prefix = "longpoll:",
 --             connect_timeout_ms = 2000, command_timeout_ms = 5000,
---             reconnect_min_ms = 100, reconnect_max_ms = 2000 }
+--             reconnect_min_ms = 100, reconnect_max_ms = 2000,
+--             sentinels = { "host:port", ... }, master_name = "mymaster",  -- Sentinel
+--             wait_replicas = 0, wait_timeout_ms = 1000,                   -- WAIT after publish
+--             shards = { "redis://host:port", ... },                        -- client-side sharding
+--             transport = nil }   -- specs only: { message = f, reply = f }, see engine/redis/link.lua
+-- With sentinels, the URL gives only credentials and database; the master's address comes from
+-- the sentinels. With shards, each URL is one master; every node must list them in one order.
 local M = {}
 
 M.DEFAULT_URL = "redis://127.0.0.1:6379/0"
@@ -57,6 +63,29 @@ function M.parse_url(url)
   return out
 end
 
+-- Parses "host:port" (or "[v6]:port"). Returns { host =, port = } or nil, message.
+function M.parse_address(v)
+  if type(v) ~= "string" then return nil, "must be \"host:port\" strings" end
+  local host, port = v:match("^%[([^%]]+)%]:(%d+)$")
+  if not host then host, port = v:match("^([^:]+):(%d+)$") end
+  port = port and math.tointeger(tonumber(port))
+  if not host or not port or port < 1 or port > 65535 then return nil, ("has a bad address %q (host:port)"):format(v) end
+  return { host = host, port = port }
+end
+
+local function list_of(check_one, what)
+  return function(v)
+    if type(v) ~= "table" or #v == 0 or #v > 64 then return "must be a list of 1 to 64 " .. what end
+    for k in pairs(v) do
+      if math.type(k) ~= "integer" or k < 1 or k > #v then return "must be a list of " .. what end
+    end
+    for _, x in ipairs(v) do
+      local ok, err = check_one(x)
+      if not ok then return err end
+    end
+  end
+end
+
 local function integer(min, max)
   return function(v)
     if math.type(v) ~= "integer" then return "must be an integer" end
@@ -73,6 +102,23 @@ local KEYS = {
   command_timeout_ms = { 5000, integer(1, 600000) },
   reconnect_min_ms = { 100, integer(1, 600000) },
   reconnect_max_ms = { 2000, integer(1, 600000) },
+  sentinels = { nil, list_of(M.parse_address, "\"host:port\" strings") },
+  master_name = { nil, function(v)
+    if type(v) ~= "string" or not v:match("^[%w._-]+$") or #v > 200 then
+      return "must be a Sentinel master name (letters, digits, '.', '_', '-')"
+    end
+  end },
+  wait_replicas = { 0, integer(0, 100) },
+  wait_timeout_ms = { 1000, integer(1, 600000) },
+  shards = { nil, list_of(M.parse_url, "redis:// URLs") },
+  transport = { nil, function(v)
+    if type(v) ~= "table" then return "must be a table of functions (message, reply)" end
+    for k, f in pairs(v) do
+      if (k ~= "message" and k ~= "reply") or type(f) ~= "function" then
+        return "may only hold the functions 'message' and 'reply'"
+      end
+    end
+  end },
 }
 
 -- Checks the option's value: nil when fine, otherwise the message that
@@ -90,16 +136,38 @@ function M.check(v)
   end
   local min, max = v.reconnect_min_ms or KEYS.reconnect_min_ms[1], v.reconnect_max_ms or KEYS.reconnect_max_ms[1]
   if min > max then return "key 'reconnect_min_ms' must not exceed 'reconnect_max_ms'" end
+  if (v.sentinels == nil) ~= (v.master_name == nil) then return "needs both 'sentinels' and 'master_name'" end
+  if v.shards and v.sentinels then return "cannot have both 'shards' and 'sentinels'" end
+  if v.shards and v.url then return "cannot have both 'shards' and 'url' (list every master in 'shards')" end
+  local wait_ms = v.wait_timeout_ms or KEYS.wait_timeout_ms[1]
+  if (v.wait_replicas or 0) > 0 and wait_ms >= (v.command_timeout_ms or KEYS.command_timeout_ms[1]) then
+    return "key 'wait_timeout_ms' must be below 'command_timeout_ms'"
+  end
 end
 
--- The checked option with defaults filled in and the URL parsed.
+-- The checked option with defaults filled in and the URL parsed: a list of one resolved table per
+-- Redis master (one unless 'shards'); each has host, port, db, user, password, and, with
+-- Sentinel, sentinels = { { host =, port = }, ... } and master_name.
 function M.resolve(v)
-  local out = {}
+  local base = {}
   for k, spec in pairs(KEYS) do
-    if v[k] == nil then out[k] = spec[1] else out[k] = v[k] end
+    if v[k] == nil then base[k] = spec[1] else base[k] = v[k] end
   end
-  local u = assert(M.parse_url(out.url))
-  for k, x in pairs(u) do out[k] = x end
+  local urls = base.shards or { base.url }
+  base.shards = nil
+  if base.sentinels then
+    local list = {}
+    for i, a in ipairs(base.sentinels) do list[i] = assert(M.parse_address(a)) end
+    base.sentinels = list
+  end
+  local out = {}
+  for i, url in ipairs(urls) do
+    local cfg = {}
+    for k, x in pairs(base) do cfg[k] = x end
+    for k, x in pairs(assert(M.parse_url(url))) do cfg[k] = x end
+    cfg.url = url
+    out[i] = cfg
+  end
   return out
 end
 

@@ -46,8 +46,9 @@ function Connection:_release(on_lost, message)
   end
 end
 
--- The connection failed: release it and tell the owner once.
-function Connection:_fail(message)
+-- Gives up on the connection (it failed, or the owner found it broken): releases it and tells
+-- the owner once, through on_lost.
+function Connection:abort(message)
   if self.closed then return end
   self.closed = true
   self.lost_reason = "Redis connection lost: " .. message
@@ -63,10 +64,10 @@ end
 
 function Connection:_on_read(err, data)
   if self.closed then return end
-  if err then return self:_fail("read error: " .. tostring(err)) end
-  if not data then return self:_fail("Redis closed the connection") end
+  if err then return self:abort("read error: " .. tostring(err)) end
+  if not data then return self:abort("Redis closed the connection") end
   local replies, perr = self.reader:feed(data)
-  if not replies then return self:_fail("protocol error: " .. tostring(perr)) end
+  if not replies then return self:abort("protocol error: " .. tostring(perr)) end
   for i = 1, replies.n do
     local reply = replies[i]
     if self.head <= self.tail then
@@ -81,7 +82,7 @@ function Connection:_on_read(err, data)
     elseif self.on_push then
       self.on_push(reply)
     else
-      return self:_fail("a reply nobody asked for")
+      return self:abort("a reply nobody asked for")
     end
     if self.closed then return end -- a callback closed it
   end
@@ -89,7 +90,7 @@ end
 
 function Connection:_write(bytes)
   self.tcp:write(bytes, function(err)
-    if err then self:_fail("write error: " .. tostring(err)) end
+    if err then self:abort("write error: " .. tostring(err)) end
   end)
 end
 
@@ -126,7 +127,7 @@ end
 function Connection:_check_overdue()
   local entry = self.queue[self.head]
   if entry and uv.now() - entry.at > self.opts.command_timeout_ms then
-    self:_fail(("no reply within %d ms"):format(self.opts.command_timeout_ms))
+    self:abort(("no reply within %d ms"):format(self.opts.command_timeout_ms))
   end
 end
 
@@ -142,12 +143,12 @@ function Connection:connect(handshake, on_ready)
   self.timer = uv.new_timer()
   self.timer:unref()
   self.timer:start(o.connect_timeout_ms, 0, function()
-    self:_fail(("cannot connect to %s:%d within %d ms"):format(o.host, o.port, o.connect_timeout_ms))
+    self:abort(("cannot connect to %s:%d within %d ms"):format(o.host, o.port, o.connect_timeout_ms))
   end)
   self.reader = hiredis.reader()
   local function on_connected(err)
     if self.closed then return end
-    if err then return self:_fail(("cannot connect to %s:%d: %s"):format(o.host, o.port, tostring(err))) end
+    if err then return self:abort(("cannot connect to %s:%d: %s"):format(o.host, o.port, tostring(err))) end
     self.tcp:nodelay(true)
     self.tcp:keepalive(true, 10)
     self.tcp:read_start(function(rerr, data) self:_on_read(rerr, data) end)
@@ -168,7 +169,7 @@ function Connection:connect(handshake, on_ready)
     for i, c in ipairs(cmds) do
       self:command(c, function(reply, cerr)
         if self.closed then return end
-        if cerr then return self:_fail(("%s failed: %s"):format(c[1], cerr)) end
+        if cerr then return self:abort(("%s failed: %s"):format(c[1], cerr)) end
         if i >= first then replies[i - first + 1] = reply end
         left = left - 1
         if left == 0 then done() end
@@ -181,7 +182,7 @@ function Connection:connect(handshake, on_ready)
     self.tcp:unref()
     local ok, started, err = pcall(self.tcp.connect, self.tcp, ip, o.port, on_connected)
     if not ok or not started then
-      self:_fail(("cannot connect to %s:%d: %s"):format(o.host, o.port, tostring(ok and err or started)))
+      self:abort(("cannot connect to %s:%d: %s"):format(o.host, o.port, tostring(ok and err or started)))
     end
   end
   if is_ip(o.host) then
@@ -190,7 +191,7 @@ function Connection:connect(handshake, on_ready)
     uv.getaddrinfo(o.host, nil, { socktype = "stream" }, function(err, addrs)
       if self.closed then return end
       if err or not addrs or not addrs[1] then
-        return self:_fail(("cannot resolve %s: %s"):format(o.host, tostring(err or "no address")))
+        return self:abort(("cannot resolve %s: %s"):format(o.host, tostring(err or "no address")))
       end
       start(addrs[1].addr)
     end)

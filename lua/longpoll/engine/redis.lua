@@ -1,0 +1,268 @@
+-- The Redis engine: several longpoll servers share categories through Redis. Events live in
+-- Redis streams (engine/redis/scripts.lua), every node keeps one pub/sub connection per Redis
+-- that wakes its own waiting subscribers, and a local C store only indexes who waits on what.
+-- It implements the engine interface (docs/architecture.md, "The engine interface"); the parts
+-- are in engine/redis/: shard (one Redis), link (its connections), waiters (cursors, reads,
+-- delivery), marks (timeout timestamps), position (Redis's sequence as this node knows it).
+-- docs/scaling.md tells the whole story.
+local core = require "longpoll.core"
+local config = require "longpoll.engine.redis.config"
+local Position = require "longpoll.engine.redis.position"
+local Shard = require "longpoll.engine.redis.shard"
+
+local Engine = {}
+Engine.__index = Engine
+
+local M = {}
+
+local function noop() end
+
+-- The event as the host gets it (on_event, publish's callback).
+local function event_of(category, catjson, json, id, ts)
+  -- json = {"timestamp":<ts>,"category":<catjson>,"data":<data>,"id":"<36>"}
+  local data_at = #'{"timestamp":' + #("%d"):format(ts) + #',"category":' + #catjson + #',"data":' + 1
+  return { id = id, timestamp = ts, category = category, data_json = json:sub(data_at, -46), json = json }
+end
+
+-- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
+-- options: the manager's checked options with options.redis and options.ttl_ms;
+-- host = { log = function(level, message, fields), on_event = function(event) }.
+-- Blocks at most connect_timeout_ms to check Redis once.
+function M.new(options, host)
+  local log = host.log or noop
+  local on_event = host.on_event or noop
+  local self = setmetatable({ log = log, closed = false, shards = {} }, Engine)
+  self.store = core.new_store {
+    max_event_buffer_size = 1,
+    max_category_bytes = options.max_category_bytes,
+    max_categories = options.max_categories,
+    max_waiting_per_category = options.max_waiting_per_category,
+  }
+  local function host_event(ev)
+    local catjson = core.json_string(ev.category)
+    if not catjson then return end
+    local ok, herr = pcall(on_event, event_of(ev.category, catjson, ev.json, ev.json:sub(-38, -3), ev.ts))
+    if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
+  end
+  local node_id = Position.epoch_candidate()
+  for i, cfg in ipairs(config.resolve(options.redis)) do
+    local shard, err = Shard.new {
+      cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
+      max_event_buffer_size = options.max_event_buffer_size, log = log, on_event = host_event,
+    }
+    if not shard then
+      for _, s in ipairs(self.shards) do s:close(noop) end
+      self.store:close()
+      return nil, err
+    end
+    self.shards[i] = shard
+  end
+  return self
+end
+
+-- The part of a category that picks its shard: the text inside its first {...} when there is
+-- such a non-empty tag (as Redis Cluster's hash tags: "{room7}.chat" and "{room7}.typing" live
+-- together), otherwise the whole name.
+local function hash_tag(category)
+  local tag = category:match("^[^{]*{([^}]+)}")
+  return tag or category
+end
+
+-- FNV-1a, 32 bits: stable across nodes and versions.
+local function fnv1a(s)
+  local h = 2166136261
+  for i = 1, #s do
+    h = ((h ~ s:byte(i)) * 16777619) & 0xffffffff
+  end
+  return h
+end
+
+-- The shard (1..n) of a category among n.
+function M.shard_index(category, n)
+  return fnv1a(hash_tag(category)) % n + 1
+end
+
+-- The shard that holds category.
+function Engine:_shard_of(category)
+  local shards = self.shards
+  if #shards == 1 then return shards[1] end
+  return shards[M.shard_index(category, #shards)]
+end
+
+-- The one shard that holds every category of the list, or nil, message.
+function Engine:_shard_of_all(categories)
+  local shard = self:_shard_of(categories[1])
+  for i = 2, #categories do
+    if self:_shard_of(categories[i]) ~= shard then
+      return nil, ("categories %q and %q live on different Redis shards: subscribe to them separately,"
+        .. " or give them one hash tag ({tag})"):format(categories[1], categories[i])
+    end
+  end
+  return shard
+end
+
+-- engine:publish(category, data_json, callback) -> true | nil, message, code
+function Engine:publish(category, data_json, callback)
+  if self.closed then return nil, "manager is shut down", "ECLOSED" end
+  local catjson = core.json_string(category)
+  if not catjson then return nil, "category is not valid UTF-8", "EINVAL" end
+  local shard = self:_shard_of(category)
+  if not shard:can_publish() then return nil, "Redis is unavailable", "EUNAVAILABLE" end
+  local id = core.uuid()
+  local ok, err = shard:publish(category, catjson, data_json, id, function(epoch, ts, seq)
+    if not epoch then
+      self.log("warn", "publish failed", { category = category, error = ts })
+      return callback(nil, "publish failed: " .. ts, "EUNAVAILABLE")
+    end
+    local json = '{"timestamp":' .. ("%d"):format(ts) .. ',"category":' .. catjson .. ',"data":' .. data_json ..
+      ',"id":"' .. id .. '"}'
+    self.log("debug", "published", { category = category, id = id, seq = seq, epoch = epoch })
+    callback(event_of(category, catjson, json, id, ts))
+  end)
+  if not ok then return nil, err, "EUNAVAILABLE" end
+  return true
+end
+
+-- Checks a cursor; returns since, last_id (lower case) or nil, message.
+local function check_cursor(since, last_id, need_since)
+  if since ~= nil and math.type(since) ~= "integer" then return nil, "since_time must be an integer" end
+  if need_since and since == nil then return nil, "since_time must be an integer" end
+  if last_id ~= nil then
+    if since == nil or not core.is_uuid(last_id) then return nil, "last_id must be a UUID" end
+    last_id = last_id:lower()
+  end
+  return true, last_id
+end
+
+local function category_list(categories)
+  if type(categories) == "string" then return { categories } end
+  if type(categories) ~= "table" or #categories == 0 then return nil end
+  return categories
+end
+
+function Engine:_add(fields, categories)
+  if self.closed then return nil, "manager is shut down", "ECLOSED" end
+  local list = category_list(categories)
+  if not list then return nil, "categories must be a category or a list of them", "EINVAL" end
+  local shard, serr = self:_shard_of_all(list)
+  if not shard then return nil, serr, "EINVAL" end
+  fields.categories = list
+  local id, err, code = shard:add(fields)
+  if not id then return nil, err, code end
+  return id * #self.shards + (self:_index_of(shard) - 1)
+end
+
+function Engine:_index_of(shard)
+  for i, s in ipairs(self.shards) do
+    if s == shard then return i end
+  end
+end
+
+-- The shard of a handle, and the waiter's id there.
+function Engine:_locate(handle)
+  if math.type(handle) ~= "integer" or handle < 0 then return nil end
+  local n = #self.shards
+  return self.shards[handle % n + 1], handle // n
+end
+
+-- engine:subscribe(sub, on_answer) -> handle | nil, message, code
+function Engine:subscribe(sub, on_answer)
+  local ok, last_id = check_cursor(sub.since, sub.last_id)
+  if not ok then return nil, last_id, "EINVAL" end
+  return self:_add({ since = sub.since, last_id = last_id, on_answer = on_answer }, sub.categories)
+end
+
+-- engine:cancel(handle) -> true if it was still waiting
+function Engine:cancel(handle)
+  local shard, id = self:_locate(handle)
+  return shard ~= nil and shard:cancel(id)
+end
+
+-- engine:timeout_mark(callback[, handle]): callback(ts) or callback(nil, message). Call it
+-- while the long poll still waits and cancel it in the callback: ts then covers every event
+-- the waiter was not given (with the handle, a waiter whose read is still owed gets its own
+-- cursor's time, so continuing from it skips nothing).
+function Engine:timeout_mark(callback, handle)
+  if self.closed then return callback(nil, "manager is shut down") end
+  local shard, id = self:_locate(handle)
+  if shard then return shard:timeout_mark(callback, id) end
+  local shards = self.shards
+  if #shards == 1 then return shards[1]:timeout_mark(callback) end
+  -- several Redis: the largest of their marks, then every one raised past it (a second mark
+  -- with that floor), so no later event of any shard reaches it
+  local function on_all(round, done)
+    local left, best, failed = #shards, nil, nil
+    for _, s in ipairs(shards) do
+      round(s, function(T, err)
+        if not T then failed = failed or err or "no mark" elseif not best or T > best then best = T end
+        left = left - 1
+        if left == 0 then done(best, failed) end
+      end)
+    end
+  end
+  on_all(function(s, cb) s:timeout_mark(cb) end, function(T, err)
+    if err then return callback(nil, err) end
+    on_all(function(s, cb)
+      s:raise_floor(T)
+      s:timeout_mark(cb)
+    end, function(_, err2)
+      if err2 then return callback(nil, err2) end
+      callback(T)
+    end)
+  end)
+end
+
+-- engine:expire(handle, on_timeout): the long poll's time is up. Its mark is asked while it
+-- still waits (events that come first answer it instead), then it ends; on_timeout(ts), or
+-- on_timeout(nil, message) when no time could be had.
+function Engine:expire(handle, on_timeout)
+  self:timeout_mark(function(ts, err)
+    self:cancel(handle)
+    on_timeout(ts, err)
+  end, handle)
+end
+
+-- engine:follow(categories, since, last_id, on_events) -> handle | nil, message
+function Engine:follow(categories, since, last_id, on_events)
+  local ok, lid = check_cursor(since, last_id)
+  if not ok then return nil, lid end
+  return self:_add({ since = since, last_id = lid, on_events = on_events, follow = true }, categories)
+end
+
+-- engine:unfollow(handle) -> true if it was live
+function Engine:unfollow(handle)
+  return self:cancel(handle)
+end
+
+-- engine:stats(with_categories) -> table: the waiter index's figures and each Redis's.
+function Engine:stats(with_categories)
+  local s = self.closed and { closed = true } or self.store:stats(with_categories)
+  local shards = {}
+  local online = true
+  for i, shard in ipairs(self.shards) do
+    shards[i] = shard:stats()
+    online = online and shards[i].online
+  end
+  s.redis = #shards == 1 and shards[1] or shards
+  s.redis_online = online
+  return s
+end
+
+-- engine:close(done): ends follows and connections, then done().
+function Engine:close(done)
+  done = done or noop
+  if self.closed then return done() end
+  self.closed = true
+  local left = #self.shards
+  for _, shard in ipairs(self.shards) do
+    shard:close(function()
+      left = left - 1
+      if left == 0 then
+        self.store:close()
+        done()
+      end
+    end)
+  end
+end
+
+return M

@@ -1,0 +1,199 @@
+-- One Redis (one master) as the engine uses it: its link, its Position in Redis's sequence, its
+-- timeout marks and its waiters, and what its pub/sub messages mean. Every category lives in
+-- exactly one shard; with one Redis there is one shard.
+local uv = require "luv"
+local Link = require "longpoll.engine.redis.link"
+local Marks = require "longpoll.engine.redis.marks"
+local Position = require "longpoll.engine.redis.position"
+local Waiters = require "longpoll.engine.redis.waiters"
+
+local tointeger = math.tointeger
+
+local Shard = {}
+Shard.__index = Shard
+
+local M = {}
+
+-- How long close waits for reads and marks in flight.
+local CLOSE_WAIT_MS = 1000
+
+local function int(s) return tointeger(tonumber(s)) end
+
+-- opts = {
+--   cfg = the resolved `redis` option for this Redis, prefix = its key prefix (with any hash tag),
+--   node_id, store (the waiter index, shared by shards), ttl_ms, max_event_buffer_size,
+--   log = function(level, message, fields), on_event = function(ev) (every event, Redis's order),
+-- }
+-- Checks Redis once (blocking); returns the shard, or nil, message.
+function M.new(opts)
+  local prefix, cfg, log = opts.prefix, opts.cfg, opts.log
+  local self = setmetatable({
+    cfg = cfg, log = log, on_event = opts.on_event, ttl_ms = opts.ttl_ms,
+    max_event_buffer_size = opts.max_event_buffer_size,
+    clock_key = prefix .. "clock", channel = prefix .. "events", node_channel = prefix .. "node:" .. opts.node_id,
+    gaps = 0, unreplicated = 0,
+  }, Shard)
+  self.keys = {
+    clock = self.clock_key,
+    stream = function(category) return prefix .. "s:" .. category end,
+    dropped = function(category) return prefix .. "d:" .. category end,
+  }
+  self.position = Position.new(log)
+  local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
+  if not reply then
+    local where = cfg.sentinels and ("master '%s' (Sentinel)"):format(cfg.master_name)
+      or ("%s:%d"):format(cfg.host, cfg.port)
+    return nil, ("cannot use Redis at %s: %s"):format(where, err)
+  end
+  self.position:observe(reply[1], int(reply[2]), int(reply[3]))
+  self.position:handed_out(int(reply[4]))
+  self.link = Link.new(cfg, { self.channel, self.node_channel }, log, {
+    message = function(payload) self:_on_message(payload) end,
+    ready = function() self:_sync() end,
+    pubsub_lost = function(why)
+      self.msg_seq = nil
+      self.waiters:all_owe_a_read()
+      self.marks:fail_all(why)
+    end,
+    offline = function() end,
+  })
+  self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
+  self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
+    keys = self.keys, ttl_ms = opts.ttl_ms, log = log }
+  self.link:start()
+  return self
+end
+
+-- Both connections are up: a mark (its timestamps never go below what the node handed out),
+-- then a read for every waiter that may have missed events.
+function Shard:_sync()
+  if self.syncing then return end
+  self.syncing = true
+  local ok = self.link:script("mark", { self.clock_key }, { self.position:floor_arg(), "", "", Position.epoch_candidate() },
+    function(reply, err)
+      self.syncing = false
+      if err then return end -- the lost connection retries
+      self.position:observe(reply[1], int(reply[2]), int(reply[3]))
+      self.position:handed_out(int(reply[4]))
+      self.link:set_online()
+      if not self.link.online then return end
+      self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
+      self.waiters:fetch_owed()
+    end)
+  if not ok then self.syncing = false end
+end
+
+---------------------------------------------------------------------------------------------
+-- Pub/sub
+
+function Shard:_on_event_message(ev)
+  -- a gap in the one sequence: this node missed messages, so every waiter reads
+  if self.msg_epoch == ev.epoch and self.msg_seq and ev.seq > self.msg_seq + 1 then
+    self.log("warn", "pub/sub gap: reading missed events from Redis", { expected = self.msg_seq + 1, got = ev.seq })
+    self.gaps = self.gaps + 1
+    self.waiters:all_owe_a_read()
+    self.waiters:fetch_owed()
+  end
+  if self.msg_epoch ~= ev.epoch or not self.msg_seq or ev.seq > self.msg_seq then
+    self.msg_epoch, self.msg_seq = ev.epoch, ev.seq
+  end
+  self.position:observe(ev.epoch, ev.ts, ev.seq)
+  self.waiters:on_event(ev)
+  self.on_event(ev)
+end
+
+function Shard:_on_message(payload)
+  local kind = payload:sub(1, 2)
+  if kind == "E " then
+    local epoch, seq, ts, clen, at = payload:match("^E (%S+) (%d+) (%d+) (%d+)\n()")
+    if not epoch then return self.log("error", "bad event message from Redis", {}) end
+    clen = int(clen)
+    return self:_on_event_message({
+      epoch = epoch, seq = int(seq), ts = int(ts),
+      category = payload:sub(at, at + clen - 1), json = payload:sub(at + clen),
+    })
+  elseif kind == "M " then
+    local token, epoch, seq, last, T = payload:match("^M (%S+) (%S+) (%d+) (%d+) (%d+)$")
+    if token then return self.marks:on_marker(token, epoch, int(seq), int(last), int(T)) end
+  end
+end
+
+---------------------------------------------------------------------------------------------
+-- Publish
+
+-- Stores one event: callback(epoch, ts, seq) or callback(nil, message). With wait_replicas, only
+-- once WAIT confirmed that many replicas have it. Returns true, or nil, message when Redis cannot
+-- be asked now (callback never called).
+function Shard:publish(category, catjson, data_json, id, callback)
+  local args = { category, catjson, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
+    Position.epoch_candidate(), self.position:floor_arg() }
+  local replicas, wait_ms = self.cfg.wait_replicas, self.cfg.wait_timeout_ms
+  return self.link:script("publish", { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }, args,
+    function(reply, err)
+      if err then return callback(nil, err) end
+      local ts, seq = int(reply[2]), int(reply[3])
+      self.position:observe(reply[1], ts, seq)
+      if replicas == 0 then return callback(reply[1], ts, seq) end
+      -- WAIT covers every write this connection made before it, the event's included
+      local ok, werr = self.link:command({ "WAIT", replicas, wait_ms }, function(n, e)
+        if e then return callback(nil, "WAIT failed: " .. e) end
+        if n < replicas then
+          self.unreplicated = self.unreplicated + 1
+          return callback(nil, ("only %d of %d replicas confirmed the event within %d ms"):format(n, replicas, wait_ms))
+        end
+        callback(reply[1], ts, seq)
+      end)
+      if not ok then callback(nil, "WAIT failed: " .. werr) end
+    end)
+end
+
+---------------------------------------------------------------------------------------------
+-- Waiters and marks (see waiters.lua and marks.lua)
+
+function Shard:add(fields) return self.waiters:add(fields) end
+function Shard:cancel(id) return self.waiters:cancel(id) end
+
+-- callback(T) for long poll id (its own rules), or a plain mark when id is no waiting long poll.
+function Shard:timeout_mark(callback, id)
+  if id and self.waiters:timeout_of(id, callback) then return end
+  return self.marks:request(callback)
+end
+
+-- Later timestamps of this Redis go above T (a mark handed out from several shards).
+function Shard:raise_floor(T)
+  self.position:handed_out(T)
+end
+
+function Shard:can_publish()
+  return self.link:can_send()
+end
+
+function Shard:stats()
+  local s = self.link:stats()
+  local w = self.waiters:stats()
+  s.waiters, s.fetches_in_flight = w.waiters, w.fetches_in_flight
+  s.epoch, s.seq, s.last_timestamp, s.gaps = self.position.epoch, self.position.seq, self.position.ts, self.gaps
+  s.pubsub_seq = self.msg_seq
+  s.unreplicated = self.unreplicated
+  return s
+end
+
+-- Waits (briefly) for reads and marks in flight, ends the waiters left, closes the link, then
+-- done().
+function Shard:close(done)
+  self.marks:flush()
+  local waited = 0
+  local timer = uv.new_timer()
+  timer:start(0, 10, function()
+    waited = waited + 10
+    local busy = self.marks:busy() or self.waiters:stats().fetches_in_flight > 0
+    if busy and waited < CLOSE_WAIT_MS and self.link.online then return end
+    timer:close()
+    self.marks:close("Redis engine is closed")
+    self.waiters:close("manager is shut down")
+    self.link:close()
+    done()
+  end)
+end
+
+return M
