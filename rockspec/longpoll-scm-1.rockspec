@@ -33,7 +33,7 @@ build = {
     ["longpoll.core"] = {
       sources = {
         "src/lp_buf.c", "src/lp_json.c", "src/lp_store.c", "src/lp_uuid.c", "src/lp_http.c",
-        "src/lp_conn.c", "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_server.c",
+        "src/lp_conn.c", "src/lp_fast.c", "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_server.c",
         "src/lp_lua_stderr.c",
       },
       defines = { "_GNU_SOURCE" },
@@ -59,6 +59,7 @@ build = {
     ["longpoll.http.response"] = "lua/longpoll/http/response.lua",
     ["longpoll.http.util"] = "lua/longpoll/http/util.lua",
     ["longpoll.http.static"] = "lua/longpoll/http/static.lua",
+    ["longpoll.http.native"] = "lua/longpoll/http/native.lua",
     ["longpoll.client"] = "lua/longpoll/client.lua",
     ["longpoll.http.client"] = "lua/longpoll/http/client.lua",
     ["longpoll.sse"] = "lua/longpoll/sse.lua",

@@ -135,3 +135,121 @@ describe("answers", function()
     end)
   end)
 end)
+
+describe("the engine's native long-poll path", function()
+  -- Requests written raw and read back raw: the answer bytes of the C path and of the Lua path
+  -- must be the same but for the Date line.
+  local function exchange(port, request)
+    local conn = async.connect(port)
+    conn:send(request)
+    local status, h, body = conn:read_response { head = request:find("^HEAD") ~= nil }
+    conn:close()
+    return status, h, body
+  end
+
+  local function native_setup(manager, srv)
+    srv:route("GET", "/events", manager.subscription_handler)
+    srv:route("GET", "/lua", function(req, res) return manager.subscription_handler(req, res) end)
+    srv:route("GET", "/guarded", function(req, res)
+      if req.headers.authorization ~= "Bearer t" then return res:send(401, { error = "token" }) end
+      return manager.subscription_handler(req, res)
+    end)
+    srv:route("*", "/publish", manager.publish_handler)
+  end
+
+  it("answers catch-up polls in C with the bytes the Lua handler writes", function()
+    with_server({}, function(t)
+      for i = 1, 5 do assert(t.manager:publish(i % 2 == 0 and "a" or "b", { n = i })) end
+      local cases = {
+        "?category=a&timeout=5&since_time=0",
+        "?category=a&category=b&timeout=5&since_time=0",
+        "?timeout=%2B3&category=%61&since_time=%2B0", -- escapes, '+', decoded like Lua's
+        "?category=b&timeout=5&since_time=0&since_time=99999999999999",
+      }
+      for _, q in ipairs(cases) do
+        for _, version in ipairs { "1.1", "1.0" } do
+          local before = t.srv:fast_answers()
+          local s1, h1, b1 = exchange(t.port, "GET /events" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
+          assert.equals(before + 1, t.srv:fast_answers(), q) -- answered without Lua
+          local s2, h2, b2 = exchange(t.port, "GET /lua" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
+          assert.equals(before + 1, t.srv:fast_answers(), q) -- a wrapper is another function
+          assert.equals(200, s1)
+          assert.same({ s2, b2 }, { s1, b1 })
+          check_no_cache(h1)
+          h1.date, h2.date = nil, nil
+          assert.same(h2, h1)
+        end
+      end
+      -- the cursor: after the last event of "a", nothing: the poll waits (Lua) and times out
+      local list = cjson.decode((select(3, exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))).events
+      local last = list[#list]
+      local before = t.srv:fast_answers()
+      local status, _, body = exchange(t.port, ("GET /events?category=a&timeout=1&since_time=%d&last_id=%s HTTP/1.1\r\n\r\n")
+        :format(last.timestamp, last.id:upper()))
+      assert.equals(200, status)
+      assert.equals("no events before timeout", cjson.decode(body).timeout)
+      assert.equals(before, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("leaves errors, waiting polls, HEAD and wrappers to Lua, with their own answers", function()
+    with_server({}, function(t)
+      assert(t.manager:publish("a", 1))
+      local before = t.srv:fast_answers()
+      local bad = {
+        ["?category=a&since_time=0"] = "Invalid or missing 'timeout' arg.  Must be 1-110.",
+        ["?category=a&timeout=0&since_time=0"] = "Invalid or missing 'timeout' arg.  Must be 1-110.",
+        ["?timeout=5&since_time=0"] = "Invalid subscription category, must be 1-1024 characters long.",
+        ["?category=a&timeout=5&since_time=x"] = "Invalid 'since_time' arg.",
+        ["?category=a&timeout=5&since_time=0&last_id=nope"] = "Param 'last_id' was not a valid UUID.",
+        ["?category=%FF&timeout=5&since_time=0"] = "Invalid subscription category, must be valid UTF-8.",
+      }
+      for q, message in pairs(bad) do
+        local _, _, body = exchange(t.port, "GET /events" .. q .. " HTTP/1.1\r\n\r\n")
+        assert.equals(message, cjson.decode(body).error, q)
+      end
+      assert.equals(400, (exchange(t.port, "GET /events?category=a&timeout=5&since_time=0&x=%zz HTTP/1.1\r\n\r\n")))
+      local status, h = exchange(t.port, "HEAD /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      assert.equals(200, status)
+      assert.is_true(tonumber(h["content-length"]) > 0)
+      assert.equals(401, (exchange(t.port, "GET /guarded?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))
+      assert.equals(200, (exchange(t.port, "GET /guarded?category=a&timeout=5&since_time=0 HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n")))
+      assert.equals(before, t.srv:fast_answers())
+      -- pipelined catch-ups keep their order, answered in C one after the other
+      local conn = async.connect(t.port)
+      assert(t.manager:publish("b", 2))
+      conn:send("GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n"
+        .. "GET /events?category=b&timeout=5&since_time=0 HTTP/1.1\r\n\r\n"
+        .. "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      local got = {}
+      for i = 1, 3 do
+        local _, _, body = conn:read_response()
+        got[i] = cjson.decode(body).events[1].category
+      end
+      conn:close()
+      assert.same({ "a", "b", "a" }, got)
+      assert.equals(before + 3, t.srv:fast_answers())
+      -- after shutdown the Lua handler answers (503), not the C path
+      t.manager:shutdown()
+      status = exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      assert.equals(503, status)
+      assert.equals(before + 3, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("is not used for a handler wrapped by CORS or a manager with its own clock", function()
+    with_server({ cors = { origins = "*" } }, function(t)
+      assert(t.manager:publish("a", 1))
+      local status, h = exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\nOrigin: http://x\r\n\r\n")
+      assert.equals(200, status)
+      assert.equals("*", h["access-control-allow-origin"])
+      assert.equals(0, t.srv:fast_answers())
+    end, { setup = native_setup })
+    local now = 1000000
+    with_server({ clock = function() return now end }, function(t)
+      assert(t.manager:publish("a", 1))
+      assert.equals(200, (exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))
+      assert.equals(0, t.srv:fast_answers()) -- the C path reads the wall clock: not for an injected one
+    end, { setup = native_setup })
+  end)
+end)

@@ -30,6 +30,13 @@ static store_ud *check_store(lua_State *L, int i) {
   return u;
 }
 
+/* The store of the userdata at idx, NULL when it is not a store or is closed (lp_lua_server.c's
+ * fast path holds a reference to the userdata and asks before each use). */
+lp_store *lp_lua_store_of(lua_State *L, int idx) {
+  store_ud *u = luaL_testudata(L, idx, STORE_MT);
+  return u ? u->store : NULL;
+}
+
 static int fail(lua_State *L, const char *msg) {
   luaL_pushfail(L);
   lua_pushstring(L, msg);

@@ -10,10 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/time.h>
 #include <time.h>
 #include <uv.h>
 
 #include "lp_conn.h"
+#include "lp_fast.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wstrict-prototypes"
@@ -21,10 +23,29 @@
 #pragma GCC diagnostic pop
 
 void lp_lua_http_push_request(lua_State *L, const lp_http_event *head, lp_slice body, const char *remote_addr);
+lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
 
 #define SERVER_MT "longpoll.HttpServer"
 #define CONN_MT "longpoll.HttpConn"
 #define SHADOW_MT "longpoll.HttpServerHandles"
+#define NATIVE_MT "longpoll.NativeHandler"
+
+/* A handler the engine can run itself (core.native_subscription): the manager's long-poll
+ * handler, for the polls it answers at once from the buffers. User value 1: the store. */
+typedef struct native_handler {
+  int enabled; /* the manager turns it off when it shuts down */
+  lp_fast_limits limits;
+  char *block; /* the answer's header lines (the manager's JSON block) */
+  size_t block_len;
+} native_handler;
+
+/* GET path -> native handler, mirrored from server:route (longpoll.server). */
+typedef struct native_route {
+  char *path;
+  size_t path_len;
+  int ref; /* registry ref of the native_handler's userdata */
+  native_handler *h;
+} native_route;
 #define READ_BUFFER 65536
 
 typedef struct server server;
@@ -78,6 +99,10 @@ struct server {
   time_t date_second;
   char date_line[64];
   uint64_t refused, refused_logged_at, refused_unlogged;
+  native_route *routes;
+  size_t nroutes;
+  lp_buf fast_scratch, fast_body, fast_head;
+  uint64_t fast_answers; /* requests answered without entering Lua */
   char read_buffer[READ_BUFFER];
 };
 
@@ -141,6 +166,7 @@ static void log_line(server *srv, const char *level, const char *message, const 
  * The host of each lp_conn */
 
 static void maybe_closed(server *srv);
+static void free_native(lua_State *L, server *srv);
 
 static void sched_remove(sconn *s) {
   if (!s->in_sched) return;
@@ -360,11 +386,75 @@ static const char *host_date(void *ud) {
   return srv->date_line;
 }
 
+static int64_t wall_clock_ms(void) {
+  struct timeval tv;
+  gettimeofday(&tv, NULL);
+  return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+}
+
+static native_route *find_route(server *srv, lp_slice path) {
+  for (size_t i = 0; i < srv->nroutes; i++) {
+    native_route *r = &srv->routes[i];
+    if (r->path_len == path.len && memcmp(r->path, path.ptr, path.len) == 0) return r;
+  }
+  return NULL;
+}
+
+/* A catch-up long poll to the manager's handler, answered from the store here: 1 when answered,
+ * 0 when the Lua handler must run (no events yet, an error, anything unusual). */
+static int fast_subscription(sconn *s, native_route *r, const lp_http_event *head, lp_slice query) {
+  server *srv = s->srv;
+  lp_fast_sub sub;
+  if (lp_fast_parse_subscription(query, &r->h->limits, &srv->fast_scratch, &sub) != 1) return 0;
+  lua_State *L = srv->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
+  lua_getiuservalue(L, -1, 1);
+  lp_store *store = lp_lua_store_of(L, -1);
+  lua_pop(L, 2);
+  if (!store) return 0;
+  lp_buf *body = &srv->fast_body, *h = &srv->fast_head;
+  lp_buf_reset(body);
+  size_t count = 0;
+  int missed = 0;
+  int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
+                          wall_clock_ms(), body, &count, &missed);
+  if (rc != LP_OK || count == 0) return 0;
+  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  char length[48];
+  snprintf(length, sizeof length, "Content-Length: %zu\r\n", body->len);
+  lp_buf_reset(h);
+  rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
+  if (rc == 0) rc = lp_buf_append(h, r->h->block, r->h->block_len);
+  if (rc == 0) rc = lp_buf_append_str(h, length);
+  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
+  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
+  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  if (rc != 0) {
+    lp_conn_abort(&s->conn); /* the events were taken (delete-after-first): no half answer */
+    return 1;
+  }
+  lp_slice bufs[2] = {{h->data, h->len}, {body->data, body->len}};
+  lp_conn_write(&s->conn, bufs, 2);
+  srv->fast_answers++;
+  /* one huge answer should not pin its memory */
+  if (body->cap > (1u << 20)) lp_buf_free(body);
+  lp_conn_response_done(&s->conn, keep, now_ms(srv));
+  return 1;
+}
+
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   sconn *s = ud;
   server *srv = s->srv;
   lua_State *L = srv->L;
   s->request_bytes = 0;
+  if (srv->nroutes > 0 && head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0) {
+    lp_slice path, query;
+    if (lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
+      native_route *r = find_route(srv, path);
+      if (r && r->h->enabled && fast_subscription(s, r, head, query)) return;
+    }
+  }
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->dispatch_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, s->box_ref);
   lp_lua_http_push_request(L, head, body, s->remote[0] ? s->remote : NULL);
@@ -505,6 +595,7 @@ static void finish_close(server *srv) {
   luaL_unref(L, LUA_REGISTRYINDEX, srv->dispatch_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, srv->gone_ref);
   srv->dispatch_ref = srv->gone_ref = LUA_NOREF;
+  free_native(L, srv);
   int self = srv->self_ref;
   srv->self_ref = LUA_NOREF;
   if (cb != LUA_NOREF) {
@@ -748,6 +839,7 @@ static int server_gc(lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, srv->gone_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, srv->log_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, srv->close_ref);
+    free_native(L, srv);
     free(srv);
     *p = NULL;
   }
@@ -853,6 +945,106 @@ static int conn_queued(lua_State *L) {
   return 1;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Native handlers */
+
+static size_t opt_size_at(lua_State *L, int t, const char *k) {
+  lua_getfield(L, t, k);
+  int ok;
+  lua_Integer v = lua_tointegerx(L, -1, &ok);
+  if (!ok || v < 1) luaL_error(L, "option '%s' must be a positive integer", k);
+  lua_pop(L, 1);
+  return (size_t)v;
+}
+
+/* core.native_subscription(store, { max_category_bytes, max_categories_per_subscription,
+ *   max_longpoll_timeout_seconds, header_block }) -> handler: what a server needs to answer the
+ * manager's catch-up long polls itself (see longpoll.http.native). handler:disable() sends
+ * every later request to the Lua handler (the manager shutting down). */
+static int l_native_subscription(lua_State *L) {
+  luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
+  luaL_checktype(L, 2, LUA_TTABLE);
+  native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
+  memset(h, 0, sizeof *h);
+  luaL_setmetatable(L, NATIVE_MT);
+  h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
+  h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+  h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
+  lua_getfield(L, 2, "header_block");
+  size_t len;
+  const char *block = luaL_checklstring(L, -1, &len);
+  h->block = malloc(len + 1);
+  if (!h->block) return luaL_error(L, "out of memory");
+  memcpy(h->block, block, len + 1);
+  h->block_len = len;
+  lua_pop(L, 1);
+  lua_pushvalue(L, 1);
+  lua_setiuservalue(L, -2, 1);
+  h->enabled = 1;
+  return 1;
+}
+
+static int native_disable(lua_State *L) {
+  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  h->enabled = 0;
+  return 0;
+}
+
+static int native_gc(lua_State *L) {
+  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  free(h->block);
+  h->block = NULL;
+  h->enabled = 0;
+  return 0;
+}
+
+static void drop_route(lua_State *L, server *srv, size_t i) {
+  luaL_unref(L, LUA_REGISTRYINDEX, srv->routes[i].ref);
+  free(srv->routes[i].path);
+  srv->routes[i] = srv->routes[--srv->nroutes];
+}
+
+/* server:native_route(path, handler | nil): GET path is answered by the native handler when it
+ * can (nil: never). */
+static int server_native_route(lua_State *L) {
+  server *srv = check_server(L);
+  size_t len;
+  const char *path = luaL_checklstring(L, 2, &len);
+  native_handler *h = lua_isnoneornil(L, 3) ? NULL : luaL_checkudata(L, 3, NATIVE_MT);
+  lp_slice p = {path, len};
+  native_route *r = find_route(srv, p);
+  if (r) drop_route(L, srv, (size_t)(r - srv->routes));
+  if (!h) return 0;
+  native_route *grown = realloc(srv->routes, (srv->nroutes + 1) * sizeof *grown);
+  if (!grown) return luaL_error(L, "out of memory");
+  srv->routes = grown;
+  char *copy = malloc(len + 1);
+  if (!copy) return luaL_error(L, "out of memory");
+  memcpy(copy, path, len + 1);
+  lua_pushvalue(L, 3);
+  native_route *nr = &srv->routes[srv->nroutes++];
+  nr->path = copy;
+  nr->path_len = len;
+  nr->h = h;
+  nr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+/* server:fast_answers() -> how many requests were answered without entering Lua. */
+static int server_fast_answers(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)check_server(L)->fast_answers);
+  return 1;
+}
+
+static void free_native(lua_State *L, server *srv) {
+  while (srv->nroutes > 0) drop_route(L, srv, srv->nroutes - 1);
+  free(srv->routes);
+  srv->routes = NULL;
+  lp_buf_free(&srv->fast_scratch);
+  lp_buf_free(&srv->fast_body);
+  lp_buf_free(&srv->fast_head);
+}
+
 /* What uv.walk hands to Lua for each of the server's handles: one object per server that says
  * what they are. */
 static int shadow_get_type(lua_State *L) {
@@ -884,6 +1076,8 @@ static const luaL_Reg server_methods[] = {{"listen", server_listen},
                                           {"close", server_close},
                                           {"connection_count", server_connection_count},
                                           {"connections", server_connections},
+                                          {"native_route", server_native_route},
+                                          {"fast_answers", server_fast_answers},
                                           {NULL, NULL}};
 
 static const luaL_Reg conn_methods[] = {
@@ -907,8 +1101,10 @@ static int l_raise_nofile(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg functions[] = {
-    {"http_server", l_http_server}, {"raise_nofile_limit", l_raise_nofile}, {NULL, NULL}};
+static const luaL_Reg functions[] = {{"http_server", l_http_server},
+                                     {"raise_nofile_limit", l_raise_nofile},
+                                     {"native_subscription", l_native_subscription},
+                                     {NULL, NULL}};
 
 /* Adds core.http_server to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_server_open(lua_State *L) {
@@ -916,6 +1112,15 @@ void lp_lua_server_open(lua_State *L) {
     luaL_newlib(L, server_methods);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, server_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, NATIVE_MT)) {
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, native_disable);
+    lua_setfield(L, -2, "disable");
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, native_gc);
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);

@@ -10,6 +10,7 @@ local answers = require "longpoll.answers"
 local subscription = require "longpoll.subscription"
 local hooks = require "longpoll.hooks"
 local memory = require "longpoll.engine.memory"
+local native = require "longpoll.http.native"
 
 local send_json, send_error = answers.send_json, answers.send_error
 
@@ -240,6 +241,7 @@ end
 -- timestamp: engine:close waits for that), ends the streams, stops the timers.
 local function stop_serving(self)
   self.closed = true
+  if self.native then self.native:disable() end -- later polls get the Lua handler's 503
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do
@@ -340,6 +342,17 @@ function M.start(options)
     handlers.publish = cors.wrap(policy, handlers.publish, "POST", true)
     handlers.sse = cors.wrap(policy, handlers.sse, "GET, HEAD")
     handlers.stats = cors.wrap(policy, handlers.stats, "GET, HEAD")
+  end
+  -- the HTTP engine answers catch-up polls to the unwrapped handler in C (longpoll.http.native),
+  -- from the same store and with the same rules (lp_fast.c mirrors subscription.lua)
+  if not o.cors and not o.clock and engine.core_store then
+    manager.native = core.native_subscription(engine:core_store(), {
+      max_category_bytes = o.max_category_bytes,
+      max_categories_per_subscription = o.max_categories_per_subscription,
+      max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
+      header_block = answers.JSON.text,
+    })
+    native.register(handlers.subscription, manager.native)
   end
   manager.subscription_handler = handlers.subscription
   manager.publish_handler = handlers.publish

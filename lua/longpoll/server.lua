@@ -7,6 +7,7 @@ local core = require "longpoll.core"
 local request = require "longpoll.http.request"
 local response = require "longpoll.http.response"
 local static = require "longpoll.http.static"
+local native = require "longpoll.http.native"
 
 local find, sub, concat, sort = string.find, string.sub, table.concat, table.sort
 local xpcall, traceback, pairs, type, tostring = xpcall, debug.traceback, pairs, type, tostring
@@ -217,6 +218,8 @@ function Server:route(method, path, handler)
   end
   sort(allow)
   route.allow = concat(allow, ", ")
+  -- a GET to a handler the engine can run itself (longpoll.http.native) is tried in C first
+  self._engine:native_route(path, native.descriptor(route.methods.GET or route.methods["*"]))
 end
 
 -- options: { follow_symlinks = true } serves symlinks whose target is outside dir (refused by
@@ -293,6 +296,11 @@ end
 -- Connections counted against the caps (those refused with 503 are not).
 function Server:connection_count()
   return self._engine:connection_count()
+end
+
+-- How many requests the engine answered itself, without entering Lua (longpoll.http.native).
+function Server:fast_answers()
+  return self._engine:fast_answers()
 end
 
 -- What each open connection is doing: { { id, phase = "reading"|"answering"|"closing",
