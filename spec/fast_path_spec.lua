@@ -155,7 +155,62 @@ describe("the engine's native long-poll path", function()
       return manager.subscription_handler(req, res)
     end)
     srv:route("*", "/publish", manager.publish_handler)
+    srv:route("*", "/lua-publish", function(req, res) return manager.publish_handler(req, res) end)
   end
+
+  local function post(port, path, body)
+    return exchange(port, ("POST %s HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"):format(path, #body, body))
+  end
+
+  it("stores publishes that wake nobody in C, with the bytes the Lua handler writes", function()
+    with_server({}, function(t)
+      local before = t.srv:fast_answers()
+      local s1, h1, b1 = post(t.port, "/publish", '{"category":"p","data":{"n":1}}')
+      assert.equals(before + 1, t.srv:fast_answers())
+      local s2, h2, b2 = post(t.port, "/lua-publish", '{"category":"p","data":{"n":2}}')
+      assert.equals(before + 1, t.srv:fast_answers())
+      assert.same({ 200, '{"success":true}' }, { s1, b1 })
+      assert.same({ s2, b2 }, { s1, b1 })
+      check_no_cache(h1)
+      h1.date, h2.date = nil, nil
+      assert.same(h2, h1)
+      local _, _, body = exchange(t.port, "GET /lua?category=p&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      local events = cjson.decode(body).events
+      assert.same({ 1, 2 }, { events[1].data.n, events[2].data.n })
+      assert.equals(2, t.manager:stats().published)
+      -- a publish that wakes a waiting subscriber is Lua's (the engine hands it out)
+      local waiting = async.connect(t.port)
+      waiting:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      assert(async.wait_for(function() return t.manager:stats().waiting == 1 end, 5000))
+      before = t.srv:fast_answers()
+      assert.equals(200, (post(t.port, "/publish", '{"category":"w","data":"hi"}')))
+      assert.equals(before, t.srv:fast_answers())
+      local status, _, wbody = waiting:read_response()
+      assert.equals(200, status)
+      assert.equals("hi", cjson.decode(wbody).events[1].data)
+      waiting:close()
+      -- bad bodies get the Lua handler's messages
+      for _, bad in ipairs { "{", '{"data":1}', '{"category":"p"}', '{"category":"","data":1}', '{"category":"p","data":null}' } do
+        local bs, _, bb = post(t.port, "/publish", bad)
+        local ls, _, lb = post(t.port, "/lua-publish", bad)
+        assert.same({ ls, lb }, { bs, bb }, bad)
+        assert.equals(400, bs, bad)
+      end
+      assert.equals(before, t.srv:fast_answers())
+      t.manager:shutdown()
+      assert.equals(503, (post(t.port, "/publish", '{"category":"p","data":3}')))
+      assert.equals(before, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("leaves publishes to Lua when an add-on must hear of them", function()
+    local heard = {}
+    with_server({ add_on = { on_publish = function(e) heard[#heard + 1] = e.data end } }, function(t)
+      assert.equals(200, (post(t.port, "/publish", '{"category":"p","data":7}')))
+      assert.same({ 7 }, heard)
+      assert.equals(0, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
 
   it("answers catch-up polls in C with the bytes the Lua handler writes", function()
     with_server({}, function(t)

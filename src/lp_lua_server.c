@@ -16,6 +16,7 @@
 
 #include "lp_conn.h"
 #include "lp_fast.h"
+#include "lp_json.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wstrict-prototypes"
@@ -32,15 +33,19 @@ lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
 
 /* A handler the engine can run itself (core.native_subscription): the manager's long-poll
  * handler, for the polls it answers at once from the buffers. User value 1: the store. */
+enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH };
+
 typedef struct native_handler {
+  int kind;
   int enabled; /* the manager turns it off when it shuts down */
   lp_fast_limits limits;
   char *block; /* the answer's header lines (the manager's JSON block) */
   size_t block_len;
 } native_handler;
 
-/* GET path -> native handler, mirrored from server:route (longpoll.server). */
+/* GET or POST path -> native handler, mirrored from server:route (longpoll.server). */
 typedef struct native_route {
+  int post; /* 0: GET, 1: POST */
   char *path;
   size_t path_len;
   int ref; /* registry ref of the native_handler's userdata */
@@ -392,12 +397,77 @@ static int64_t wall_clock_ms(void) {
   return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
 }
 
-static native_route *find_route(server *srv, lp_slice path) {
+static native_route *find_route(server *srv, int post, lp_slice path) {
   for (size_t i = 0; i < srv->nroutes; i++) {
     native_route *r = &srv->routes[i];
-    if (r->path_len == path.len && memcmp(r->path, path.ptr, path.len) == 0) return r;
+    if (r->post == post && r->path_len == path.len && memcmp(r->path, path.ptr, path.len) == 0) return r;
   }
   return NULL;
+}
+
+static lp_store *route_store(server *srv, native_route *r) {
+  lua_State *L = srv->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
+  lua_getiuservalue(L, -1, 1);
+  lp_store *store = lp_lua_store_of(L, -1);
+  lua_pop(L, 2);
+  return store;
+}
+
+/* Writes a 200 with the handler's header block and body; the response is done. */
+static void answer_200(sconn *s, native_route *r, const lp_http_event *head, const char *body, size_t len) {
+  server *srv = s->srv;
+  lp_buf *h = &srv->fast_head;
+  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  char length[48];
+  snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
+  lp_buf_reset(h);
+  int rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
+  if (rc == 0) rc = lp_buf_append(h, r->h->block, r->h->block_len);
+  if (rc == 0) rc = lp_buf_append_str(h, length);
+  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
+  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
+  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  if (rc != 0) {
+    lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
+    return;
+  }
+  lp_slice bufs[2] = {{h->data, h->len}, {body, len}};
+  lp_conn_write(&s->conn, bufs, 2);
+  srv->fast_answers++;
+  lp_conn_response_done(&s->conn, keep, now_ms(srv));
+}
+
+static void wake_none(void *ctx, uint64_t handle) {
+  (void)handle;
+  (*(size_t *)ctx)++;
+}
+
+/* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
+ * run. Only publishes that wake nobody (no long poll, stream or watcher waits on the category)
+ * are taken: the manager registers this handler only when it has no add-on to tell. */
+static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
+  server *srv = s->srv;
+  lp_publish_body pb;
+  const char *err;
+  if (lp_json_parse_publish(body.ptr ? body.ptr : "", body.len, &pb, &err) != 0) return 0;
+  int ok = pb.has_category && pb.category.len >= 1 && pb.category.len <= r->h->limits.max_category_bytes && pb.has_data;
+  lp_store *store = ok ? route_store(srv, r) : NULL;
+  lp_slice category = {pb.category.data, pb.category.len};
+  if (!store || lp_store_waiting_in(store, category) > 0) {
+    lp_buf_free(&pb.category);
+    return 0;
+  }
+  lp_slice data = {pb.data, pb.data_len};
+  lp_published out;
+  size_t woken = 0;
+  int rc = lp_store_publish(store, category, data, wall_clock_ms(), wake_none, &woken, &out);
+  lp_buf_free(&pb.category);
+  if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
+  static const char SUCCESS[] = "{\"success\":true}";
+  answer_200(s, r, head, SUCCESS, sizeof SUCCESS - 1);
+  return 1;
 }
 
 /* A catch-up long poll to the manager's handler, answered from the store here: 1 when answered,
@@ -406,40 +476,18 @@ static int fast_subscription(sconn *s, native_route *r, const lp_http_event *hea
   server *srv = s->srv;
   lp_fast_sub sub;
   if (lp_fast_parse_subscription(query, &r->h->limits, &srv->fast_scratch, &sub) != 1) return 0;
-  lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
-  lua_getiuservalue(L, -1, 1);
-  lp_store *store = lp_lua_store_of(L, -1);
-  lua_pop(L, 2);
+  lp_store *store = route_store(srv, r);
   if (!store) return 0;
-  lp_buf *body = &srv->fast_body, *h = &srv->fast_head;
+  lp_buf *body = &srv->fast_body;
   lp_buf_reset(body);
   size_t count = 0;
   int missed = 0;
   int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
                           wall_clock_ms(), body, &count, &missed);
   if (rc != LP_OK || count == 0) return 0;
-  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
-  char length[48];
-  snprintf(length, sizeof length, "Content-Length: %zu\r\n", body->len);
-  lp_buf_reset(h);
-  rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
-  if (rc == 0) rc = lp_buf_append(h, r->h->block, r->h->block_len);
-  if (rc == 0) rc = lp_buf_append_str(h, length);
-  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
-  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
-  if (rc != 0) {
-    lp_conn_abort(&s->conn); /* the events were taken (delete-after-first): no half answer */
-    return 1;
-  }
-  lp_slice bufs[2] = {{h->data, h->len}, {body->data, body->len}};
-  lp_conn_write(&s->conn, bufs, 2);
-  srv->fast_answers++;
+  answer_200(s, r, head, body->data, body->len);
   /* one huge answer should not pin its memory */
   if (body->cap > (1u << 20)) lp_buf_free(body);
-  lp_conn_response_done(&s->conn, keep, now_ms(srv));
   return 1;
 }
 
@@ -448,11 +496,16 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
   lua_State *L = srv->L;
   s->request_bytes = 0;
-  if (srv->nroutes > 0 && head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0) {
+  if (srv->nroutes > 0) {
+    int get = head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0;
+    int post = head->method.len == 4 && memcmp(head->method.ptr, "POST", 4) == 0;
     lp_slice path, query;
-    if (lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
-      native_route *r = find_route(srv, path);
-      if (r && r->h->enabled && fast_subscription(s, r, head, query)) return;
+    if ((get || post) && lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
+      native_route *r = find_route(srv, post, path);
+      if (r && r->h->enabled) {
+        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r, head, query) : fast_publish(s, r, head, body))
+          return;
+      }
     }
   }
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->dispatch_ref);
@@ -961,15 +1014,18 @@ static size_t opt_size_at(lua_State *L, int t, const char *k) {
  *   max_longpoll_timeout_seconds, header_block }) -> handler: what a server needs to answer the
  * manager's catch-up long polls itself (see longpoll.http.native). handler:disable() sends
  * every later request to the Lua handler (the manager shutting down). */
-static int l_native_subscription(lua_State *L) {
+static int make_native(lua_State *L, int kind) {
   luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
   luaL_checktype(L, 2, LUA_TTABLE);
   native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
   memset(h, 0, sizeof *h);
   luaL_setmetatable(L, NATIVE_MT);
+  h->kind = kind;
   h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
-  h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
+  if (h->kind == NATIVE_SUBSCRIPTION) {
+    h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+    h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
+  }
   lua_getfield(L, 2, "header_block");
   size_t len;
   const char *block = luaL_checklstring(L, -1, &len);
@@ -983,6 +1039,13 @@ static int l_native_subscription(lua_State *L) {
   h->enabled = 1;
   return 1;
 }
+
+static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SUBSCRIPTION); }
+
+/* core.native_publish(store, { max_category_bytes, header_block }) -> handler: the manager's
+ * publish handler, for publishes that wake nobody (the manager registers it only when it has no
+ * add-on to tell). */
+static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
 
 static int native_disable(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
@@ -1004,15 +1067,19 @@ static void drop_route(lua_State *L, server *srv, size_t i) {
   srv->routes[i] = srv->routes[--srv->nroutes];
 }
 
-/* server:native_route(path, handler | nil): GET path is answered by the native handler when it
- * can (nil: never). */
+/* server:native_route(method, path, handler | nil): a GET (a subscription handler) or POST (a
+ * publish handler) to path is answered by the native handler when it can (nil: never). */
 static int server_native_route(lua_State *L) {
   server *srv = check_server(L);
+  const char *method = luaL_checkstring(L, 2);
+  int post = strcmp(method, "POST") == 0;
+  luaL_argcheck(L, post || strcmp(method, "GET") == 0, 2, "GET or POST");
   size_t len;
-  const char *path = luaL_checklstring(L, 2, &len);
-  native_handler *h = lua_isnoneornil(L, 3) ? NULL : luaL_checkudata(L, 3, NATIVE_MT);
+  const char *path = luaL_checklstring(L, 3, &len);
+  native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
+  if (h && h->kind != (post ? NATIVE_PUBLISH : NATIVE_SUBSCRIPTION)) h = NULL; /* not for this method */
   lp_slice p = {path, len};
-  native_route *r = find_route(srv, p);
+  native_route *r = find_route(srv, post, p);
   if (r) drop_route(L, srv, (size_t)(r - srv->routes));
   if (!h) return 0;
   native_route *grown = realloc(srv->routes, (srv->nroutes + 1) * sizeof *grown);
@@ -1021,8 +1088,9 @@ static int server_native_route(lua_State *L) {
   char *copy = malloc(len + 1);
   if (!copy) return luaL_error(L, "out of memory");
   memcpy(copy, path, len + 1);
-  lua_pushvalue(L, 3);
+  lua_pushvalue(L, 4);
   native_route *nr = &srv->routes[srv->nroutes++];
+  nr->post = post;
   nr->path = copy;
   nr->path_len = len;
   nr->h = h;
@@ -1104,6 +1172,7 @@ static int l_raise_nofile(lua_State *L) {
 static const luaL_Reg functions[] = {{"http_server", l_http_server},
                                      {"raise_nofile_limit", l_raise_nofile},
                                      {"native_subscription", l_native_subscription},
+                                     {"native_publish", l_native_publish},
                                      {NULL, NULL}};
 
 /* Adds core.http_server to the module table on top of the stack (from luaopen_longpoll_core). */

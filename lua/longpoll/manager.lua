@@ -241,7 +241,9 @@ end
 -- timestamp: engine:close waits for that), ends the streams, stops the timers.
 local function stop_serving(self)
   self.closed = true
-  if self.native then self.native:disable() end -- later polls get the Lua handler's 503
+  -- later requests get the Lua handlers' 503
+  if self.native then self.native:disable() end
+  if self.native_publish then self.native_publish:disable() end
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do
@@ -353,6 +355,16 @@ function M.start(options)
       header_block = answers.JSON.text,
     })
     native.register(handlers.subscription, manager.native)
+    -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
+    -- that takes the debug line of each publish (a publish that wakes a subscriber stays Lua's)
+    local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
+    if #manager.add_ons == 0 and not debug_logged then
+      manager.native_publish = core.native_publish(engine:core_store(), {
+        max_category_bytes = o.max_category_bytes,
+        header_block = answers.JSON.text,
+      })
+      native.register(handlers.publish, manager.native_publish)
+    end
   end
   manager.subscription_handler = handlers.subscription
   manager.publish_handler = handlers.publish

@@ -218,8 +218,11 @@ function Server:route(method, path, handler)
   end
   sort(allow)
   route.allow = concat(allow, ", ")
-  -- a GET to a handler the engine can run itself (longpoll.http.native) is tried in C first
-  self._engine:native_route(path, native.descriptor(route.methods.GET or route.methods["*"]))
+  -- a GET or POST to a handler the engine can run itself (longpoll.http.native) is tried in C
+  -- first
+  local methods = route.methods
+  self._engine:native_route("GET", path, native.descriptor(methods.GET or methods["*"]))
+  self._engine:native_route("POST", path, native.descriptor(methods.POST or methods["*"]))
 end
 
 -- options: { follow_symlinks = true } serves symlinks whose target is outside dir (refused by
