@@ -120,6 +120,31 @@ describe("manager add-ons", function()
     m:shutdown()
   end)
 
+  it("follows an injected clock: timestamps, TTL expiry and timeout marks move with it", function()
+    local now = 5000000
+    local m = assert(longpoll.start { event_ttl_seconds = 10, clock = function() return now end })
+    local e1 = assert(m:publish("c", 1))
+    assert.equals(5000000, e1.timestamp)
+    now = now + 9999
+    local e2 = assert(m:publish("c", 2))
+    assert.equals(5009999, e2.timestamp)
+    local function ids()
+      local out = {}
+      local list = m:follow("c", 0, nil, function(batch)
+        for _, e in ipairs(batch or {}) do out[#out + 1] = e.id end
+      end)
+      m:unfollow(list)
+      return out
+    end
+    assert.same({ e1.id, e2.id }, ids())
+    now = now + 1 -- e1 is 10 s old now: gone, without waiting a millisecond
+    assert.same({ e2.id }, ids())
+    local mark
+    m:start_mark(function(ts) mark = ts end)
+    assert.equals(5010000, mark)
+    m:shutdown()
+  end)
+
   it("refuses stored events out of order", function()
     local stored = {
       { id = core.uuid(), timestamp = 2000, category = "c", data_json = "1" },

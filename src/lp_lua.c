@@ -194,22 +194,39 @@ static size_t check_categories(lua_State *L, int i, lp_slice *out) {
   return n;
 }
 
+/* The arguments of both fetches: categories, since_ms, last_id|nil (lowercased
+ * into a.lower), now_ms. 0 when last_id is not a UUID. */
+typedef struct fetch_args {
+  lp_slice cats[MAX_CATEGORIES];
+  size_t n;
+  lua_Integer since, now;
+  const char *last_id;
+  char lower[LP_UUID_LEN + 1];
+} fetch_args;
+
+static int check_fetch_args(lua_State *L, fetch_args *a) {
+  a->n = check_categories(L, 2, a->cats);
+  a->since = luaL_checkinteger(L, 3);
+  a->last_id = luaL_optstring(L, 4, NULL);
+  a->now = luaL_checkinteger(L, 5);
+  if (!a->last_id) return 1;
+  if (!lp_uuid_is_valid(a->last_id, strlen(a->last_id))) return 0;
+  for (size_t i = 0; i <= LP_UUID_LEN; i++)
+    a->lower[i] = (char)(a->last_id[i] >= 'A' && a->last_id[i] <= 'F' ? a->last_id[i] + 32 : a->last_id[i]);
+  a->last_id = a->lower;
+  return 1;
+}
+
 /* store:fetch(categories, since_ms, last_id|nil, now_ms) -> body|nil, count, missed
  * or nil, message for a bad category. */
 static int l_fetch(lua_State *L) {
   store_ud *u = check_store(L, 1);
-  lp_slice cats[MAX_CATEGORIES];
-  size_t n = check_categories(L, 2, cats);
-  lua_Integer since = luaL_checkinteger(L, 3);
-  const char *last_id = luaL_optstring(L, 4, NULL);
-  lua_Integer now = luaL_checkinteger(L, 5);
-  char lower[LP_UUID_LEN + 1];
-  if (last_id) {
-    if (!lp_uuid_is_valid(last_id, strlen(last_id))) return fail(L, "last_id is not a UUID");
-    for (size_t i = 0; i <= LP_UUID_LEN; i++)
-      lower[i] = (char)(last_id[i] >= 'A' && last_id[i] <= 'F' ? last_id[i] + 32 : last_id[i]);
-    last_id = lower;
-  }
+  fetch_args a;
+  if (!check_fetch_args(L, &a)) return fail(L, "last_id is not a UUID");
+  lp_slice *cats = a.cats;
+  size_t n = a.n;
+  lua_Integer since = a.since, now = a.now;
+  const char *last_id = a.last_id;
   size_t count;
   int missed;
   lp_buf_reset(&u->out);
@@ -246,18 +263,12 @@ static int push_event_view(void *ctx, const lp_event_view *e) {
  * what streams (SSE) frame themselves, with no JSON to parse back. */
 static int l_fetch_events(lua_State *L) {
   store_ud *u = check_store(L, 1);
-  lp_slice cats[MAX_CATEGORIES];
-  size_t n = check_categories(L, 2, cats);
-  lua_Integer since = luaL_checkinteger(L, 3);
-  const char *last_id = luaL_optstring(L, 4, NULL);
-  lua_Integer now = luaL_checkinteger(L, 5);
-  char lower[LP_UUID_LEN + 1];
-  if (last_id) {
-    if (!lp_uuid_is_valid(last_id, strlen(last_id))) return fail(L, "last_id is not a UUID");
-    for (size_t i = 0; i <= LP_UUID_LEN; i++)
-      lower[i] = (char)(last_id[i] >= 'A' && last_id[i] <= 'F' ? last_id[i] + 32 : last_id[i]);
-    last_id = lower;
-  }
+  fetch_args a;
+  if (!check_fetch_args(L, &a)) return fail(L, "last_id is not a UUID");
+  lp_slice *cats = a.cats;
+  size_t n = a.n;
+  lua_Integer since = a.since, now = a.now;
+  const char *last_id = a.last_id;
   size_t count;
   int missed;
   lua_newtable(L);

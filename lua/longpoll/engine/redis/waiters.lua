@@ -6,6 +6,7 @@
 -- event reaches a waiter only when it comes after that position, so a late pub/sub message is
 -- never a duplicate; a waiter registers (in the local C store, which indexes who waits on what)
 -- before its read, and events arriving during the read wait beside it, so none is lost.
+local core = require "longpoll.core"
 local Position = require "longpoll.engine.redis.position"
 
 local concat, tointeger = table.concat, math.tointeger
@@ -165,12 +166,12 @@ function Waiters:_deliver(w, events, missed)
   if #events == 1 and not missed then
     -- one event waking many subscribers: its answer is built once
     local ev = events[1]
-    body = ev.body or '{"events":[' .. ev.json .. "]}"
+    body = ev.body or core.events_answer({ ev.json }, false)
     ev.body = body
   else
     local parts = {}
     for i = 1, #events do parts[i] = events[i].json end
-    body = '{"events":[' .. concat(parts, ",") .. (missed and '],"missed":true}' or "]}")
+    body = core.events_answer(parts, missed)
   end
   call(self.log, w.on_answer, body)
   -- a timeout asked for meanwhile: the manager finds it answered (cancel returns false)
