@@ -61,6 +61,8 @@ static struct {
   int mode, proto, port, n, cats, pid, conns, timeout_s;
   double duration, rate;
   const char *host, *prefix;
+  const char *path;   /* our subscribe path (default /events) */
+  const char *header; /* an extra header line for our subscribes ("" for none) */
   uv_loop_t *loop;
   struct sockaddr_in addr;
   conn **subs;
@@ -228,16 +230,16 @@ static size_t build_subscribe(conn *c, const char *cat) {
   if (G.proto == PROTO_LP) {
     if (c->since >= 0 && c->last_id[0])
       return (size_t)snprintf(c->wbuf, WBUF,
-                              "GET /events?category=%s&timeout=%d&since_time=%" PRId64
-                              "&last_id=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                              cat, G.timeout_s, c->since, c->last_id);
+                              "GET %s?category=%s&timeout=%d&since_time=%" PRId64
+                              "&last_id=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n",
+                              G.path, cat, G.timeout_s, c->since, c->last_id, G.header);
     if (c->since >= 0)
       return (size_t)snprintf(c->wbuf, WBUF,
-                              "GET /events?category=%s&timeout=%d&since_time=%" PRId64
-                              " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                              cat, G.timeout_s, c->since);
-    return (size_t)snprintf(c->wbuf, WBUF, "GET /events?category=%s&timeout=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                            cat, G.timeout_s);
+                              "GET %s?category=%s&timeout=%d&since_time=%" PRId64
+                              " HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n",
+                              G.path, cat, G.timeout_s, c->since, G.header);
+    return (size_t)snprintf(c->wbuf, WBUF, "GET %s?category=%s&timeout=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n",
+                            G.path, cat, G.timeout_s, G.header);
   }
   if (c->lastmod[0])
     return (size_t)snprintf(c->wbuf, WBUF,
@@ -915,7 +917,8 @@ static void catchup_wait(uv_timer_t *t) {
 static void usage(void) {
   fprintf(stderr,
           "usage: loadgen hold|churn|catchup|publish --proto lp|nchan --port P [--n N] [--subs N] "
-          "[--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H]\n");
+          "[--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H] "
+          "[--path /events] [--header \"Name: value\"]\n");
   exit(2);
 }
 
@@ -923,6 +926,8 @@ int main(int argc, char **argv) {
   if (argc < 2) usage();
   G.host = "127.0.0.1";
   G.prefix = "c";
+  G.path = "/events";
+  G.header = "";
   G.cats = 10;
   G.n = 1000;
   G.conns = 8;
@@ -966,6 +971,13 @@ int main(int argc, char **argv) {
       G.prefix = v;
     else if (!strcmp(a, "--timeout"))
       G.timeout_s = atoi(v);
+    else if (!strcmp(a, "--path"))
+      G.path = v;
+    else if (!strcmp(a, "--header")) {
+      static char line[512];
+      snprintf(line, sizeof line, "%s\r\n", v);
+      G.header = line;
+    }
     else
       usage();
   }
