@@ -689,6 +689,30 @@ end)
 
 -- golongpoll parses since_time with Go's strconv.ParseInt(s, 10, 64): a leading '+' is taken,
 -- anything outside int64 refused.
+describe("robustness: open files", function()
+  it("raises the soft RLIMIT_NOFILE to the hard limit and sizes the connection caps from it", function()
+    async.run(function()
+      local child = process.start({ "-c", "ulimit -Sn 256 && exec lua5.4 bin/longpoll serve --port 0" },
+        { command = "sh" })
+      local f = assert(io.open("/proc/" .. child.pid .. "/limits"))
+      local soft, hard = f:read("a"):match("Max open files%s+(%d+)%s+(%d+)")
+      f:close()
+      assert.equals(hard, soft)
+      -- 300 connections at once (over the old soft limit of 256): every one is answered
+      local conns = {}
+      for i = 1, 300 do conns[i] = async.connect(child.port) end
+      for i = 1, 300 do
+        assert(conns[i]:send("GET /stats HTTP/1.1\r\nHost: x\r\n\r\n"))
+      end
+      for i = 1, 300 do
+        assert.equals(200, (conns[i]:read_response()), "connection " .. i)
+        conns[i]:close()
+      end
+      assert.equals(0, (child:stop()))
+    end, 30000)
+  end)
+end)
+
 describe("robustness: logging never blocks the loop", function()
   it("writes one message repeated request after request at most 10 times a second, then counts", function()
     local lines = {}
