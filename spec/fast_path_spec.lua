@@ -149,7 +149,19 @@ describe("the engine's native long-poll path", function()
 
   local function native_setup(manager, srv)
     srv:route("GET", "/events", manager.subscription_handler)
-    srv:route("GET", "/lua", function(req, res) return manager.subscription_handler(req, res) end)
+    -- a wrapper that changes the query: the request is no longer as received, Lua answers it
+    srv:route("GET", "/lua", function(req, res)
+      req:set_query("unused", nil)
+      return manager.subscription_handler(req, res)
+    end)
+    srv:route("GET", "/wrapper", function(req, res) return manager.subscription_handler(req, res) end)
+    srv:route("GET", "/later", function(req, res) -- the handler called on a later loop turn
+      local timer = require("luv").new_timer()
+      timer:start(10, 0, function()
+        timer:close()
+        manager.subscription_handler(req, res)
+      end)
+    end)
     srv:route("GET", "/guarded", function(req, res)
       if req.headers.authorization ~= "Bearer t" then return res:send(401, { error = "token" }) end
       return manager.subscription_handler(req, res)
@@ -227,7 +239,10 @@ describe("the engine's native long-poll path", function()
           local s1, h1, b1 = exchange(t.port, "GET /events" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
           assert.equals(before + 1, t.srv:fast_answers(), q) -- answered without Lua
           local s2, h2, b2 = exchange(t.port, "GET /lua" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
-          assert.equals(before + 1, t.srv:fast_answers(), q) -- a wrapper is another function
+          assert.equals(before + 1, t.srv:fast_answers(), q) -- a changed request: Lua's
+          local s3, _, b3 = exchange(t.port, "GET /wrapper" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
+          assert.equals(before + 2, t.srv:fast_answers(), q) -- a plain wrapper hands it back
+          assert.same({ s1, b1 }, { s3, b3 })
           assert.equals(200, s1)
           assert.same({ s2, b2 }, { s1, b1 })
           check_no_cache(h1)
@@ -268,8 +283,14 @@ describe("the engine's native long-poll path", function()
       assert.equals(200, status)
       assert.is_true(tonumber(h["content-length"]) > 0)
       assert.equals(401, (exchange(t.port, "GET /guarded?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))
+      assert.equals(before, t.srv:fast_answers()) -- the wrapper always runs
       assert.equals(200, (exchange(t.port, "GET /guarded?category=a&timeout=5&since_time=0 HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n")))
-      assert.equals(before, t.srv:fast_answers())
+      assert.equals(before + 1, t.srv:fast_answers()) -- and hands the request back to C
+      before = t.srv:fast_answers()
+      local ls, _, lb = exchange(t.port, "GET /later?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      assert.equals(200, ls)
+      assert.equals(1, cjson.decode(lb).events[1].data)
+      assert.equals(before, t.srv:fast_answers()) -- too late for the received bytes: Lua's
       -- pipelined catch-ups keep their order, answered in C one after the other
       local conn = async.connect(t.port)
       assert(t.manager:publish("b", 2))

@@ -107,7 +107,9 @@ struct server {
   native_route *routes;
   size_t nroutes;
   lp_buf fast_scratch, fast_body, fast_head;
-  uint64_t fast_answers; /* requests answered without entering Lua */
+  uint64_t fast_answers;             /* requests answered without entering Lua */
+  struct sconn *current;             /* the connection whose request a Lua handler runs now */
+  const lp_http_event *current_head; /* its head, valid while it runs */
   char read_buffer[READ_BUFFER];
 };
 
@@ -415,7 +417,7 @@ static lp_store *route_store(server *srv, native_route *r) {
 }
 
 /* Writes a 200 with the handler's header block and body; the response is done. */
-static void answer_200(sconn *s, native_route *r, const lp_http_event *head, const char *body, size_t len) {
+static void answer_200(sconn *s, const native_handler *nh, const lp_http_event *head, const char *body, size_t len) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
   int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
@@ -423,7 +425,7 @@ static void answer_200(sconn *s, native_route *r, const lp_http_event *head, con
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
   lp_buf_reset(h);
   int rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
-  if (rc == 0) rc = lp_buf_append(h, r->h->block, r->h->block_len);
+  if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
   if (rc == 0) rc = lp_buf_append_str(h, length);
   if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
   if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
@@ -466,18 +468,17 @@ static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp
   lp_buf_free(&pb.category);
   if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
   static const char SUCCESS[] = "{\"success\":true}";
-  answer_200(s, r, head, SUCCESS, sizeof SUCCESS - 1);
+  answer_200(s, r->h, head, SUCCESS, sizeof SUCCESS - 1);
   return 1;
 }
 
 /* A catch-up long poll to the manager's handler, answered from the store here: 1 when answered,
  * 0 when the Lua handler must run (no events yet, an error, anything unusual). */
-static int fast_subscription(sconn *s, native_route *r, const lp_http_event *head, lp_slice query) {
+static int fast_subscription(sconn *s, const native_handler *nh, lp_store *store, const lp_http_event *head,
+                             lp_slice query) {
   server *srv = s->srv;
   lp_fast_sub sub;
-  if (lp_fast_parse_subscription(query, &r->h->limits, &srv->fast_scratch, &sub) != 1) return 0;
-  lp_store *store = route_store(srv, r);
-  if (!store) return 0;
+  if (!store || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
   lp_buf *body = &srv->fast_body;
   lp_buf_reset(body);
   size_t count = 0;
@@ -485,7 +486,7 @@ static int fast_subscription(sconn *s, native_route *r, const lp_http_event *hea
   int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
                           wall_clock_ms(), body, &count, &missed);
   if (rc != LP_OK || count == 0) return 0;
-  answer_200(s, r, head, body->data, body->len);
+  answer_200(s, nh, head, body->data, body->len);
   /* one huge answer should not pin its memory */
   if (body->cap > (1u << 20)) lp_buf_free(body);
   return 1;
@@ -503,7 +504,8 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
     if ((get || post) && lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
       native_route *r = find_route(srv, post, path);
       if (r && r->h->enabled) {
-        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r, head, query) : fast_publish(s, r, head, body))
+        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query)
+                                              : fast_publish(s, r, head, body))
           return;
       }
     }
@@ -511,7 +513,14 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->dispatch_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, s->box_ref);
   lp_lua_http_push_request(L, head, body, s->remote[0] ? s->remote : NULL);
+  /* while the Lua handler runs, a native handler it calls may still read the head (conn:native) */
+  sconn *outer = srv->current;
+  const lp_http_event *outer_head = srv->current_head;
+  srv->current = s;
+  srv->current_head = head;
   call_lua(srv, 2);
+  srv->current = outer;
+  srv->current_head = outer_head;
   if (s->reserve && s->conn.phase == LP_CONN_ANSWERING) {
     /* A connection above max_connections may not wait: the cap keeps room for publishers. */
     if (s->request_bytes == 0) {
@@ -974,6 +983,30 @@ static int conn_on_drain(lua_State *L) {
   return 0;
 }
 
+/* conn:native(handler) -> true when the native handler answered the request now being
+ * dispatched on this connection (a wrapper handing it back: response.lua's res:native), false
+ * when the Lua handler must run (another request, a later call, something only Lua answers). */
+static int conn_native(lua_State *L) {
+  conn_box *box = check_box(L);
+  native_handler *h = luaL_checkudata(L, 2, NATIVE_MT);
+  sconn *s = box->s;
+  int answered = 0;
+  if (s && h->enabled && h->kind == NATIVE_SUBSCRIPTION && s->srv->current == s && s->srv->current_head &&
+      s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
+    const lp_http_event *head = s->srv->current_head;
+    lp_slice path, query;
+    if (head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0 &&
+        lp_http_split_target(head->target, &path, &query) == 0) {
+      lua_getiuservalue(L, 2, 1);
+      lp_store *store = lp_lua_store_of(L, -1);
+      lua_pop(L, 1);
+      answered = fast_subscription(s, h, store, head, query);
+    }
+  }
+  lua_pushboolean(L, answered);
+  return 1;
+}
+
 static int conn_abort(lua_State *L) {
   conn_box *box = check_box(L);
   if (box->s) lp_conn_abort(&box->s->conn);
@@ -1148,10 +1181,11 @@ static const luaL_Reg server_methods[] = {{"listen", server_listen},
                                           {"fast_answers", server_fast_answers},
                                           {NULL, NULL}};
 
-static const luaL_Reg conn_methods[] = {
-    {"write", conn_write},   {"done", conn_done},         {"attach", conn_attach},
-    {"abort", conn_abort},   {"is_open", conn_is_open},   {"may_keep_alive", conn_may_keep_alive},
-    {"queued", conn_queued}, {"on_drain", conn_on_drain}, {NULL, NULL}};
+static const luaL_Reg conn_methods[] = {{"write", conn_write},     {"done", conn_done},
+                                        {"attach", conn_attach},   {"abort", conn_abort},
+                                        {"is_open", conn_is_open}, {"may_keep_alive", conn_may_keep_alive},
+                                        {"queued", conn_queued},   {"on_drain", conn_on_drain},
+                                        {"native", conn_native},   {NULL, NULL}};
 
 /* Raises the soft limit of open files to the hard one; returns the limit now in force. */
 static int l_raise_nofile(lua_State *L) {

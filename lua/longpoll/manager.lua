@@ -169,6 +169,9 @@ end
 
 -- The long-poll handler: answers at once with buffered events after the cursor, or waits.
 local function subscribe(self, req, res)
+  -- a wrapper that ends by calling this handler hands the request back to the engine's C path
+  -- (longpoll.http.native); a response of another server has no `native`
+  if self.native and res.native and res:native(self.native, req, answers.JSON) then return end
   if self.closed then return send_error(res, 503, "manager is shut down") end
   local sub, err = subscription.parse(req, self.options, "poll")
   if not sub then

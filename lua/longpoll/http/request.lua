@@ -31,6 +31,12 @@ function Request:set_query(key, value)
   self.query_override[key] = values
 end
 
+-- True while the request is as the client sent it (no set_query): a native handler may then
+-- answer it from the bytes received (longpoll.http.native).
+function Request:as_received()
+  return self.query_override == nil
+end
+
 -- user, password from "Authorization: Basic ..."; nil when absent or malformed.
 function Request:basic_auth()
   local auth = self.headers.authorization

@@ -335,6 +335,23 @@ function Response:write(chunk)
   return conn:write(chunk)
 end
 
+-- Hands the request being dispatched back to a native handler (longpoll.http.native) when this
+-- response and req are as the engine received them (no header set, nothing sent, no set_query):
+-- true when the engine answered it in C (200), false when the Lua handler must. A wrapper that
+-- ends by calling the manager's handler so costs one Lua call, not the handler's Lua.
+-- block: the header block of the native answer (response.header_block), which get_header then
+-- sees as after send_block.
+function Response:native(handler, req, block)
+  if self.sent or self._h or req ~= self._req or not req:as_received() then
+    return false
+  end
+  if not self._conn:native(handler) then
+    return false
+  end
+  self.sent, self._done, self._block = true, true, block
+  return true
+end
+
 -- fn() runs once at most `below` bytes (default 0) of this connection's output wait to be
 -- written (at once when that is so already): a producer (a file) writes its next piece then.
 -- It never runs once the client is gone (on_close does).
