@@ -96,7 +96,7 @@ test-asan: deps $(BUILD)/asan/longpoll/core.so $(BUILD)/asan/longpoll/hiredis.so
 # The busted suite (plain and ASan) while stress-ng loads both cores, RUNS times in a row
 # (default 3): the suite must not depend on an idle machine.
 test-stress: deps build $(BUILD)/asan/longpoll/core.so $(BUILD)/asan/longpoll/hiredis.so
-	@scripts/test-stress-suite $(or $(RUNS),3)
+	@scripts/stress-suite $(or $(RUNS),3)
 
 # Long-running jobs, not part of `make test`; each prints progress as it goes.
 bench: deps build

@@ -58,7 +58,8 @@ static int is_ws(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' ||
 /* ---- a reference parser, written from RFC 8259 rather than from lp_json.c:
  * plain recursion, no shared code. Project choices it copies on purpose: a
  * \u escape of an unpaired surrogate is an error, containers nest at most
- * LP_JSON_MAX_DEPTH deep, and keys are matched as written (unescaped). ---- */
+ * LP_JSON_MAX_DEPTH deep, and keys are matched decoded ("\u0063ategory" is
+ * "category", as in any JSON decoder). ---- */
 
 typedef struct ref {
   const unsigned char *p, *end;
@@ -246,11 +247,14 @@ static int ref_publish(const unsigned char *s, size_t n, ref_body *b) {
   } else {
     for (;;) {
       ref_ws(&r);
-      const unsigned char *k = r.p;
-      if (ref_string(&r, NULL) != 0) return -1;
-      size_t klen = (size_t)(r.p - k);
-      int is_cat = klen == 10 && memcmp(k, "\"category\"", 10) == 0;
-      int is_data = klen == 6 && memcmp(k, "\"data\"", 6) == 0;
+      lp_buf key = LP_BUF_INIT;
+      if (ref_string(&r, &key) != 0) {
+        lp_buf_free(&key);
+        return -1;
+      }
+      int is_cat = key.len == 8 && memcmp(key.data, "category", 8) == 0;
+      int is_data = key.len == 4 && memcmp(key.data, "data", 4) == 0;
+      lp_buf_free(&key);
       ref_ws(&r);
       if (r.p >= r.end || *r.p != ':') return -1;
       r.p++;

@@ -229,6 +229,18 @@ static size_t model_expire(model *m, int64_t now) {
   return n;
 }
 
+/* What max_buffered_bytes counts for category i holding `count` events of
+ * `bytes` JSON bytes: the formula of lp_store.h. */
+static size_t cost_of(int i, size_t count, size_t bytes) {
+  return count ? bytes + count * LP_EVENT_COST + LP_CATEGORY_COST + names[i].len : 0;
+}
+
+static size_t model_buffered_bytes(const model *m) {
+  size_t total = 0;
+  for (int i = 0; i < NNAMES; i++) total += cost_of(i, m->cats[i].count, m->cats[i].bytes);
+  return total;
+}
+
 /* ---- checks against the store ---- */
 
 typedef struct walk {
@@ -259,6 +271,8 @@ static void check_stats(const model *m) {
   CHECK(st.published == m->st.published);
   CHECK(st.delivered == m->st.delivered);
   CHECK(st.dropped == m->st.dropped);
+  CHECK(st.evicted == m->st.evicted);
+  CHECK(st.buffered_bytes == model_buffered_bytes(m));
   CHECK(st.last_timestamp == m->st.last_timestamp);
   walk w = {m, 0};
   lp_store_each_category(m->s, on_category, &w);
@@ -325,26 +339,33 @@ static void on_count(void *ctx, lp_slice name, size_t events, size_t bytes, size
 }
 
 /* With max_buffered_bytes, a publish first drops the oldest event of a
- * largest category until the new one fits. Can that end with exactly plan[i]
+ * largest category (by cost) until the new one fits. Can that end with exactly plan[i]
  * drops from each category? Largest categories can tie and the store may
  * take any of them, so every such order is tried (drops per publish are few). */
-static int room_feasible(const model *m, const size_t *plan, size_t *done, size_t *bytes, size_t total, size_t need) {
+static int room_feasible(const model *m, int name, size_t json_len, const size_t *plan, size_t *done, size_t *bytes,
+                         size_t total) {
   int all_done = 1;
   for (int i = 0; i < NNAMES; i++) all_done &= done[i] == plan[i];
+  size_t need = json_len + LP_EVENT_COST;
+  if (m->cats[name].count == done[name]) need += LP_CATEGORY_COST + names[name].len;
   if (total + need <= m->cfg.max_buffered_bytes) return all_done;
   size_t max = 0;
   int any = 0;
   for (int i = 0; i < NNAMES; i++)
     if (m->cats[i].count > done[i]) {
       any = 1;
-      if (bytes[i] > max) max = bytes[i];
+      size_t c = cost_of(i, m->cats[i].count - done[i], bytes[i]);
+      if (c > max) max = c;
     }
   if (!any) return all_done;
   for (int i = 0; i < NNAMES; i++) {
-    if (m->cats[i].count <= done[i] || bytes[i] != max || done[i] >= plan[i]) continue;
+    if (m->cats[i].count <= done[i] || done[i] >= plan[i]) continue;
+    size_t before = cost_of(i, m->cats[i].count - done[i], bytes[i]);
+    if (before != max) continue;
     size_t sz = m->ev[m->cats[i].ev[done[i]]].json_len;
     done[i]++, bytes[i] -= sz;
-    int ok = room_feasible(m, plan, done, bytes, total - sz, need);
+    size_t after_drop = cost_of(i, m->cats[i].count - done[i], bytes[i]);
+    int ok = room_feasible(m, name, json_len, plan, done, bytes, total - (before - after_drop));
     done[i]--, bytes[i] += sz;
     if (ok) return 1;
   }
@@ -370,11 +391,14 @@ static void model_make_room(model *m, int name, size_t need) {
     size_t ring = count0 - d == max;
     if (count0 - d - ring + 1 != counts[name]) continue;
     plan[name] = d;
-    ok = room_feasible(m, plan, done, bytes, m->st.event_bytes, need);
+    ok = room_feasible(m, name, need, plan, done, bytes, model_buffered_bytes(m));
   }
   CHECK(ok); /* the cap evicted from a category that was not the largest, or too much */
   for (int i = 0; i < NNAMES; i++)
-    for (size_t k = 0; k < plan[i]; k++) drop_oldest(m, i);
+    for (size_t k = 0; k < plan[i]; k++) {
+      drop_oldest(m, i);
+      m->st.evicted++;
+    }
 }
 
 static void op_publish(model *m, input *in) {
@@ -404,7 +428,8 @@ static void op_publish(model *m, input *in) {
     lp_store_stats st;
     lp_store_get_stats(m->s, &st);
     CHECK(want == LP_OK && buffered && m->cfg.max_buffered_bytes);
-    CHECK(event_len(name, d, st.last_timestamp) > m->cfg.max_buffered_bytes);
+    CHECK(event_len(name, d, st.last_timestamp) + LP_EVENT_COST + LP_CATEGORY_COST + names[name].len >
+          m->cfg.max_buffered_bytes);
     CHECK(st.last_timestamp >= m->now && st.last_timestamp >= m->st.last_timestamp);
     CHECK(!m->has_mark || st.last_timestamp > m->max_mark);
     CHECK(m->nwoken == 0);
@@ -474,7 +499,7 @@ static void op_publish(model *m, input *in) {
     c->bytes += v->json_len;
     m->st.events++;
     m->st.event_bytes += v->json_len;
-    CHECK(!m->cfg.max_buffered_bytes || m->st.event_bytes <= m->cfg.max_buffered_bytes);
+    CHECK(!m->cfg.max_buffered_bytes || model_buffered_bytes(m) <= m->cfg.max_buffered_bytes);
   }
   m->st.published++;
   m->st.delivered += links;
@@ -769,7 +794,7 @@ static void op_expire(model *m) {
  * the totals agree with the categories, and a fetch of everything returns
  * every buffered event as valid JSON. */
 typedef struct totals {
-  size_t categories, events, bytes, links, with_events;
+  size_t categories, events, bytes, cost, links, with_events;
   lp_slice names[64];
   size_t nnames;
 } totals;
@@ -778,6 +803,7 @@ static void on_total(void *ctx, lp_slice name, size_t events, size_t bytes, size
   totals *t = ctx;
   CHECK(events > 0 || waiting > 0);
   t->categories++, t->events += events, t->bytes += bytes, t->links += waiting;
+  if (events > 0) t->cost += bytes + events * LP_EVENT_COST + LP_CATEGORY_COST + name.len;
   if (events > 0) t->with_events++;
   /* copied: the names point into categories that a fetch may free */
   if (events > 0 && t->nnames < 64) t->names[t->nnames++] = exact_copy(name.ptr, name.len);
@@ -790,6 +816,8 @@ static void check_consistent(model *m) {
   lp_store_stats st;
   lp_store_get_stats(m->s, &st);
   CHECK(st.categories == t.categories && st.events == t.events && st.event_bytes == t.bytes);
+  CHECK(st.buffered_bytes == t.cost && st.evicted <= st.dropped);
+  CHECK(!m->cfg.max_buffered_bytes || st.buffered_bytes <= m->cfg.max_buffered_bytes);
   CHECK(st.waiting <= t.links && (st.waiting > 0) == (t.links > 0));
   if (t.nnames == 0) return;
   lp_buf out = LP_BUF_INIT;
@@ -821,11 +849,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   m->cfg.max_categories = (b2 & 3) == 3 ? 1 + ((b2 >> 2) & 7) : 0;
   m->cfg.max_waiting_per_category = (b3 & 3) == 3 ? 1 + ((b3 >> 2) & 3) : 0;
   m->cfg.max_category_bytes = 4 + ((b3 >> 4) & 7);
-  /* An event's text is 90 to 130 bytes here: caps under that refuse every
-   * event, caps up to 536 hold a few, the large ones up to about 80. */
+  /* An event's text is 90 to 130 bytes here, its cost with a category of
+   * its own about 480 to 530: caps under that refuse every event, caps up
+   * to 896 hold one or two, the large ones up to about 60. */
   if ((b4 & 3) == 3) {
     unsigned k = b4 >> 2;
-    m->cfg.max_buffered_bytes = k < 32 ? 40 + 16 * k : 600 + 256 * (k - 32);
+    m->cfg.max_buffered_bytes = k < 32 ? 400 + 16 * k : 1000 + 512 * (k - 32);
   }
   m->s = lp_store_new(&m->cfg);
   CHECK(m->s);
@@ -886,7 +915,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     lp_store_stats st;
     lp_store_get_stats(m->s, &st);
     CHECK(st.categories == 0 && st.events == 0 && st.event_bytes == 0 && st.waiting == 0);
+    CHECK(st.buffered_bytes == 0);
   }
+  /* The end of time: a clock reading of INT64_MAX is clamped, and the cursor
+   * arithmetic that follows (marks, timestamps, TTL) never overflows. */
+  int64_t end = lp_store_mark_time(m->s, INT64_MAX);
+  CHECK(end >= LP_TIME_MAX && end < INT64_MAX);
+  lp_published last;
+  int rc = lp_store_publish(m->s, names[0], datas[0], INT64_MAX, NULL, NULL, &last);
+  if (rc == LP_OK) CHECK(last.timestamp > end && last.timestamp < INT64_MAX);
+  lp_store_expire(m->s, INT64_MAX);
+  CHECK(lp_store_mark_time(m->s, INT64_MIN) >= end);
   lp_store_free(m->s);
   for (size_t i = 0; i < m->nev; i++) free(m->ev[i].json);
   free(m->ev);

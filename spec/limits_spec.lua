@@ -51,3 +51,46 @@ describe("resource caps", function()
     end)
   end)
 end)
+
+-- Out of memory in the core is the server's trouble, not the client's: 503 (retryable), never
+-- 400, never a crash, and the server goes on serving. Memory runs out for real: the server runs
+-- under `ulimit -v` (address space), and one big publish needs more than is left.
+describe("out of memory", function()
+  local process = require "support.process"
+  local asan = (os.getenv("LD_PRELOAD") or ""):find("asan") or (os.getenv("LONGPOLL_CPATH") or ""):find("asan")
+
+  local function publish(port, category, data_json)
+    local status, _, body = async.http(port, { method = "POST", path = "/publish",
+      body = '{"category":"' .. category .. '","data":' .. data_json .. "}", timeout_ms = 20000 })
+    return status, body ~= "" and cjson.decode(body) or nil
+  end
+
+  if asan then
+    pending("skipped under ASan: its shadow memory cannot run under ulimit -v")
+    return
+  end
+
+  it("answers a publish the core has no memory for with 503 and keeps serving", function()
+    async.run(function()
+      local child = process.start({ "bin/longpoll", "serve", "--port", "0", "--max-memory", "0",
+        "--max-body-bytes", "100000000" }, { shell = "ulimit -v 250000;" })
+      local statuses, out_of_memory = {}, 0
+      for _, mb in ipairs { 30, 40, 50, 40 } do
+        local status, body = publish(child.port, "big", '"' .. ("x"):rep(mb * 1048576) .. '"')
+        statuses[#statuses + 1] = mb .. " MB: " .. status
+        assert.is_true(status ~= 400, "a 400 for " .. mb .. " MB: " .. tostring(body and body.error))
+        if status == 503 then
+          assert.equals("out of memory", body.error)
+          out_of_memory = out_of_memory + 1
+        end
+        collectgarbage()
+        -- the server is still up and serves small events between the big ones
+        assert.equals(200, (publish(child.port, "small", tostring(mb))))
+      end
+      assert.is_true(out_of_memory > 0, "no publish ran out of memory: " .. table.concat(statuses, ", "))
+      local _, _, got = async.http(child.port, { path = "/events?category=small&timeout=1&since_time=0" })
+      assert.equals(4, #cjson.decode(got).events)
+      assert.equals(0, (child:stop("sigterm")))
+    end, 60000)
+  end)
+end)

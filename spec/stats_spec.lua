@@ -85,8 +85,8 @@ describe("stats handler", function()
     end)
   end)
 
-  it("gives per-category details with ?categories=1", function()
-    with_server({}, function(t)
+  it("gives per-category details with ?categories=1 when stats_categories is on", function()
+    with_server({ stats_categories = true }, function(t)
       local odd = 'quote " back \\ line\nbreak é'
       t.manager:publish("a", 1)
       t.manager:publish("a", 2)
@@ -107,6 +107,60 @@ describe("stats handler", function()
     end)
   end)
 
+  it("never lists category names unless stats_categories is on (names can be secrets)", function()
+    with_server({}, function(t)
+      t.manager:publish("secret-room-4f1c", 1)
+      for _, path in ipairs { "/stats?categories=1", "/stats?format=prometheus&categories=1" } do
+        local status, _, body = get_stats(t.port, path)
+        assert.equals(403, status)
+        assert.matches("stats_categories", cjson.decode(body).error)
+        assert.is_nil(body:find("secret-room", 1, true))
+      end
+      local _, _, plain = get_stats(t.port, "/stats")
+      assert.is_nil(plain:find("secret-room", 1, true))
+    end)
+  end)
+
+  it("lists categories a bounded page at a time, largest first", function()
+    with_server({ stats_categories = true }, function(t)
+      for i = 1, 250 do t.manager:publish(("c%03d"):format(i), ("x"):rep(i)) end
+      local s = json_stats(t.port, "/stats?categories=1")
+      assert.equals(250, s.categories)
+      local n = 0
+      for _ in pairs(s.by_category) do n = n + 1 end
+      assert.equals(100, n) -- the default page
+      assert.equals(100, s.categories_limit)
+      assert.equals(0, s.categories_offset)
+      assert.truthy(s.by_category.c250 and s.by_category.c151 and not s.by_category.c150)
+      -- the JSON keeps the ranking: the largest first
+      local _, _, body = get_stats(t.port, "/stats?categories=1&limit=3&offset=10")
+      local first = body:find('"c240"', 1, true)
+      assert.truthy(first and first < body:find('"c239"', 1, true) and body:find('"c239"', 1, true) < body:find('"c238"', 1, true))
+      assert.is_nil(body:find('"c241"', 1, true))
+      assert.is_nil(body:find('"c237"', 1, true))
+      local last = json_stats(t.port, "/stats?categories=1&limit=1000&offset=200")
+      n = 0
+      for _ in pairs(last.by_category) do n = n + 1 end
+      assert.equals(50, n)
+      for _, bad in ipairs { "limit=0", "limit=1001", "limit=x", "offset=-1" } do
+        local status, _, b = get_stats(t.port, "/stats?categories=1&" .. bad)
+        assert.equals(400, status, bad)
+        assert.matches("Invalid", cjson.decode(b).error)
+      end
+    end)
+  end)
+
+  it("answers ?categories=1 over 50,000 categories with one page, not all of them", function()
+    with_server({ stats_categories = true }, function(t)
+      for i = 1, 50000 do t.manager:publish("k" .. i, i) end
+      local status, _, body = get_stats(t.port, "/stats?categories=1&limit=1000")
+      assert.equals(200, status)
+      assert.is_true(#body < 100000, "the answer holds one page (" .. #body .. " bytes)")
+      local s = cjson.decode(body)
+      assert.equals(50000, s.categories)
+    end)
+  end)
+
   it("counts each event handed out once per subscriber, long poll or SSE", function()
     with_server({}, function(t)
       local stream = open_sse(t.port, { "d" })
@@ -120,7 +174,7 @@ describe("stats handler", function()
   end)
 
   it("answers the Prometheus text format for Accept: text/plain or ?format=prometheus", function()
-    with_server({ max_event_buffer_size = 1 }, function(t)
+    with_server({ max_event_buffer_size = 1, stats_categories = true }, function(t)
       local odd = 'q"uo\\te\nnl'
       t.manager:publish("a", 1)
       t.manager:publish("a", 2)

@@ -78,6 +78,8 @@ typedef struct scanner {
   const char *err;
 } scanner;
 
+static const char out_of_memory[] = "out of memory";
+
 static void skip_ws(scanner *sc) {
   while (sc->p < sc->end && (*sc->p == ' ' || *sc->p == '\t' || *sc->p == '\n' || *sc->p == '\r')) sc->p++;
 }
@@ -105,20 +107,29 @@ static int hex4(const unsigned char *p, unsigned *out) {
   return 0;
 }
 
-static int put_utf8(lp_buf *b, unsigned cp) {
-  char t[4];
-  size_t n;
+/* Writes code point cp as UTF-8 into t; returns the length (1 to 4). */
+static size_t utf8_encode(unsigned cp, unsigned char t[4]) {
   if (cp < 0x80) {
-    t[0] = (char)cp, n = 1;
-  } else if (cp < 0x800) {
-    t[0] = (char)(0xc0 | (cp >> 6)), t[1] = (char)(0x80 | (cp & 0x3f)), n = 2;
-  } else if (cp < 0x10000) {
-    t[0] = (char)(0xe0 | (cp >> 12)), t[1] = (char)(0x80 | ((cp >> 6) & 0x3f));
-    t[2] = (char)(0x80 | (cp & 0x3f)), n = 3;
-  } else {
-    t[0] = (char)(0xf0 | (cp >> 18)), t[1] = (char)(0x80 | ((cp >> 12) & 0x3f));
-    t[2] = (char)(0x80 | ((cp >> 6) & 0x3f)), t[3] = (char)(0x80 | (cp & 0x3f)), n = 4;
+    t[0] = (unsigned char)cp;
+    return 1;
   }
+  if (cp < 0x800) {
+    t[0] = (unsigned char)(0xc0 | (cp >> 6)), t[1] = (unsigned char)(0x80 | (cp & 0x3f));
+    return 2;
+  }
+  if (cp < 0x10000) {
+    t[0] = (unsigned char)(0xe0 | (cp >> 12)), t[1] = (unsigned char)(0x80 | ((cp >> 6) & 0x3f));
+    t[2] = (unsigned char)(0x80 | (cp & 0x3f));
+    return 3;
+  }
+  t[0] = (unsigned char)(0xf0 | (cp >> 18)), t[1] = (unsigned char)(0x80 | ((cp >> 12) & 0x3f));
+  t[2] = (unsigned char)(0x80 | ((cp >> 6) & 0x3f)), t[3] = (unsigned char)(0x80 | (cp & 0x3f));
+  return 4;
+}
+
+static int put_utf8(lp_buf *b, unsigned cp) {
+  unsigned char t[4];
+  size_t n = utf8_encode(cp, t);
   return lp_buf_append(b, t, n);
 }
 
@@ -151,7 +162,7 @@ static int scan_string(scanner *sc, lp_buf *out) {
         default: return fail(sc, "invalid escape in string");
       }
       if (simple) {
-        if (out && lp_buf_append(out, simple, 1) != 0) return fail(sc, "out of memory");
+        if (out && lp_buf_append(out, simple, 1) != 0) return fail(sc, out_of_memory);
         sc->p += 2;
         continue;
       }
@@ -168,12 +179,12 @@ static int scan_string(scanner *sc, lp_buf *out) {
       } else if (cp >= 0xdc00 && cp <= 0xdfff) {
         return fail(sc, "unpaired surrogate in string");
       }
-      if (out && put_utf8(out, cp) != 0) return fail(sc, "out of memory");
+      if (out && put_utf8(out, cp) != 0) return fail(sc, out_of_memory);
       continue;
     }
     size_t n = c < 0x80 ? 1 : utf8_seq(sc->p, (size_t)(sc->end - sc->p));
     if (n == 0) return fail(sc, "invalid UTF-8 in string");
-    if (out && lp_buf_append(out, sc->p, n) != 0) return fail(sc, "out of memory");
+    if (out && lp_buf_append(out, sc->p, n) != 0) return fail(sc, out_of_memory);
     sc->p += n;
   }
 }
@@ -293,11 +304,37 @@ int lp_json_check(const char *text, size_t len, const char **err) {
   return 0;
 }
 
+/* 1 when the key at [start, end) (quotes included, already checked by
+ * scan_string) decodes to name: escapes are decoded as any JSON parser would,
+ * so "\u0063ategory" is the key category. No allocation: the decoded bytes are
+ * compared as they come. */
 static int key_is(const unsigned char *start, const unsigned char *end, const char *name) {
-  size_t n = strlen(name);
-  /* keys are compared as written; an escaped spelling of a key is not matched,
-   * which is also what most decoders in practice see as a different key */
-  return (size_t)(end - start) == n + 2 && memcmp(start + 1, name, n) == 0;
+  const unsigned char *p = start + 1, *q = end - 1;
+  size_t n = strlen(name), i = 0;
+  while (p < q) {
+    unsigned char t[4];
+    size_t tn = 1;
+    if (*p != '\\') {
+      t[0] = *p++;
+    } else if (p[1] != 'u') {
+      static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+      t[0] = (unsigned char)to[strchr(from, p[1]) - from];
+      p += 2;
+    } else {
+      unsigned cp, lo;
+      hex4(p + 2, &cp);
+      p += 6;
+      if (cp >= 0xd800 && cp <= 0xdbff) { /* scan_string checked the pair */
+        hex4(p + 2, &lo);
+        cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+        p += 6;
+      }
+      tn = utf8_encode(cp, t);
+    }
+    if (tn > n - i || memcmp(t, name + i, tn) != 0) return 0;
+    i += tn;
+  }
+  return i == n;
 }
 
 int lp_json_parse_publish(const char *body, size_t len, lp_publish_body *pb, const char **err) {
@@ -374,5 +411,5 @@ bad:
   *err = sc.err ? sc.err : "invalid JSON";
   lp_buf_free(&pb->category);
   memset(pb, 0, sizeof *pb);
-  return -1;
+  return *err == out_of_memory ? -2 : -1;
 }

@@ -31,9 +31,11 @@ typedef struct lp_publish_body {
 } lp_publish_body;
 
 /* Parses a publish body: one JSON object, nothing after it but white space.
- * On success returns 0 and fills *pb (caller frees pb->category). Returns -1
- * with *err set when the body is not a JSON object; pb->category is freed
- * then. Missing keys are reported through the flags, not as errors. */
+ * Keys are compared decoded ("\u0063ategory" is "category"), as any JSON
+ * parser reads them. On success returns 0 and fills *pb (caller frees
+ * pb->category). Returns -1 with *err set when the body is not a JSON object,
+ * -2 when memory ran out; pb->category is freed then. Missing keys are
+ * reported through the flags, not as errors. */
 int lp_json_parse_publish(const char *body, size_t len, lp_publish_body *pb, const char **err);
 
 #endif

@@ -1,9 +1,11 @@
 /* lp_lua: the Lua binding of the core, module longpoll.core. The one file
  * that includes the Lua headers; errors become `nil, message` here. */
+#include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 
 #include "lp_json.h"
 #include "lp_store.h"
@@ -20,8 +22,7 @@ typedef struct store_ud {
   lp_store *store; /* NULL once closed */
   uint64_t *woken; /* handles woken by the last publish */
   size_t nwoken, woken_cap;
-  int woken_failed; /* out of memory while collecting them */
-  lp_buf out;       /* reused answer buffer */
+  lp_buf out; /* reused answer buffer */
 } store_ud;
 
 static store_ud *check_store(lua_State *L, int i) {
@@ -46,8 +47,8 @@ static int fail(lua_State *L, const char *msg) {
 /* nil, message, code: the code names the error for callers that map it to a
  * status ("ECATEGORIES", "ETOOBIG", ...). */
 static int fail_store(lua_State *L, int rc) {
-  static const char *const names[] = {"OK",      "ENOMEM", "EINVAL",      "EUTF8",    "EORDER",
-                                      "ERANDOM", "ELIMIT", "ECATEGORIES", "EWAITERS", "ETOOBIG"};
+  static const char *const names[] = {"OK",     "ENOMEM",      "EINVAL",   "EUTF8",   "EORDER", "ERANDOM",
+                                      "ELIMIT", "ECATEGORIES", "EWAITERS", "ETOOBIG", "ETIME"};
   luaL_pushfail(L);
   lua_pushstring(L, lp_strerror(rc));
   lua_pushstring(L, (-rc >= 0 && -rc < (int)(sizeof names / sizeof *names)) ? names[-rc] : "EUNKNOWN");
@@ -107,19 +108,25 @@ static lp_slice check_slice(lua_State *L, int i) {
   return s;
 }
 
+/* Room for every handle a publish can wake (at most all waiting subscriptions),
+ * made before the store changes, so running out of memory changes nothing. */
+static int reserve_woken(store_ud *u) {
+  lp_store_stats st;
+  lp_store_get_stats(u->store, &st);
+  u->nwoken = 0;
+  if (st.waiting <= u->woken_cap) return LP_OK;
+  size_t cap = u->woken_cap ? u->woken_cap : 16;
+  while (cap < st.waiting) cap *= 2;
+  uint64_t *w = realloc(u->woken, cap * sizeof *w);
+  if (!w) return LP_ENOMEM;
+  u->woken = w;
+  u->woken_cap = cap;
+  return LP_OK;
+}
+
 static void on_wake(void *ctx, uint64_t handle) {
   store_ud *u = ctx;
-  if (u->nwoken == u->woken_cap) {
-    size_t cap = u->woken_cap ? u->woken_cap * 2 : 16;
-    uint64_t *w = realloc(u->woken, cap * sizeof *w);
-    if (!w) {
-      u->woken_failed = 1;
-      return;
-    }
-    u->woken = w;
-    u->woken_cap = cap;
-  }
-  u->woken[u->nwoken++] = handle;
+  u->woken[u->nwoken++] = handle; /* reserve_woken made room */
 }
 
 static void push_event(lua_State *L, const lp_published *p) {
@@ -137,9 +144,8 @@ static int l_publish(lua_State *L) {
   lp_slice data = check_slice(L, 3);
   lua_Integer now = luaL_checkinteger(L, 4);
   lp_published p;
-  u->nwoken = 0;
-  u->woken_failed = 0;
-  int rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
+  int rc = reserve_woken(u);
+  if (rc == LP_OK) rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
   if (rc != LP_OK) return fail_store(L, rc);
   push_event(L, &p);
   lua_createtable(L, (int)u->nwoken, 0);
@@ -148,7 +154,6 @@ static int l_publish(lua_State *L) {
     lua_rawseti(L, -2, (lua_Integer)i + 1);
   }
   lua_pushboolean(L, p.buffered);
-  if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
   if (u->nwoken == 0) return 5;
   /* the answer every woken long poll gets, built here once */
   luaL_Buffer b;
@@ -309,11 +314,9 @@ static int l_take_waiters(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lp_slice cat = check_slice(L, 2);
   size_t count;
-  u->nwoken = 0;
-  u->woken_failed = 0;
-  int rc = lp_store_take_waiters(u->store, cat, on_wake, u, &count);
+  int rc = reserve_woken(u);
+  if (rc == LP_OK) rc = lp_store_take_waiters(u->store, cat, on_wake, u, &count);
   if (rc != LP_OK) return fail_store(L, rc);
-  if (u->woken_failed) return luaL_error(L, "out of memory while waking subscribers");
   lua_createtable(L, (int)u->nwoken, 0);
   for (size_t i = 0; i < u->nwoken; i++) {
     lua_pushinteger(L, (lua_Integer)u->woken[i]);
@@ -339,40 +342,64 @@ static void set_int(lua_State *L, const char *k, lua_Integer v) {
   lua_setfield(L, -2, k);
 }
 
-static void on_category(void *ctx, lp_slice name, size_t events, size_t bytes, size_t waiting) {
-  lua_State *L = ctx;
-  lua_createtable(L, 0, 3);
-  set_int(L, "events", (lua_Integer)events);
-  set_int(L, "bytes", (lua_Integer)bytes);
-  set_int(L, "waiting", (lua_Integer)waiting);
-  lua_pushlstring(L, name.ptr, name.len);
-  lua_insert(L, -2);
-  lua_rawset(L, -3);
-}
+#define STATS_CATEGORIES_DEFAULT 1000
+#define STATS_CATEGORIES_MAX 10000
 
-/* store:stats([with_categories]) -> table */
+/* store:stats([categories]) -> table
+ * categories: true for the 1000 largest categories, or {offset=, limit=} for a
+ * page of the ranking (limit at most 10000). They come as by_category = {
+ * [name] = {events, bytes, waiting} } and by_category_order = { names, largest
+ * first }; a store with a million categories answers in one C pass. */
 static int l_stats(lua_State *L) {
   store_ud *u = check_store(L, 1);
+  size_t offset = 0, limit = 0;
+  if (lua_istable(L, 2)) {
+    offset = (size_t)opt_int_field(L, 2, "offset", 0, 0);
+    limit = (size_t)opt_int_field(L, 2, "limit", STATS_CATEGORIES_DEFAULT, 1);
+    luaL_argcheck(L, limit <= STATS_CATEGORIES_MAX, 2, "limit is at most 10000");
+    luaL_argcheck(L, offset <= (size_t)1 << 40, 2, "offset is too large");
+  } else if (lua_toboolean(L, 2)) {
+    limit = STATS_CATEGORIES_DEFAULT;
+  }
   lp_store_stats st;
   lp_store_get_stats(u->store, &st);
-  lua_createtable(L, 0, 9);
+  lua_createtable(L, 0, 14);
   set_int(L, "categories", (lua_Integer)st.categories);
   set_int(L, "events", (lua_Integer)st.events);
   set_int(L, "event_bytes", (lua_Integer)st.event_bytes);
+  set_int(L, "buffered_bytes", (lua_Integer)st.buffered_bytes);
   set_int(L, "waiting", (lua_Integer)st.waiting);
   set_int(L, "published", (lua_Integer)st.published);
   set_int(L, "delivered", (lua_Integer)st.delivered);
   set_int(L, "dropped", (lua_Integer)st.dropped);
+  set_int(L, "evicted", (lua_Integer)st.evicted);
   set_int(L, "last_timestamp", (lua_Integer)st.last_timestamp);
-  if (lua_toboolean(L, 2)) {
-    lua_createtable(L, 0, (int)st.categories);
-    lp_store_each_category(u->store, on_category, L);
-    lua_setfield(L, -2, "by_category");
+  if (limit > 0) {
+    lp_category_info *page = lua_newuserdatauv(L, limit * sizeof *page, 0); /* freed by the GC */
+    size_t n;
+    int rc = lp_store_top_categories(u->store, offset, limit, page, &n);
+    if (rc != LP_OK) return fail_store(L, rc);
+    lua_createtable(L, 0, (int)n); /* by_category */
+    lua_createtable(L, (int)n, 0); /* by_category_order */
+    for (size_t i = 0; i < n; i++) {
+      lua_pushlstring(L, page[i].name.ptr, page[i].name.len);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, -3, (lua_Integer)i + 1);
+      lua_createtable(L, 0, 3);
+      set_int(L, "events", (lua_Integer)page[i].events);
+      set_int(L, "bytes", (lua_Integer)page[i].bytes);
+      set_int(L, "waiting", (lua_Integer)page[i].waiting);
+      lua_rawset(L, -4);
+    }
+    lua_setfield(L, -4, "by_category_order");
+    lua_setfield(L, -3, "by_category");
+    lua_pop(L, 1); /* the page */
+    set_int(L, "by_category_offset", (lua_Integer)offset);
   }
   return 1;
 }
 
-/* core.parse_publish(body) -> category, data_json | nil, message
+/* core.parse_publish(body) -> category, data_json | nil, message[, "ENOMEM"]
  * The messages are the wire contract's publish errors. */
 static int l_parse_publish(lua_State *L) {
   size_t len;
@@ -380,7 +407,9 @@ static int l_parse_publish(lua_State *L) {
   lua_Integer max_cat = luaL_optinteger(L, 2, 1024);
   lp_publish_body pb;
   const char *err;
-  if (lp_json_parse_publish(body, len, &pb, &err) != 0) {
+  int prc = lp_json_parse_publish(body, len, &pb, &err);
+  if (prc == -2) return fail_store(L, LP_ENOMEM);
+  if (prc != 0) {
     luaL_pushfail(L);
     lua_pushfstring(L, "Invalid POST body json: %s.", err);
     return 2;
@@ -447,6 +476,23 @@ static int l_json_string(lua_State *L) {
   return 1;
 }
 
+/* core.lock_file(fd) -> true | nil, message, "EWOULDBLOCK"|"ERROR"
+ * An exclusive, non-blocking flock(2) on an open file descriptor (a luv fs fd).
+ * The lock goes with the descriptor: closing it (or the process ending, even
+ * by SIGKILL) releases it. The one system call of the module: luv has none. */
+static int l_lock_file(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  if (flock(fd, LOCK_EX | LOCK_NB) == 0) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  int e = errno;
+  luaL_pushfail(L);
+  lua_pushstring(L, strerror(e));
+  lua_pushstring(L, e == EWOULDBLOCK ? "EWOULDBLOCK" : "ERROR");
+  return 3;
+}
+
 /* core.event_json(timestamp, category, data_json, id) -> json
  * The event's JSON text in the one format (lp_event_json_append), for events
  * stored elsewhere (Redis). Arguments are trusted: checked JSON, a UUID. */
@@ -504,17 +550,12 @@ static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
-static const luaL_Reg core_functions[] = {{"new_store", l_new_store},
-                                          {"parse_publish", l_parse_publish},
-                                          {"json_check", l_json_check},
-                                          {"json_string", l_json_string},
-                                          {"utf8_valid", l_utf8_valid},
-                                          {"uuid", l_uuid},
-                                          {"is_uuid", l_is_uuid},
-                                          {"json_encode", lp_lua_json_encode},
-                                          {"event_json", l_event_json},
-                                          {"events_answer", l_events_answer},
-                                          {NULL, NULL}};
+static const luaL_Reg core_functions[] = {{"new_store", l_new_store},   {"parse_publish", l_parse_publish},
+                                          {"json_check", l_json_check}, {"json_string", l_json_string},
+                                          {"utf8_valid", l_utf8_valid}, {"uuid", l_uuid},
+                                          {"is_uuid", l_is_uuid},       {"json_encode", lp_lua_json_encode},
+                                          {"event_json", l_event_json}, {"events_answer", l_events_answer},
+                                          {"lock_file", l_lock_file},   {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

@@ -42,7 +42,8 @@ struct lp_category {
   lp_event **ring; /* events oldest first, from ring[head]; grows up to the buffer size */
   size_t ring_cap, head, count;
   size_t bytes;    /* JSON bytes of its events */
-  size_t heap_pos; /* index + 1 in the store's by-size heap; 0 when not in it */
+  size_t cost;     /* what max_buffered_bytes counts for it: 0 without events */
+  size_t heap_pos; /* index + 1 in the store's by-cost heap; 0 when not in it */
   lp_wait *waiters;
   size_t nwaiters;
   /* The newest event dropped by size or TTL, to tell a client it missed some. */
@@ -78,7 +79,7 @@ struct lp_store {
   lp_store_stats stats;
   lp_buf scratch;
   /* With max_buffered_bytes: categories holding events, largest first (a
-   * binary max-heap on bytes), so the cap evicts from the largest in O(log n). */
+   * binary max-heap on cost), so the cap evicts from the largest in O(log n). */
   lp_category **heap;
   size_t heap_len, heap_cap;
   lp_category *publishing; /* the category being published to: make_room must not free it */
@@ -96,6 +97,7 @@ const char *lp_strerror(int code) {
     case LP_ECATEGORIES: return "too many categories (max_categories)";
     case LP_EWAITERS: return "too many waiting subscribers in this category (max_waiting_per_category)";
     case LP_ETOOBIG: return "event is larger than max_buffered_bytes";
+    case LP_ETIME: return "timestamp is not a plausible time (0 to the year 9999 in epoch ms)";
     default: return "unknown error";
   }
 }
@@ -198,7 +200,7 @@ static void heap_set(lp_store *s, size_t i, lp_category *c) {
 
 static void heap_up(lp_store *s, size_t i) {
   lp_category *c = s->heap[i];
-  while (i > 0 && s->heap[(i - 1) / 2]->bytes < c->bytes) {
+  while (i > 0 && s->heap[(i - 1) / 2]->cost < c->cost) {
     heap_set(s, i, s->heap[(i - 1) / 2]);
     i = (i - 1) / 2;
   }
@@ -209,9 +211,9 @@ static void heap_down(lp_store *s, size_t i) {
   lp_category *c = s->heap[i];
   for (;;) {
     size_t l = 2 * i + 1, r = l + 1, big = i;
-    size_t big_bytes = c->bytes;
-    if (l < s->heap_len && s->heap[l]->bytes > big_bytes) big = l, big_bytes = s->heap[l]->bytes;
-    if (r < s->heap_len && s->heap[r]->bytes > big_bytes) big = r;
+    size_t big_cost = c->cost;
+    if (l < s->heap_len && s->heap[l]->cost > big_cost) big = l, big_cost = s->heap[l]->cost;
+    if (r < s->heap_len && s->heap[r]->cost > big_cost) big = r;
     if (big == i) break;
     heap_set(s, i, s->heap[big]);
     i = big;
@@ -241,7 +243,7 @@ static int heap_reserve(lp_store *s, const lp_category *c) {
   return LP_OK;
 }
 
-/* Re-positions c after its byte count changed; never allocates (see heap_reserve). */
+/* Re-positions c after its cost changed; never allocates (see heap_reserve). */
 static void heap_update(lp_store *s, lp_category *c) {
   if (!s->cfg.max_buffered_bytes) return;
   if (c->count == 0) {
@@ -254,6 +256,24 @@ static void heap_update(lp_store *s, lp_category *c) {
 }
 
 /* ---- events ---- */
+
+static size_t event_cost(size_t json_len) { return json_len + LP_EVENT_COST; }
+static size_t category_cost(size_t name_len) { return name_len + LP_CATEGORY_COST; }
+
+/* Adds (or, with sign < 0, takes away) an event of c to the byte counts; the
+ * category's own cost counts while it holds events. */
+static void count_event(lp_store *s, lp_category *c, size_t json_len, int sign) {
+  size_t cost = event_cost(json_len);
+  if (sign > 0 && c->count == 1) cost += category_cost(c->name_len); /* its first event */
+  if (sign < 0 && c->count == 0) cost += category_cost(c->name_len); /* its last one */
+  if (sign > 0) {
+    c->bytes += json_len, c->cost += cost;
+    s->stats.event_bytes += json_len, s->stats.buffered_bytes += cost;
+  } else {
+    c->bytes -= json_len, c->cost -= cost;
+    s->stats.event_bytes -= json_len, s->stats.buffered_bytes -= cost;
+  }
+}
 
 static lp_event *ring_at(const lp_category *c, size_t i) { return c->ring[(c->head + i) % c->ring_cap]; }
 
@@ -272,9 +292,8 @@ static void unlink_global(lp_store *s, lp_event *e) {
  * caller has already removed it from its category's ring. */
 static void forget_event(lp_store *s, lp_event *e) {
   unlink_global(s, e);
-  e->category->bytes -= e->json_len;
+  count_event(s, e->category, e->json_len, -1);
   s->stats.events--;
-  s->stats.event_bytes -= e->json_len;
   heap_update(s, e->category);
   free(e);
 }
@@ -351,23 +370,29 @@ static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
   else
     s->oldest = e;
   s->newest = e;
-  c->bytes += e->json_len;
+  count_event(s, c, e->json_len, +1);
   s->stats.events++;
-  s->stats.event_bytes += e->json_len;
   heap_update(s, c);
   return LP_OK;
 }
 
-/* Makes room for `bytes` more under max_buffered_bytes by dropping the oldest
- * events of the largest categories. LP_ETOOBIG when one event is over the cap. */
-static int make_room(lp_store *s, size_t bytes) {
+/* What buffering an event of json_len bytes in c adds to buffered_bytes. */
+static size_t cost_to_add(const lp_category *c, size_t json_len) {
+  return event_cost(json_len) + (c->count == 0 ? category_cost(c->name_len) : 0);
+}
+
+/* Makes room under max_buffered_bytes for an event of json_len bytes in c
+ * (s->publishing) by dropping the oldest events of the largest categories.
+ * LP_ETOOBIG when the event alone is over the cap. */
+static int make_room(lp_store *s, lp_category *c, size_t json_len) {
   size_t cap = s->cfg.max_buffered_bytes;
   if (!cap) return LP_OK;
-  if (bytes > cap) return LP_ETOOBIG;
-  while (s->stats.event_bytes + bytes > cap && s->heap_len > 0) {
-    lp_category *c = s->heap[0];
-    drop_oldest(s, c);
-    if (c->count == 0 && c->nwaiters == 0 && c != s->publishing) free_category_if_unused(s, c);
+  if (event_cost(json_len) + category_cost(c->name_len) > cap) return LP_ETOOBIG;
+  while (s->stats.buffered_bytes + cost_to_add(c, json_len) > cap && s->heap_len > 0) {
+    lp_category *big = s->heap[0];
+    drop_oldest(s, big);
+    s->stats.evicted++;
+    if (big != s->publishing) free_category_if_unused(s, big);
   }
   return LP_OK;
 }
@@ -524,8 +549,10 @@ size_t lp_store_waiting_in(const lp_store *s, lp_slice category) {
 
 /* ---- time ---- */
 
+static int64_t clamp_time(int64_t t) { return t < 0 ? 0 : t > LP_TIME_MAX ? LP_TIME_MAX : t; }
+
 static int64_t next_timestamp(lp_store *s, int64_t now_ms) {
-  int64_t ts = now_ms;
+  int64_t ts = clamp_time(now_ms);
   if (ts < s->last_timestamp) ts = s->last_timestamp;
   if (ts < s->min_next_timestamp) ts = s->min_next_timestamp;
   s->last_timestamp = ts;
@@ -534,6 +561,7 @@ static int64_t next_timestamp(lp_store *s, int64_t now_ms) {
 }
 
 int64_t lp_store_mark_time(lp_store *s, int64_t now_ms) {
+  now_ms = clamp_time(now_ms);
   int64_t ts = now_ms > s->last_timestamp ? now_ms : s->last_timestamp;
   if (ts < s->min_next_timestamp - 1) ts = s->min_next_timestamp - 1;
   if (s->min_next_timestamp < ts + 1) s->min_next_timestamp = ts + 1;
@@ -542,6 +570,7 @@ int64_t lp_store_mark_time(lp_store *s, int64_t now_ms) {
 
 size_t lp_store_expire(lp_store *s, int64_t now_ms) {
   release_retired(s);
+  now_ms = clamp_time(now_ms);
   if (s->cfg.event_ttl_ms <= 0) return 0;
   size_t dropped = 0;
   /* Publish order is timestamp order, so expired events are a prefix of the
@@ -579,7 +608,7 @@ int lp_store_publish(lp_store *s, lp_slice category, lp_slice data, int64_t now_
   int buffered = !(s->cfg.delete_after_first && woken > 0);
   if (buffered) {
     s->publishing = c;
-    rc = make_room(s, e->json_len);
+    rc = make_room(s, c, e->json_len);
     s->publishing = NULL;
     if (rc == LP_OK) rc = buffer_event(s, c, e);
     if (rc != LP_OK) {
@@ -603,6 +632,7 @@ int lp_store_restore(lp_store *s, lp_slice category, lp_slice data, const char *
   int rc = check_name(s, category);
   if (rc != LP_OK) return rc;
   if (!id || !lp_uuid_is_valid(id, strlen(id))) return LP_EINVAL;
+  if (ts < 0 || ts > LP_TIME_MAX) return LP_ETIME;
   if (ts < s->last_timestamp) return LP_EORDER;
   char lower[LP_UUID_LEN + 1];
   for (size_t i = 0; i <= LP_UUID_LEN; i++) lower[i] = (char)(id[i] >= 'A' && id[i] <= 'F' ? id[i] + 32 : id[i]);
@@ -616,7 +646,7 @@ int lp_store_restore(lp_store *s, lp_slice category, lp_slice data, const char *
   }
   e->seq = ++s->next_seq;
   s->publishing = c;
-  rc = make_room(s, e->json_len);
+  rc = make_room(s, c, e->json_len);
   s->publishing = NULL;
   if (rc == LP_OK) rc = buffer_event(s, c, e);
   if (rc != LP_OK) {
@@ -851,4 +881,75 @@ void lp_store_each_category(const lp_store *s, lp_category_fn fn, void *ctx) {
   for (size_t i = 0; i < s->nbuckets; i++)
     for (lp_category *c = s->buckets[i]; c; c = c->hnext)
       fn(ctx, (lp_slice){c->name, c->name_len}, c->count, c->bytes, c->nwaiters);
+}
+
+/* ---- ranked categories (stats) ---- */
+
+/* 1 when a ranks before b: more bytes, more waiters, then the smaller name. */
+static int ranks_before(const lp_category *a, const lp_category *b) {
+  if (a->bytes != b->bytes) return a->bytes > b->bytes;
+  if (a->nwaiters != b->nwaiters) return a->nwaiters > b->nwaiters;
+  size_t n = a->name_len < b->name_len ? a->name_len : b->name_len;
+  int c = memcmp(a->name, b->name, n);
+  if (c != 0) return c < 0;
+  return a->name_len < b->name_len;
+}
+
+/* A heap whose root is the lowest-ranked kept category. */
+static void low_sift_down(const lp_category **h, size_t len, size_t i) {
+  for (;;) {
+    size_t l = 2 * i + 1, r = l + 1, low = i;
+    if (l < len && ranks_before(h[low], h[l])) low = l;
+    if (r < len && ranks_before(h[low], h[r])) low = r;
+    if (low == i) return;
+    const lp_category *t = h[i];
+    h[i] = h[low];
+    h[low] = t;
+    i = low;
+  }
+}
+
+static void low_sift_up(const lp_category **h, size_t i) {
+  while (i > 0 && ranks_before(h[(i - 1) / 2], h[i])) {
+    const lp_category *t = h[i];
+    h[i] = h[(i - 1) / 2];
+    h[(i - 1) / 2] = t;
+    i = (i - 1) / 2;
+  }
+}
+
+int lp_store_top_categories(const lp_store *s, size_t offset, size_t limit, lp_category_info *out, size_t *n) {
+  *n = 0;
+  if (limit == 0 || offset > SIZE_MAX / sizeof(lp_category *) - limit) return LP_EINVAL;
+  size_t k = offset + limit;
+  if (k > s->ncategories) k = s->ncategories;
+  if (k == 0 || offset >= k) return LP_OK;
+  const lp_category **h = malloc(k * sizeof *h);
+  if (!h) return LP_ENOMEM;
+  size_t len = 0;
+  for (size_t i = 0; i < s->nbuckets; i++)
+    for (const lp_category *c = s->buckets[i]; c; c = c->hnext) {
+      if (len < k) {
+        h[len++] = c;
+        low_sift_up(h, len - 1);
+      } else if (ranks_before(c, h[0])) {
+        h[0] = c;
+        low_sift_down(h, len, 0);
+      }
+    }
+  /* pop the lowest first: h ends up best first from the back */
+  for (size_t end = len; end > 1; end--) {
+    const lp_category *t = h[0];
+    h[0] = h[end - 1];
+    h[end - 1] = t;
+    low_sift_down(h, end - 1, 0);
+  }
+  /* h[0] is now the best, h[len - 1] the lowest (a heapsort by the low-heap) */
+  for (size_t i = offset; i < len; i++) {
+    const lp_category *c = h[i];
+    out[*n] = (lp_category_info){{c->name, c->name_len}, c->count, c->bytes, c->nwaiters};
+    (*n)++;
+  }
+  free(h);
+  return LP_OK;
 }

@@ -21,7 +21,13 @@ enum {
   LP_ECATEGORIES = -7, /* max_categories reached */
   LP_EWAITERS = -8,    /* max_waiting_per_category reached */
   LP_ETOOBIG = -9,     /* one event is larger than max_buffered_bytes */
+  LP_ETIME = -10,      /* a restored timestamp outside 0..LP_TIME_MAX */
 };
+
+/* Times are epoch milliseconds in 0..LP_TIME_MAX (the end of year 9999): a
+ * clock reading outside is clamped into it, a restored timestamp outside is
+ * refused, so no cursor or TTL arithmetic can overflow. */
+#define LP_TIME_MAX INT64_C(253402300799999)
 
 /* A short message for an LP_E* code (static storage). */
 const char *lp_strerror(int code);
@@ -35,6 +41,14 @@ typedef struct lp_store_config {
   size_t max_waiting_per_category; /* 0: no cap */
   size_t max_buffered_bytes;       /* 0: no cap; over it the oldest events of the largest categories go */
 } lp_store_config;
+
+/* What max_buffered_bytes counts, so that the cap bounds the memory the
+ * buffers take and not only their JSON: every buffered event costs its JSON
+ * plus LP_EVENT_COST (its header, allocator overhead and ring slot), and every
+ * category holding events costs LP_CATEGORY_COST plus its name (the category,
+ * its ring, its hash and heap slots). Measured on x86-64 glibc, rounded up. */
+#define LP_EVENT_COST 128
+#define LP_CATEGORY_COST 256
 
 typedef struct lp_slice {
   const char *ptr;
@@ -79,7 +93,8 @@ int lp_store_publish(lp_store *s, lp_slice category, lp_slice data_json, int64_t
                      lp_published *out);
 
 /* Puts back an event read from persistence, keeping its id and timestamp.
- * Events must come oldest first (LP_EORDER otherwise). Wakes nobody. */
+ * Events must come oldest first (LP_EORDER otherwise), timestamps within
+ * 0..LP_TIME_MAX (LP_ETIME otherwise). Wakes nobody. */
 int lp_store_restore(lp_store *s, lp_slice category, lp_slice data_json, const char *id, int64_t timestamp,
                      lp_published *out);
 
@@ -137,18 +152,36 @@ size_t lp_store_expire(lp_store *s, int64_t now_ms);
 typedef struct lp_store_stats {
   size_t categories;
   size_t events;
-  size_t event_bytes; /* bytes of event JSON held */
-  size_t waiting;     /* waiting subscriptions */
+  size_t event_bytes;    /* bytes of event JSON held */
+  size_t buffered_bytes; /* what max_buffered_bytes counts (see LP_EVENT_COST) */
+  size_t waiting;        /* waiting subscriptions */
   uint64_t published;
   uint64_t delivered; /* events handed out, counted once per subscriber */
   uint64_t dropped;   /* events dropped by size or TTL */
+  uint64_t evicted;   /* of those, dropped to stay under max_buffered_bytes */
   int64_t last_timestamp;
 } lp_store_stats;
 
 void lp_store_get_stats(const lp_store *s, lp_store_stats *st);
 
-/* Per-category detail: calls fn for each category (order unspecified). */
+/* Per-category detail: calls fn for each category (order unspecified); bytes
+ * is the JSON of its events. */
 typedef void (*lp_category_fn)(void *ctx, lp_slice name, size_t events, size_t bytes, size_t waiting);
 void lp_store_each_category(const lp_store *s, lp_category_fn fn, void *ctx);
+
+/* One category as the stats show it; name points into the store and stays
+ * valid until the next call that changes the store. */
+typedef struct lp_category_info {
+  lp_slice name;
+  size_t events, bytes, waiting;
+} lp_category_info;
+
+/* The page [offset, offset + limit) of the categories ranked by the JSON bytes
+ * of their events, largest first (then by waiting subscribers, then by name):
+ * fills out[0..*n), n <= limit. One pass over the categories with a heap of
+ * offset + limit entries, so a stats request costs O(categories) in C and no
+ * more memory than the page. LP_EINVAL when offset + limit overflows or limit
+ * is 0, LP_ENOMEM when the heap cannot be allocated. */
+int lp_store_top_categories(const lp_store *s, size_t offset, size_t limit, lp_category_info *out, size_t *n);
 
 #endif

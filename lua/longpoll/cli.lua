@@ -1,6 +1,8 @@
 -- The command line of bin/longpoll: flag parsing, and `serve`, which mounts
 -- the manager's handlers on the built-in server and shuts down gracefully.
 local uv = require "luv"
+local auth = require "longpoll.auth"
+local cors_mod = require "longpoll.cors"
 
 local M = {}
 
@@ -16,6 +18,8 @@ flags:
   --publish-path PATH    publish handler path (default /publish; empty turns it off)
   --sse-path PATH        Server-Sent Events handler path (default /sse; empty turns it off)
   --stats-path PATH      stats handler path, JSON or Prometheus (default /stats; empty turns it off)
+  --stats-categories     let /stats?categories=1 list categories by name (default off: names can be
+                         secrets), the largest first, 100 a page (&limit=N up to 1000, &offset=N)
   --cors ORIGIN          allow cross-origin requests from ORIGIN (repeatable; "*" for any)
   --max-timeout S        largest 'timeout' a subscriber may ask for (default 110)
   --buffer-size N        events kept per category (default 250)
@@ -26,8 +30,22 @@ flags:
   --persist FILE         keep events in FILE (one JSON per line), restored on start
   --flush-ms N           with --persist: write batches every N ms (default 1000)
   --fsync                with --persist: fsync every flush
+                         With --persist, publishes get 503 while FILE cannot be written (a full
+                         disk); one server per FILE (FILE.lock); docs/persistence.md
   --error-status N       HTTP status of subscribe errors: 200 (golongpoll) or 400
   --max-connections N    connection cap (default 10000)
+  --max-memory SIZE      bytes the event buffers may hold, bookkeeping included (K, M or G
+                         suffix; default 512M, or a quarter of the RAM when that is less;
+                         0: no cap). Over it the oldest events of the largest categories go
+                         (counted as "evicted" in /stats). Not with --redis (set maxmemory)
+  --max-categories N     categories at most; a publish to a new one over it gets 503
+                         (default 0: no cap, --max-memory bounds them)
+  --max-body-bytes N     largest publish body (default 2097152: an event of 1.5 MiB fits,
+                         JSON escapes included)
+  --publish-token TOKEN  publishes need the header 'Authorization: Bearer TOKEN' (also
+                         cross-origin ones); subscribers are unaffected. Also taken from the
+                         environment variable LONGPOLL_PUBLISH_TOKEN. Without it, serve warns
+                         when it listens on an address other machines reach
   --redis URL            share events with other servers through Redis (redis://host:port/db);
                          start fails when Redis does not answer (docs/scaling.md)
   --redis-prefix P       prefix of the Redis keys and channels (default longpoll:)
@@ -48,7 +66,31 @@ local FLAGS = {
   ["--log-level"] = "string", ["--quiet"] = "boolean",
   ["--redis"] = "string", ["--redis-prefix"] = "string",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
+  ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
+  ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
 }
+
+M.DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
+M.DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+
+local UNITS = { [""] = 1, k = 1024, m = 1024 * 1024, g = 1024 * 1024 * 1024 }
+
+-- "512M", "64k", "1G", "1048576" (1024-based; "MiB", "MB" and "M" mean the same) -> bytes, or nil.
+function M.parse_size(s)
+  local digits, unit = s:match("^(%d+)%s*(%a*)$")
+  if not digits then return nil end
+  unit = unit:lower():gsub("i?b$", "")
+  local n, mult = math.tointeger(tonumber(digits)), UNITS[unit]
+  if not n or not mult or n > math.maxinteger // mult then return nil end
+  return n * mult
+end
+
+-- The default of --max-memory: 512 MiB, or a quarter of the machine's RAM when that is less.
+function M.default_max_memory()
+  local total = uv.get_total_memory and uv.get_total_memory() or 0
+  if total > 0 and total // 4 < M.DEFAULT_MAX_MEMORY then return math.floor(total // 4) end
+  return M.DEFAULT_MAX_MEMORY
+end
 
 -- Returns a table of flag values (keys without the dashes), or nil, message.
 function M.parse(args, first)
@@ -76,6 +118,9 @@ function M.parse(args, first)
       if kind == "integer" then
         v = v:match("^%d+$") and math.tointeger(tonumber(v))
         if not v then return nil, ("flag %s needs a whole number"):format(name) end
+      elseif kind == "size" then
+        v = M.parse_size(v)
+        if not v then return nil, ("flag %s needs a size like 512M, 64K, 2G or a number of bytes"):format(name) end
       elseif kind == "number" then
         v = tonumber(v)
         if not v or v <= 0 then return nil, ("flag %s needs a positive number"):format(name) end
@@ -115,8 +160,11 @@ function M.serve(flags)
   local longpoll = require "longpoll"
   local server_mod = require "longpoll.server"
   local add_ons = {}
+  local file_mod, file
   if flags.persist then
-    local file, err = require("longpoll.addons").file {
+    local err
+    file_mod = require("longpoll.addons").file
+    file, err = file_mod {
       path = flags.persist, flush_interval_ms = flags["flush-ms"] or 1000, fsync = flags.fsync or false,
       max_event_buffer_size = flags["buffer-size"], event_ttl_seconds = flags.ttl,
     }
@@ -124,6 +172,20 @@ function M.serve(flags)
     add_ons[#add_ons + 1] = file
   end
   if flags["redis-prefix"] and not flags.redis then return die("--redis-prefix needs --redis") end
+  if flags["max-memory"] and flags.redis then
+    return die("--max-memory cannot be used with --redis (events are kept in Redis: set maxmemory there)")
+  end
+  local token = flags["publish-token"] or os.getenv("LONGPOLL_PUBLISH_TOKEN")
+  if token == "" then token = nil end
+  if token then
+    local terr = auth.check_token(token)
+    if terr then return die(terr) end
+  end
+  local max_memory = flags["max-memory"] or (not flags.redis and M.default_max_memory()) or nil
+  local cors_option = flags.cors and { origins = M.cors_origins(flags.cors) } or nil
+  if cors_option and token then -- browsers must be allowed to send the token
+    cors_option.allow_headers = { "Content-Type", "Last-Event-ID", "Authorization" }
+  end
   local manager, err = longpoll.start {
     max_longpoll_timeout_seconds = flags["max-timeout"],
     max_event_buffer_size = flags["buffer-size"],
@@ -133,18 +195,33 @@ function M.serve(flags)
     add_on = #add_ons > 0 and add_ons or nil,
     logger = { level = flags["log-level"] or "warn" },
     redis = flags.redis and { url = flags.redis, prefix = flags["redis-prefix"] } or nil,
-    cors = flags.cors and { origins = M.cors_origins(flags.cors) } or nil,
+    cors = cors_option,
+    max_buffered_bytes = max_memory,
+    max_categories = flags["max-categories"],
+    stats_categories = flags["stats-categories"] or nil,
   }
   if not manager then return die(err) end
   local srv, serr = server_mod.new {
     host = flags.host or "127.0.0.1", port = flags.port or 8101,
     max_connections = flags["max-connections"],
+    max_body_bytes = flags["max-body-bytes"] or M.DEFAULT_MAX_BODY_BYTES,
     logger = manager.logger,
   }
-  if not srv then return die(serr) end
+  if not srv then
+    manager:shutdown()
+    return die(serr)
+  end
   srv:route("GET", flags["subscribe-path"] or "/events", manager.subscription_handler)
   local publish_path = flags["publish-path"] or "/publish"
-  if publish_path ~= "" then srv:route("*", publish_path, manager.publish_handler) end
+  if publish_path ~= "" then
+    local publish = manager.publish_handler
+    -- a full disk pauses publishing (503) rather than acknowledging events it cannot keep
+    if file then publish = file_mod.guard(file, publish) end
+    if token then
+      publish = auth.require_bearer(publish, token, { cors = cors_option and cors_mod.new(cors_option) })
+    end
+    srv:route("*", publish_path, publish)
+  end
   local sse_path, stats_path = flags["sse-path"] or "/sse", flags["stats-path"] or "/stats"
   for flag, path in pairs { ["--sse-path"] = sse_path, ["--stats-path"] = stats_path } do
     if path ~= "" and path:sub(1, 1) ~= "/" then return die(flag .. " must start with '/'") end
@@ -162,6 +239,12 @@ function M.serve(flags)
   if flags.static then srv:static("/", flags.static) end
   local port, lerr = srv:listen()
   if not port then return die("cannot listen: " .. tostring(lerr)) end
+  if publish_path ~= "" and not token and not auth.is_loopback(srv.host) then
+    io.stderr:write(("longpoll: warning: listening on %s with open publishing: anyone who reaches this"
+      .. " port can publish. Set --publish-token (or LONGPOLL_PUBLISH_TOKEN), or --publish-path ''.\n")
+      :format(srv.host))
+    io.stderr:flush()
+  end
   if not flags.quiet then
     local host = srv.host:find(":") and ("[" .. srv.host .. "]") or srv.host
     io.stdout:write(("longpoll listening on http://%s:%d/\n"):format(host, port))

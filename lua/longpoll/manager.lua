@@ -213,10 +213,10 @@ local function publish_request(self, req, res)
     res:set_header("Allow", "POST")
     return send_error(res, 405, "Invalid HTTP Method. Only POST allowed.")
   end
-  local category, data_json = core.parse_publish(req.body or "", self.options.max_category_bytes)
+  local category, data_json, parse_code = core.parse_publish(req.body or "", self.options.max_category_bytes)
   if not category then
     self:log("warn", "bad publish request", { error = data_json })
-    return send_error(res, 400, data_json)
+    return send_error(res, parse_code and status_of(parse_code) or 400, data_json) -- ENOMEM: 503
   end
   if self.closed then return send_error(res, 503, "manager is shut down") end
   local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, pcode)

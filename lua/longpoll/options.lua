@@ -61,6 +61,8 @@ local SPEC = {
   cors = { nil, function(v) return require("longpoll.cors").check(v) end },
   redis = { nil, function(v) return require("longpoll.engine.redis.config").check(v) end },
   sse_heartbeat_seconds = { 15, integer(1, 3600) },
+  -- /stats?categories=1 lists category names, which apps often use as secrets: opt-in
+  stats_categories = { false, boolean },
   -- the wall clock in epoch milliseconds (tests pass a fake one; the C core takes time as an
   -- argument, so TTL and timestamps then follow it)
   clock = { nil, function(v) if type(v) ~= "function" then return "must be a function returning epoch milliseconds" end end },

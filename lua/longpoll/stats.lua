@@ -1,11 +1,12 @@
 -- The stats endpoint: the manager's figures as JSON, or in the Prometheus text exposition
--- format for scrapers (Accept: text/plain, or ?format=prometheus).
+-- format for scrapers (Accept: text/plain, or ?format=prometheus). Per-category figures are
+-- opt-in (option stats_categories: category names can be secrets) and come a bounded page
+-- at a time, largest categories first (?categories=1&limit=N&offset=N).
 local uv = require "luv"
 local core = require "longpoll.core"
 local answers = require "longpoll.answers"
 
-local concat, format, gsub, find, lower, sort = table.concat, string.format, string.gsub,
-  string.find, string.lower, table.sort
+local concat, format, gsub, find, lower = table.concat, string.format, string.gsub, string.find, string.lower
 
 local M = {}
 
@@ -21,7 +22,11 @@ local METRICS = {
   { "longpoll_sse_streams", "gauge", "Open Server-Sent Events streams.", "sse_streams" },
   { "longpoll_published_events_total", "counter", "Events published since start.", "published" },
   { "longpoll_delivered_events_total", "counter", "Events handed out from the buffers since start.", "delivered" },
-  { "longpoll_dropped_events_total", "counter", "Events dropped by buffer size or TTL since start.", "dropped" },
+  { "longpoll_dropped_events_total", "counter", "Events dropped by buffer size, TTL or the memory cap since start.", "dropped" },
+  { "longpoll_evicted_events_total", "counter",
+    "Events dropped to stay under the memory cap (max_buffered_bytes) since start.", "evicted" },
+  { "longpoll_buffered_memory_bytes", "gauge",
+    "Bytes the buffers hold with their bookkeeping: what max_buffered_bytes caps.", "buffered_bytes" },
   { "longpoll_last_event_timestamp_milliseconds", "gauge", "Timestamp of the newest event (epoch ms).", "last_timestamp" },
   { "longpoll_uptime_seconds", "gauge", "Seconds since the manager started.", "uptime_seconds" },
 }
@@ -33,8 +38,8 @@ local CATEGORY_METRICS = {
 }
 
 -- JSON keys in output order (the manager's names)
-local JSON_KEYS = { "categories", "events", "event_bytes", "waiting", "long_polls", "sse_streams", "published", "delivered",
-  "dropped", "last_timestamp" }
+local JSON_KEYS = { "categories", "events", "event_bytes", "buffered_bytes", "waiting", "long_polls", "sse_streams",
+  "published", "delivered", "dropped", "evicted", "last_timestamp" }
 
 local function number(v)
   if math.type(v) == "integer" then return format("%d", v) end
@@ -47,20 +52,26 @@ function M.escape_label(s)
 end
 
 -- The figures: the manager's stats plus uptime and open SSE streams; nil once shut down.
-function M.collect(manager, started, with_categories)
+-- page: nil, or { offset =, limit = } for that page of the categories ranked by size.
+function M.collect(manager, started, page)
   if manager.closed then return nil end
-  local s = manager:stats(with_categories)
+  local s = manager:stats(page)
+  if page then
+    s.categories_offset, s.categories_limit = page.offset, page.limit
+    s.by_category_offset = nil
+  end
   s.uptime_seconds = (uv.hrtime() - started) / 1e9
   s.long_polls = s.timeouts_pending
   s.timeouts_pending = nil
   return s
 end
 
-local function sorted_names(by_category)
-  local names = {}
-  for name in pairs(by_category) do names[#names + 1] = name end
-  sort(names)
-  return names
+M.DEFAULT_CATEGORY_LIMIT = 100
+M.MAX_CATEGORY_LIMIT = 1000
+
+-- The names of a page of categories, largest first (the store's ranking).
+local function ranked_names(s)
+  return s.by_category_order or {}
 end
 
 function M.json(s)
@@ -68,8 +79,10 @@ function M.json(s)
   for _, k in ipairs(JSON_KEYS) do out[#out + 1] = format('"%s":%s', k, number(s[k] or 0)) end
   out[#out + 1] = '"uptime_seconds":' .. number(s.uptime_seconds)
   if s.by_category then
+    out[#out + 1] = format('"categories_offset":%d,"categories_limit":%d', s.categories_offset or 0,
+      s.categories_limit or 0)
     local parts = {}
-    for _, name in ipairs(sorted_names(s.by_category)) do
+    for _, name in ipairs(ranked_names(s)) do
       local c = s.by_category[name]
       parts[#parts + 1] = format('%s:{"events":%d,"bytes":%d,"waiting":%d}', core.json_string(name),
         c.events, c.bytes, c.waiting)
@@ -85,7 +98,7 @@ function M.prometheus(s)
     out[#out + 1] = format("# HELP %s %s\n# TYPE %s %s\n%s %s\n", m[1], m[3], m[1], m[2], m[1], number(s[m[4]] or 0))
   end
   if s.by_category then
-    local names = sorted_names(s.by_category)
+    local names = ranked_names(s)
     for _, m in ipairs(CATEGORY_METRICS) do
       out[#out + 1] = format("# HELP %s %s\n# TYPE %s gauge\n", m[1], m[2], m[1])
       for _, name in ipairs(names) do
@@ -112,6 +125,30 @@ local function wants_prometheus(req)
   return find(accept, "text/plain", 1, true) ~= nil or find(accept, "application/openmetrics-text", 1, true) ~= nil
 end
 
+-- The page of categories a request asks for with ?categories=1[&limit=N][&offset=N]: nil
+-- when it asks for none, or nil, message, status when it may not or asks wrongly.
+local function category_page(manager, req)
+  local c = req.query.categories
+  if c == nil or c == "" or c == "0" or c == "false" then return nil end
+  if not manager.options.stats_categories then
+    return nil, "per-category stats are off: category names can be secrets"
+      .. " (turn them on with the option stats_categories, or serve --stats-categories)", 403
+  end
+  local page = { offset = 0, limit = M.DEFAULT_CATEGORY_LIMIT }
+  for _, k in ipairs { "offset", "limit" } do
+    local v = req.query[k]
+    if v ~= nil then
+      local n = v:match("^%d+$") and math.tointeger(tonumber(v))
+      if not n or (k == "limit" and (n < 1 or n > M.MAX_CATEGORY_LIMIT)) or (k == "offset" and n > 1e9) then
+        return nil, ("Invalid '%s' arg: %s."):format(k, k == "limit" and ("1 to " .. M.MAX_CATEGORY_LIMIT)
+          or "a whole number"), 400
+      end
+      page[k] = n
+    end
+  end
+  return page
+end
+
 -- Returns the stats handler of a manager, a plain function(req, res).
 function M.handler(manager)
   local started = uv.hrtime()
@@ -121,8 +158,9 @@ function M.handler(manager)
     res:set_header("Vary", vary and (vary .. ", Accept") or "Accept")
     local prom, err = wants_prometheus(req)
     if prom == nil then return answers.send_error(res, 400, err) end
-    local c = req.query.categories
-    local s = M.collect(manager, started, c ~= nil and c ~= "" and c ~= "0" and c ~= "false")
+    local page, perr, pstatus = category_page(manager, req)
+    if perr then return answers.send_error(res, pstatus, perr) end
+    local s = M.collect(manager, started, page)
     if not s then return answers.send_error(res, 503, "manager is shut down") end
     if prom then return answers.send_typed(res, 200, M.PROMETHEUS_TYPE, M.prometheus(s)) end
     return answers.send_json(res, 200, M.json(s))

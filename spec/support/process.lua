@@ -10,8 +10,10 @@ Child.__index = Child
 
 -- Starts `lua5.4 <args...>` from the repository root. Returns a child with
 -- child.port (from "listening on http://host:PORT/"), child:stop(signal) ->
--- exit code, signal. Raises when no start-up line comes within 5 s. opts: env, wait_port,
--- start_timeout_ms, stderr_unread, command (instead of lua5.4: "sh" with { "-c", ... }).
+-- exit code, signal. Raises when no start-up line comes within 5 s.
+-- opts.shell: shell commands run first in the child (`ulimit -v 250000;`), then lua5.4 is exec'd.
+-- opts.stderr_unread: the child's stderr is a pipe nobody reads. Also opts.env, wait_port,
+-- start_timeout_ms.
 function process.start(args, opts)
   opts = opts or {}
   local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
@@ -30,7 +32,11 @@ function process.start(args, opts)
     if os.getenv(name) then env[#env + 1] = name .. "=" .. os.getenv(name) end
   end
   for _, e in ipairs(opts.env or {}) do env[#env + 1] = e end
-  local handle, pid = uv.spawn(opts.command or "lua5.4", { args = args, stdio = { nil, stdout, stderr }, env = env },
+  local command = "lua5.4"
+  if opts.shell then
+    command, args = "sh", { "-c", opts.shell .. ' exec lua5.4 "$@"', "sh", table.unpack(args) }
+  end
+  local handle, pid = uv.spawn(command, { args = args, stdio = { nil, stdout, stderr }, env = env },
     function(code, signal)
       self.code, self.signal = code, signal
       self.exited:set(code, signal)
