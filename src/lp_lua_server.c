@@ -155,18 +155,32 @@ static void call_lua(server *srv, int nargs) {
   lua_remove(L, base);
 }
 
+typedef struct log_call {
+  server *srv;
+  const char *level, *message, *key;
+  lua_Integer value;
+} log_call;
+
+static int log_in_lua(lua_State *L) {
+  log_call *lc = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, lc->srv->log_ref);
+  lua_pushstring(L, lc->level);
+  lua_pushstring(L, lc->message);
+  lua_createtable(L, 0, 1);
+  if (lc->key) {
+    lua_pushinteger(L, lc->value);
+    lua_setfield(L, -2, lc->key);
+  }
+  lua_call(L, 3, 0);
+  return 0;
+}
+
+static int protected_c(server *srv, lua_CFunction fn, void *ud);
+
 static void log_line(server *srv, const char *level, const char *message, const char *key, lua_Integer value) {
   if (srv->log_ref == LUA_NOREF) return;
-  lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->log_ref);
-  lua_pushstring(L, level);
-  lua_pushstring(L, message);
-  lua_createtable(L, 0, 1);
-  if (key) {
-    lua_pushinteger(L, value);
-    lua_setfield(L, -2, key);
-  }
-  call_lua(srv, 3);
+  log_call lc = {srv, level, message, key, value};
+  protected_c(srv, log_in_lua, &lc); /* the logger itself is pcall'd by longpoll.server */
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -348,13 +362,15 @@ static void host_close(void *ud) {
     srv->count--;
   }
   lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->box_ref);
-  conn_box *box = lua_touserdata(L, -1);
-  box->s = NULL;
-  lua_pushnil(L);
-  lua_setiuservalue(L, -2, 1);
-  lua_pop(L, 1);
-  luaL_unref(L, LUA_REGISTRYINDEX, s->box_ref);
+  if (s->box_ref != LUA_NOREF) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->box_ref);
+    conn_box *box = lua_touserdata(L, -1);
+    box->s = NULL;
+    lua_pushnil(L);
+    lua_setiuservalue(L, -2, 1);
+    lua_pop(L, 1);
+    luaL_unref(L, LUA_REGISTRYINDEX, s->box_ref);
+  }
   s->box_ref = LUA_NOREF;
   luaL_unref(L, LUA_REGISTRYINDEX, s->drain_ref); /* never called: on_close tells the owner */
   s->drain_ref = LUA_NOREF;
@@ -366,6 +382,7 @@ static void host_gone(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
   lua_State *L = srv->L;
+  if (s->box_ref == LUA_NOREF) return;
   if (s->counted && s->conn.phase == LP_CONN_CLOSED) { /* gone for good: the count says so already */
     s->counted = 0;
     srv->count--;
@@ -391,6 +408,59 @@ static const char *host_date(void *ud) {
     srv->date_second = t;
   }
   return srv->date_line;
+}
+
+/* Runs fn(L) with ud as a light userdata in protected mode; errors are logged. Returns the
+ * lua_pcall status. Pushing a light C function allocates nothing, so this itself cannot fail. */
+static int protected_c(server *srv, lua_CFunction fn, void *ud) {
+  lua_State *L = srv->L;
+  lua_pushcfunction(L, traceback);
+  int base = lua_gettop(L);
+  lua_pushcfunction(L, fn);
+  lua_pushlightuserdata(L, ud);
+  int status = lua_pcall(L, 1, 0, base);
+  if (status != LUA_OK) {
+    if (status != LUA_ERRMEM && srv->log_ref != LUA_NOREF) {
+      const char *err = lua_tostring(L, -1);
+      lua_rawgeti(L, LUA_REGISTRYINDEX, srv->log_ref);
+      lua_pushliteral(L, "error");
+      lua_pushliteral(L, "server callback failed");
+      lua_createtable(L, 0, 1);
+      lua_pushstring(L, err ? err : "?");
+      lua_setfield(L, -2, "error");
+      if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1); /* traceback */
+  return status;
+}
+
+typedef struct request_call {
+  sconn *s;
+  const lp_http_event *head;
+  lp_slice body;
+} request_call;
+
+/* dispatch(conn, request) in Lua (through protected_c). */
+static int request_in_lua(lua_State *L) {
+  request_call *rc = lua_touserdata(L, 1);
+  sconn *s = rc->s;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->srv->dispatch_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, s->box_ref);
+  lp_lua_http_push_request(L, rc->head, rc->body, s->remote[0] ? s->remote : NULL);
+  lua_call(L, 2, 0);
+  return 0;
+}
+
+/* The connection's Lua handle (through protected_c). */
+static int make_box(lua_State *L) {
+  sconn *s = lua_touserdata(L, 1);
+  conn_box *box = lua_newuserdatauv(L, sizeof *box, 1);
+  box->s = s;
+  luaL_setmetatable(L, CONN_MT);
+  s->box_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
 }
 
 static int64_t wall_clock_ms(void) {
@@ -495,7 +565,6 @@ static int fast_subscription(sconn *s, const native_handler *nh, lp_store *store
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   sconn *s = ud;
   server *srv = s->srv;
-  lua_State *L = srv->L;
   s->request_bytes = 0;
   if (srv->nroutes > 0) {
     int get = head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0;
@@ -510,17 +579,21 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
       }
     }
   }
-  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->dispatch_ref);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, s->box_ref);
-  lp_lua_http_push_request(L, head, body, s->remote[0] ? s->remote : NULL);
   /* while the Lua handler runs, a native handler it calls may still read the head (conn:native) */
   sconn *outer = srv->current;
   const lp_http_event *outer_head = srv->current_head;
   srv->current = s;
   srv->current_head = head;
-  call_lua(srv, 2);
+  request_call rc = {s, head, body};
+  int status = protected_c(srv, request_in_lua, &rc);
   srv->current = outer;
   srv->current_head = outer_head;
+  if (status != LUA_OK && s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
+    /* the request table or the dispatch failed (memory, most likely): answer, never hang */
+    host_gone(s);
+    lp_conn_fail(&s->conn, status == LUA_ERRMEM ? 503 : 500,
+                 status == LUA_ERRMEM ? "out of memory" : "internal server error", now_ms(srv));
+  }
   if (s->reserve && s->conn.phase == LP_CONN_ANSWERING) {
     /* A connection above max_connections may not wait: the cap keeps room for publishers. */
     if (s->request_bytes == 0) {
@@ -602,12 +675,9 @@ static void on_connection(uv_stream_t *listener, int status) {
   if (srv->conns) srv->conns->prev = s;
   srv->conns = s;
   lp_conn_init(&s->conn, &srv->config, &HOST, s, now_ms(srv));
-  lua_State *L = srv->L;
-  conn_box *box = lua_newuserdatauv(L, sizeof *box, 1);
-  box->s = s;
-  luaL_setmetatable(L, CONN_MT);
-  s->box_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  if (uv_accept(listener, (uv_stream_t *)&s->tcp) != 0) {
+  /* the handle Lua sees; made in protected mode: an allocation error must not unwind libuv */
+  if (protected_c(srv, make_box, s) != LUA_OK) s->box_ref = LUA_NOREF;
+  if (uv_accept(listener, (uv_stream_t *)&s->tcp) != 0 || s->box_ref == LUA_NOREF) {
     lp_conn_abort(&s->conn);
     return;
   }
