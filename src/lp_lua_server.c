@@ -65,8 +65,9 @@ typedef struct sconn {
   int drain_ref;      /* conn:on_drain's function, LUA_NOREF when none */
   size_t drain_below; /* ... called once queued is at most this */
   uint64_t id;
-  size_t request_bytes; /* written for the current request */
-  unsigned reserve : 1; /* admitted above max_connections: served only for immediate answers */
+  size_t request_bytes;         /* written for the current request */
+  unsigned reserve : 1;         /* admitted above max_connections: served only for immediate answers */
+  unsigned native_declined : 1; /* the native handler already declined the current request */
   unsigned counted : 1;
   unsigned handle_closing : 1;
   struct sconn *prev, *next;             /* every connection whose handle is open */
@@ -566,6 +567,7 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   sconn *s = ud;
   server *srv = s->srv;
   s->request_bytes = 0;
+  s->native_declined = 0;
   if (srv->nroutes > 0) {
     int get = head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0;
     int post = head->method.len == 4 && memcmp(head->method.ptr, "POST", 4) == 0;
@@ -576,6 +578,7 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
         if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query)
                                               : fast_publish(s, r, head, body))
           return;
+        s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
       }
     }
   }
@@ -1061,8 +1064,8 @@ static int conn_native(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 2, NATIVE_MT);
   sconn *s = box->s;
   int answered = 0;
-  if (s && h->enabled && h->kind == NATIVE_SUBSCRIPTION && s->srv->current == s && s->srv->current_head &&
-      s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
+  if (s && h->enabled && h->kind == NATIVE_SUBSCRIPTION && !s->native_declined && s->srv->current == s &&
+      s->srv->current_head && s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
     const lp_http_event *head = s->srv->current_head;
     lp_slice path, query;
     if (head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0 &&
