@@ -609,6 +609,12 @@ static int after(int rule, int64_t since, uint64_t after_seq, int64_t ts, uint64
   return seq > after_seq;
 }
 
+/* lp_store_fetch_each's callback: the texts joined by commas, as in an answer. */
+static int append_event_view(void *ctx, const lp_event_view *e) {
+  lp_buf *b = ctx;
+  return (b->len && lp_buf_append_char(b, ',')) || lp_buf_append(b, e->json, e->json_len);
+}
+
 static void op_fetch(model *m, input *in) {
   unsigned b = take(in);
   size_t n = b % 16 == 15 ? 0 : b % 16 == 14 ? 65 : 1 + b % 3;
@@ -673,6 +679,20 @@ static void op_fetch(model *m, input *in) {
   lp_buf out = LP_BUF_INIT;
   size_t prefix = take(in) % 3;
   CHECK(lp_buf_append(&out, "xyz", prefix) == 0); /* fetch appends */
+  /* Streams' fetch first (it changes nothing but the delivered count unless
+   * delete-after-first is on): the same events, in the same order. */
+  lp_buf each = LP_BUF_INIT;
+  size_t each_count = 99;
+  int each_missed = 99, each_rc = LP_EINVAL - 100;
+  if (!m->cfg.delete_after_first) {
+    each_rc =
+        lp_store_fetch_each(m->s, sl, n, since, last_id, m->now, append_event_view, &each, &each_count, &each_missed);
+    CHECK(each_rc == want);
+    if (each_rc == LP_OK) {
+      CHECK(each_count == expect_count && each_missed == expect_missed);
+      m->st.delivered += each_count;
+    }
+  }
   size_t count = 99;
   int missed = 99;
   alloc_armed = 1;
@@ -684,12 +704,14 @@ static void op_fetch(model *m, input *in) {
     CHECK(want == LP_OK && expect_count > 0);
     CHECK(count == 0 && missed == 0 && out.len == prefix);
     lp_buf_free(&out);
+    lp_buf_free(&each);
     return;
   }
   CHECK(rc == want);
   if (rc != LP_OK || expect_count == 0) {
     CHECK(count == 0 && missed == 0 && out.len == prefix);
     lp_buf_free(&out);
+    lp_buf_free(&each);
     return;
   }
   CHECK(count == expect_count && missed == expect_missed);
@@ -734,6 +756,9 @@ static void op_fetch(model *m, input *in) {
   }
   const char *tail = missed ? "],\"missed\":true}" : "]}";
   CHECK(len - at == strlen(tail) && memcmp(ans + at, tail, len - at) == 0);
+  if (each_rc == LP_OK)
+    CHECK(each.len == at - (sizeof head - 1) && memcmp(each.data, ans + sizeof head - 1, each.len) == 0);
+  lp_buf_free(&each);
   lp_buf_free(&out);
 
   m->st.delivered += count;

@@ -12,6 +12,19 @@ out="$root/build/fuzz"
 "$root/fuzz/build.sh" || exit 2
 mkdir -p "$out/findings"
 
+# The reproducers of bugs found before (fuzz/repro/<fuzzer>-*.bin) replay first: a fix that
+# comes undone fails here at once.
+for f in "$root"/fuzz/repro/*-*.bin; do
+  [ -f "$f" ] || continue
+  name=$(basename "$f" | cut -d- -f1)
+  if ! "$out/fuzz_$name" "$f" >"$out/replay.log" 2>&1; then
+    echo "fuzz/run.sh: reproducer $f fails again:"
+    grep -aE 'ERROR|invariant failed|SUMMARY' "$out/replay.log" | head -n 5 | sed 's/^/  /'
+    exit 1
+  fi
+done
+echo "fuzz/run.sh: every reproducer in fuzz/repro/ replays clean"
+
 run_one() {
   name=$1
   # New inputs go to a scratch corpus under build/; fuzz/corpus/ holds only the seeds.

@@ -150,14 +150,15 @@ describe("stats handler", function()
     end)
   end)
 
-  it("answers ?categories=1 over 50,000 categories with one page, not all of them", function()
+  it("answers ?categories=1 over 20,000 categories with one page, not all of them", function()
     with_server({ stats_categories = true }, function(t)
-      for i = 1, 50000 do t.manager:publish("k" .. i, i) end
+      for i = 1, 20000 do t.manager:publish("k" .. i, i) end
+      uv.update_time() -- the loop's clock stood still while this ran: timers count from now
       local status, _, body = get_stats(t.port, "/stats?categories=1&limit=1000")
       assert.equals(200, status)
       assert.is_true(#body < 100000, "the answer holds one page (" .. #body .. " bytes)")
       local s = cjson.decode(body)
-      assert.equals(50000, s.categories)
+      assert.equals(20000, s.categories)
     end)
   end)
 

@@ -718,12 +718,14 @@ static int missed_events(const lp_category *c, const cursor *cur) {
 #define LP_FETCH_MAX_CATEGORIES 64
 
 /* The events of the categories after the cursor, merged by sequence number:
- * emit(ctx, event) for each, oldest first; emit returns non-zero to stop (out
- * of memory), and then nothing in the store changes. Shared by both fetches. */
+ * emit(ctx, event, index) for each, oldest first, then finish(ctx, missed)
+ * when given; either returns non-zero to stop (out of memory), and then nothing
+ * in the store changes. Shared by both fetches. */
 typedef int (*emit_fn)(void *ctx, const lp_event *e, size_t index);
+typedef int (*finish_fn)(void *ctx, int missed);
 
 static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
-                       int64_t now_ms, emit_fn emit, void *ctx, size_t *count, int *missed) {
+                       int64_t now_ms, emit_fn emit, finish_fn finish, void *ctx, size_t *count, int *missed) {
   *count = 0;
   *missed = 0;
   lp_store_expire(s, now_ms);
@@ -780,6 +782,10 @@ static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_
       return LP_ENOMEM;
     }
   }
+  if (finish && finish(ctx, any_missed)) {
+    *missed = 0;
+    return LP_ENOMEM;
+  }
   *count = total;
   s->stats.delivered += total;
   if (s->cfg.delete_after_first) {
@@ -803,11 +809,12 @@ static int emit_to_buf(void *ctx, const lp_event *e, size_t index) {
   return (index && lp_buf_append_char(out, ',')) || lp_buf_append(out, e->json, e->json_len);
 }
 
+static int finish_buf(void *ctx, int missed) { return lp_buf_append_str(ctx, missed ? "],\"missed\":true}" : "]}"); }
+
 int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
                    int64_t now_ms, lp_buf *out, size_t *count, int *missed) {
   size_t mark = out->len;
-  int rc = fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_buf, out, count, missed);
-  if (rc == LP_OK && *count > 0 && lp_buf_append_str(out, *missed ? "],\"missed\":true}" : "]}")) rc = LP_ENOMEM;
+  int rc = fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_buf, finish_buf, out, count, missed);
   if (rc != LP_OK) {
     out->len = mark;
     *missed = 0;
@@ -830,7 +837,7 @@ static int emit_to_fn(void *ctx, const lp_event *e, size_t index) {
 int lp_store_fetch_each(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
                         int64_t now_ms, lp_event_fn fn, void *ctx, size_t *count, int *missed) {
   each_ctx c = {fn, ctx};
-  return fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_fn, &c, count, missed);
+  return fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_fn, NULL, &c, count, missed);
 }
 
 /* ---- life cycle and stats ---- */

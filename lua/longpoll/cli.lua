@@ -43,7 +43,8 @@ flags:
   --max-body-bytes N     largest publish body (default 2097152: an event of 1.5 MiB fits,
                          JSON escapes included)
   --publish-token TOKEN  publishes need the header 'Authorization: Bearer TOKEN' (also
-                         cross-origin ones); subscribers are unaffected. Also taken from the
+                         cross-origin ones; TOKEN: 16 or more of A-Z a-z 0-9 -._~+/, e.g.
+                         `openssl rand -hex 16`); subscribers are unaffected. Also taken from the
                          environment variable LONGPOLL_PUBLISH_TOKEN. Without it, serve warns
                          when it listens on an address other machines reach
   --redis URL            share events with other servers through Redis (redis://host:port/db);
