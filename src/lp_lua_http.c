@@ -1,6 +1,6 @@
-/* lp_lua_http: the Lua side of lp_http, in longpoll.core: the request parser the server feeds
- * (core.http_parser) and the target and query decoding behind req.path, req.query and
- * req:query_all. */
+/* lp_lua_http: the Lua side of lp_http, in longpoll.core: the request table the server engine
+ * hands to Lua (lp_lua_http_push_request), the request parser binding (core.http_parser, for
+ * specs of the parser's rules) and req:query_all's decoding (core.http_query_all). */
 #include <lauxlib.h>
 #include <lua.h>
 #include <string.h>
@@ -229,22 +229,6 @@ static int parser_index(lua_State *L) {
   return 1;
 }
 
-/* core.http_target(target) -> path, raw_path, raw_query, query, query_count | nil, message */
-static int l_http_target(lua_State *L) {
-  lp_slice t;
-  t.ptr = luaL_checklstring(L, 1, &t.len);
-  lua_createtable(L, 0, 5);
-  const char *err = set_target(L, lua_upvalueindex(1), t);
-  if (err) {
-    luaL_pushfail(L);
-    lua_pushstring(L, err);
-    return 2;
-  }
-  static const char *const fields[] = {"path", "raw_path", "raw_query", "query", "query_count"};
-  for (int i = 0; i < 5; i++) lua_getfield(L, 2, fields[i]);
-  return 5;
-}
-
 /* core.http_query_all(raw_query, key) -> every decoded value of key, in order ({} when none).
  * The query was validated when the request was parsed; pairs that do not decode are skipped. */
 static int l_http_query_all(lua_State *L) {
@@ -274,25 +258,14 @@ static int l_http_query_all(lua_State *L) {
   return 1;
 }
 
-/* core.http_decode(s[, plus_is_space]) -> decoded | nil (a bad escape) */
-static int l_http_decode(lua_State *L) {
-  lp_slice s;
-  s.ptr = luaL_checklstring(L, 1, &s.len);
-  if (push_decoded(L, s, lua_toboolean(L, 2)) != 0) luaL_pushfail(L);
-  return 1;
-}
-
 static const luaL_Reg parser_methods[] = {{"push", parser_push},         {"parse", parser_parse},
                                           {"buffered", parser_buffered}, {"in_progress", parser_in_progress},
                                           {"close", parser_close},       {NULL, NULL}};
 
 static const luaL_Reg parser_meta[] = {{"__gc", parser_close}, {"__close", parser_close}, {NULL, NULL}};
 
-static const luaL_Reg http_functions[] = {{"http_parser", l_http_parser},
-                                          {"http_target", l_http_target},
-                                          {"http_query_all", l_http_query_all},
-                                          {"http_decode", l_http_decode},
-                                          {NULL, NULL}};
+static const luaL_Reg http_functions[] = {
+    {"http_parser", l_http_parser}, {"http_query_all", l_http_query_all}, {NULL, NULL}};
 
 /* Adds the HTTP functions to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_http_open(lua_State *L) {
