@@ -115,6 +115,23 @@ for _, mode in ipairs(modes) do
       end)
     end)
 
+    if mode.name == "memory" then
+      it("takes a keyed publish past the C fast path (which stores plain ones) to the Lua handler", function()
+        with_nodes({}, 1, function(node)
+          local before = node.srv:fast_answers()
+          assert.equals(200, (node.publish("fast", '{"n":1}')))
+          assert.equals(before + 1, node.srv:fast_answers()) -- the fast path is on for this route
+          local _, raw = node.publish("fast", '{"n":2}', "fast-key")
+          assert.matches('^{"success":true,"id":', raw)
+          local _, again, _, h = node.publish("fast", '{"n":2}', "fast-key")
+          assert.equals(raw, again)
+          assert.equals("true", h["idempotent-replayed"])
+          assert.equals(before + 1, node.srv:fast_answers())
+          assert.equals(2, #node.events("fast"))
+        end)
+      end)
+    end
+
     it("publishes once per key and replays the first answer, naming the event", function()
       with_nodes({}, 1, function(node)
         local s1, raw1, first, h1 = node.publish("orders", '{"n":1}', "key-1")

@@ -10,9 +10,11 @@
 #include "lp_json.h"
 #include "lp_store.h"
 
-int lp_lua_json_encode(lua_State *L); /* lp_lua_json.c */
-void lp_lua_http_open(lua_State *L);  /* lp_lua_http.c */
-int lp_lua_fingerprint(lua_State *L); /* lp_lua_fingerprint.c */
+int lp_lua_json_encode(lua_State *L);  /* lp_lua_json.c */
+void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
+void lp_lua_server_open(lua_State *L); /* lp_lua_server.c */
+void lp_lua_stderr_open(lua_State *L); /* lp_lua_stderr.c */
+int lp_lua_fingerprint(lua_State *L);  /* lp_lua_fingerprint.c */
 
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"
@@ -79,6 +81,15 @@ static void lua_category_limits(void *ctx, lp_slice name, lp_category_limits *li
     return;
   }
   *limits = asked;
+}
+
+/* The store of the userdata at idx, NULL when it is not a store or is closed (lp_lua_server.c's
+ * fast path holds a reference to the userdata and asks before each use). */
+lp_store *lp_lua_store_of(lua_State *L, int idx) {
+  store_ud *u = luaL_testudata(L, idx, STORE_MT);
+  if (!u || u->in_limits) return NULL; /* busy in a category_limits call: the fast path declines */
+  u->L = L;                            /* a new category's limits are asked on this (running) thread */
+  return u->store;
 }
 
 static int fail(lua_State *L, const char *msg) {
@@ -629,6 +640,8 @@ int luaopen_longpoll_core(lua_State *L) {
   lua_pop(L, 1);
   luaL_newlib(L, core_functions);
   lp_lua_http_open(L);
+  lp_lua_server_open(L);
+  lp_lua_stderr_open(L);
   lua_pushliteral(L, "longpoll.core");
   lua_setfield(L, -2, "_NAME");
   lua_pushliteral(L, LP_CORE_VERSION);

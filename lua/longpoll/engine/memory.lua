@@ -201,6 +201,12 @@ function Memory:unfollow(follow)
   return true
 end
 
+-- The C store itself (longpoll.core), for the HTTP engine's fast path (core.native_subscription),
+-- which reads from it what subscribe would: catch-up answers, nothing else.
+function Memory:core_store()
+  return self.store
+end
+
 function Memory:stats(with_categories)
   local s = self.store:stats(with_categories)
   for k, v in pairs(self.keys:stats(self.now())) do s[k] = v end
