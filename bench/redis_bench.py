@@ -80,6 +80,11 @@ def measure_two_nodes(Server, loadgen, nofile, kind, mode, extra_args, timeout):
         r.stop()
 
 
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def run(args, nofile, Server, loadgen, say, machine_info, loop_s):
     if not shutil.which("redis-server"):
         say("redis: redis-server is not installed; skipped")
@@ -94,6 +99,7 @@ def run(args, nofile, Server, loadgen, say, machine_info, loop_s):
                     ("longpoll in memory", "ours", "publish", 0, ())],
     }
     res = {mode: {label: [] for label, *_ in lines} for mode, lines in rows.items()}
+    res["load_start"] = loadavg()
     n = [0]
     for rep in range(1, args.reps + 1):
         say(f"redis: repetition {rep}/{args.reps}")
@@ -126,6 +132,7 @@ def run(args, nofile, Server, loadgen, say, machine_info, loop_s):
                 f"missing={r.get('missing_at_end')} p50_ms={r.get('p50_ms')} p99_ms={r.get('p99_ms')}")
     res["two_nodes"] = two
     res["fan_n"], res["churn_s"] = fan_n, churn_s
+    res["load_end"] = loadavg()
     write_report(res, machine_info, args)
     say("redis: wrote docs/performance-redis.md")
 
@@ -141,7 +148,8 @@ def write_report(res, info, args):
         f"Written by `bench/run` (its Redis section, bench/redis_bench.py) on "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {info['nproc']} CPUs ({info['cpu']}), "
         f"Linux {info['kernel']}, {info['lua']}, nginx {info['nginx']}, Nchan {info['nchan']}; "
-        f"{args.reps} repetition(s), medians.",
+        f"{args.reps} repetition(s), medians. Load average (1, 5, 15 min) {res.get('load_start')} at the start,"
+        f" {res.get('load_end')} at the end: other jobs on this machine move every figure, Nchan's too.",
         "",
         "Each measurement starts a fresh redis-server (no persistence) and a fresh server, both on CPU 0;",
         "the load generator (bench/loadgen.c) runs on CPU 1 with 8 keep-alive connections. Catch-up: every",

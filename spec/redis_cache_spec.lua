@@ -190,6 +190,26 @@ describe("Redis cache", function()
     end)
   end)
 
+  it("keeps at most max_categories categories; the others are read from Redis", function()
+    async.run(function()
+      local A = new_node(R.url)
+      local B = new_node(R.url, nil, { max_categories = 2 })
+      wait_until("online", function() return rs(A).online and rs(B).online end)
+      local ok, err = pcall(function()
+        local e = {}
+        for i = 1, 3 do e[i] = publish(A, "k" .. i, tostring(i)) end
+        caught_up(B, A)
+        assert.equals(2, rs(B).cache_categories)
+        local misses = rs(B).cache_misses
+        for i = 1, 3 do assert.same({ e[i].id }, ids((select(2, catch_up(B, { "k" .. i }, 0))))) end
+        assert.equals(misses + 1, rs(B).cache_misses) -- k3 came from Redis
+      end)
+      close_node(A)
+      close_node(B)
+      if not ok then error(err, 0) end
+    end, 20000)
+  end)
+
   it("stays off with a TTL (expiry is Redis's clock, not the node's)", function()
     async.run(function()
       local A = new_node(R.url, nil, { event_ttl_seconds = 0.3 })

@@ -42,6 +42,7 @@ function M.new(options, host)
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
       max_event_buffer_size = options.max_event_buffer_size, max_category_bytes = options.max_category_bytes,
+      max_categories = options.max_categories,
       log = log, on_event = host_event,
     }
     if not shard then
