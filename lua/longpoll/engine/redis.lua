@@ -2,8 +2,9 @@
 -- Redis streams (engine/redis/scripts.lua), every node keeps one pub/sub connection per Redis
 -- that wakes its own waiting subscribers, and a local C store only indexes who waits on what.
 -- It implements the engine interface (docs/architecture.md, "The engine interface"); the parts
--- are in engine/redis/: shard (one Redis), link (its connections), waiters (cursors, reads,
--- delivery), marks (timeout timestamps), position (Redis's sequence as this node knows it).
+-- are in engine/redis/: shard (one Redis), link (its connections, Sentinel), waiters (cursors,
+-- reads, delivery), marks (timeout timestamps), position (Redis's sequence as this node knows
+-- it), cache (the node's copy of the stream), scripts, config, connection.
 -- docs/scaling.md tells the whole story.
 local core = require "longpoll.core"
 local config = require "longpoll.engine.redis.config"
@@ -16,7 +17,6 @@ Engine.__index = Engine
 local M = {}
 
 local function noop() end
-
 
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
