@@ -1,6 +1,6 @@
 -- Publish authentication for the standalone server: a handler wrapper that lets a request
 -- through only with `Authorization: Bearer <token>` (subscribers are never wrapped).
-local core = require "longpoll.core"
+local answers = require "longpoll.answers"
 
 local M = {}
 
@@ -39,16 +39,13 @@ function M.require_bearer(handler, token, options)
   local err = M.check_token(token)
   if err then error(err, 2) end
   local cors = options and options.cors
-  local body = '{"error":' .. core.json_string("publishing needs the header Authorization: Bearer <token>") .. "}"
   return function(req, res)
     if req.method == "OPTIONS" then return handler(req, res) end
     local given = bearer_token(req.headers.authorization)
     if given and same_secret(given, token) then return handler(req, res) end
     if cors then cors:add_headers(req, res) end
     res:set_header("WWW-Authenticate", 'Bearer realm="longpoll"')
-    res:set_header("Content-Type", "application/json")
-    res:set_header("Cache-Control", "no-store")
-    return res:send(401, body)
+    return answers.send_error(res, 401, "publishing needs the header Authorization: Bearer <token>")
   end
 end
 
