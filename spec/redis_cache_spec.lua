@@ -49,13 +49,15 @@ local function caught_up(B, A)
   end)
 end
 
--- A catch-up: "events", body | "waiting", handle.
+-- A catch-up: "events", body | "waiting", handle, event (set with the body when it comes). An
+-- answer from the cache comes at once; one read from Redis is waited for (no time bound but the
+-- failure deadline).
 local function catch_up(node, categories, since, last_id)
   local got = async.event()
   local handle = assert(node.engine:subscribe({ categories = categories, since = since, last_id = last_id },
     function(body) got:set(body) end))
-  local body = got:wait(300)
-  if body then return "events", body end
+  wait_until("the catch-up's read to settle", function() return got.is_set or rs(node).fetches_in_flight == 0 end)
+  if got.is_set then return "events", (got:wait(0)) end
   return "waiting", handle, got
 end
 
