@@ -1,6 +1,7 @@
 -- HTTP/1.1 server on luv: listening, keep-alive connections, routing, static files, limits and
 -- timeouts. Parsing lives in longpoll.http.parser; req/res objects in longpoll.http.*.
 local uv = require "luv"
+local sigpipe = require "longpoll.sigpipe"
 local parser = require "longpoll.http.parser"
 local request = require "longpoll.http.request"
 local response = require "longpoll.http.response"
@@ -647,30 +648,8 @@ function Server:sweep()
   end
 end
 
--- Writing to a socket the peer has reset raises SIGPIPE, whose default action ends the
--- process; libuv leaves that to the application. While any server listens, one process-wide
--- signal handle catches it, so the write fails with EPIPE and only that connection is dropped.
-local sigpipe, sigpipe_holders = nil, 0
-
-local function hold_sigpipe()
-  sigpipe_holders = sigpipe_holders + 1
-  if not sigpipe then
-    sigpipe = uv.new_signal()
-    sigpipe:start("sigpipe", function() end)
-    sigpipe:unref()
-  end
-end
-
--- Returns true when the handle is being closed: on_closed runs once it is.
-local function release_sigpipe(on_closed)
-  sigpipe_holders = sigpipe_holders - 1
-  if sigpipe_holders == 0 and sigpipe then
-    sigpipe:close(on_closed)
-    sigpipe = nil
-    return true
-  end
-  return false
-end
+-- While any server listens, the process-wide SIGPIPE guard (longpoll.sigpipe) is held, so a
+-- write to a socket the peer has reset fails with EPIPE and only that connection is dropped.
 
 function Server:listen()
   if self._tcp then
@@ -706,7 +685,7 @@ function Server:listen()
   self._handles = self._handles + 1
   self._resume_idle = uv.new_idle()
   self._handles = self._handles + 1
-  hold_sigpipe()
+  sigpipe.hold()
   self._holds_sigpipe = true
   log(self, "info", "listening", { host = self.host, port = self.port })
   return self.port
@@ -730,7 +709,7 @@ function Server:maybe_closed()
   end
   if self._handles == 0 and self._holds_sigpipe then
     self._holds_sigpipe = false
-    if release_sigpipe(function() self:maybe_closed() end) then
+    if sigpipe.release(function() self:maybe_closed() end) then
       return
     end
   end
