@@ -6,7 +6,10 @@ LUA_INC   ?= /usr/include/lua5.4
 CC        ?= gcc
 CFLAGS    ?= -O2 -g
 WARN      := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wstrict-prototypes -Werror=implicit-function-declaration
-CORE_SRC  := src/lp_buf.c src/lp_json.c src/lp_store.c src/lp_uuid.c src/lp_http.c
+CORE_SRC  := src/lp_buf.c src/lp_json.c src/lp_store.c src/lp_uuid.c src/lp_http.c src/lp_conn.c src/lp_fast.c
+# the Lua binding; the server engine runs on luv's libuv loop
+LUA_SRC   := src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_server.c src/lp_lua_stderr.c
+LUV_LIBS  := -llua5.4-luv -luv
 CORE_HDR  := $(wildcard src/*.h)
 BUILD     := build
 MODULE    := $(BUILD)/longpoll/core.so
@@ -34,9 +37,9 @@ build: $(MODULE) $(HIREDIS)
 	@ln -sf ../../$(MODULE) lua/longpoll/core.so
 	@ln -sf ../../$(HIREDIS) lua/longpoll/hiredis.so
 
-$(MODULE): $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c $(CORE_HDR)
+$(MODULE): $(CORE_SRC) $(LUA_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c -o $@
+	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) $(LUA_SRC) -o $@ $(LUV_LIBS)
 
 $(HIREDIS): src/lp_hiredis.c
 	@mkdir -p $(dir $@)
@@ -58,19 +61,30 @@ $(BUILD)/test_http_plain: tests/test_http.c $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_http.c $(CORE_SRC) -o $@
 
-test-c: $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain
+$(BUILD)/test_conn: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_conn.c $(CORE_SRC) -o $@
+
+$(BUILD)/test_conn_plain: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g -Isrc tests/test_conn.c $(CORE_SRC) -o $@
+
+C_TESTS := $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain \
+           $(BUILD)/test_conn $(BUILD)/test_conn_plain
+
+test-c: $(C_TESTS)
 	@scripts/run-tests c
 
 test-lua: build
 	@scripts/run-tests lua
 
 # `make test`: deps, build, C tests (ASan+UBSan, then valgrind), every busted spec, one summary line.
-test: deps build $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain
+test: deps build $(C_TESTS)
 	@scripts/run-tests all
 
-$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c $(CORE_HDR)
+$(BUILD)/asan/longpoll/core.so: $(CORE_SRC) $(LUA_SRC) $(CORE_HDR)
 	@mkdir -p $(dir $@)
-	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c -o $@
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -fPIC -shared -I$(LUA_INC) $(CORE_SRC) $(LUA_SRC) -o $@ $(LUV_LIBS)
 
 $(BUILD)/asan/longpoll/hiredis.so: src/lp_hiredis.c
 	@mkdir -p $(dir $@)

@@ -66,8 +66,7 @@ end
 
 -- The binding alone: store:publish of ready JSON, and a store:wait per woken handle
 for _, w in ipairs { 0, 1 } do
-  local m = assert(longpoll.start { max_event_buffer_size = 250 })
-  local store = m.store
+  local store = require("longpoll.core").new_store { max_event_buffer_size = 250 }
   for i = 1, NCATS do
     for _ = 1, w do assert(store:wait(cats[i])) end
   end
@@ -82,5 +81,5 @@ for _, w in ipairs { 0, 1 } do
     end
   end)
   report("store_publish", { categories = NCATS, waiters_per_category = w }, N, secs)
-  m:shutdown()
+  store:close()
 end

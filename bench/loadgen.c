@@ -40,7 +40,7 @@ struct conn {
   uv_connect_t creq;
   uv_write_t wreq;
   int id, cat, role;
-  int open, busy, wrote;
+  int open, busy, wrote, busy_sse;
   char wbuf[WBUF];
   char *rbuf;
   size_t rlen, rcap;
@@ -63,6 +63,9 @@ static struct {
   int mode, proto, port, port2, n, cats, pid, conns, timeout_s;
   double duration, rate;
   const char *host, *prefix;
+  const char *path;   /* our subscribe path (default /events) */
+  const char *header; /* an extra header line for our subscribes ("" for none) */
+  int sse;            /* hold: the subscribers are SSE streams, answered by their first "data:" */
   uv_loop_t *loop;
   struct sockaddr_in addr, addr2;
   conn **subs;
@@ -214,6 +217,7 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
 
 static void on_response(conn *c, const char *body, size_t len);
 static void on_written(uv_write_t *w, int status);
+static void finish_hold(void);
 
 static void conn_send(conn *c, size_t len) {
   uv_buf_t b = uv_buf_init(c->wbuf, (unsigned)len);
@@ -227,19 +231,25 @@ static void conn_send(conn *c, size_t len) {
 
 /* A request for this connection's role, written into c->wbuf. */
 static size_t build_subscribe(conn *c, const char *cat) {
+  if (G.sse)
+    return (size_t)snprintf(c->wbuf, WBUF,
+                            G.proto == PROTO_LP
+                                ? "GET /sse?category=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+                                : "GET /sse?id=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n",
+                            cat);
   if (G.proto == PROTO_LP) {
     if (c->since >= 0 && c->last_id[0])
       return (size_t)snprintf(c->wbuf, WBUF,
-                              "GET /events?category=%s&timeout=%d&since_time=%" PRId64
-                              "&last_id=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                              cat, G.timeout_s, c->since, c->last_id);
+                              "GET %s?category=%s&timeout=%d&since_time=%" PRId64
+                              "&last_id=%s HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n",
+                              G.path, cat, G.timeout_s, c->since, c->last_id, G.header);
     if (c->since >= 0)
       return (size_t)snprintf(c->wbuf, WBUF,
-                              "GET /events?category=%s&timeout=%d&since_time=%" PRId64
-                              " HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                              cat, G.timeout_s, c->since);
-    return (size_t)snprintf(c->wbuf, WBUF, "GET /events?category=%s&timeout=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
-                            cat, G.timeout_s);
+                              "GET %s?category=%s&timeout=%d&since_time=%" PRId64
+                              " HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n",
+                              G.path, cat, G.timeout_s, c->since, G.header);
+    return (size_t)snprintf(c->wbuf, WBUF, "GET %s?category=%s&timeout=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n%s\r\n",
+                            G.path, cat, G.timeout_s, G.header);
   }
   if (c->lastmod[0])
     return (size_t)snprintf(c->wbuf, WBUF,
@@ -355,6 +365,31 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   c->rlen += (size_t)nread;
+  if (G.sse && c->role == ROLE_SUB) {
+    /* a stream: answered by its first "data:" line; earlier bytes (head, retry, comments) only
+     * need to end in a way that lets a "data:" split across reads be found */
+    c->rbuf[c->rlen] = 0;
+    if (!c->busy_sse && strstr(c->rbuf, "data:")) {
+      c->busy_sse = 1;
+      uint64_t now = now_us();
+      if (G.phase < 2) {
+        G.early++;
+      } else {
+        uint64_t t0 = G.t_pub[c->cat];
+        lat_add(now > t0 ? now - t0 : 0);
+        G.answered++;
+        G.t_last_answer = now;
+        if (G.answered + G.bad_reqs >= G.nsubs - G.connect_errors - G.io_errors - G.early || G.answered >= G.nsubs)
+          finish_hold();
+        return;
+      }
+    }
+    if (c->rlen > 8) {
+      memmove(c->rbuf, c->rbuf + c->rlen - 8, 8);
+      c->rlen = 8;
+    }
+    return;
+  }
   /* a response may arrive in several reads; there is never more than one in flight */
   for (;;) {
     if (!c->head_done) {
@@ -918,7 +953,8 @@ static void catchup_wait(uv_timer_t *t) {
 static void usage(void) {
   fprintf(stderr,
           "usage: loadgen hold|churn|catchup|publish --proto lp|nchan --port P [--n N] [--subs N] "
-          "[--port2 P2] [--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H]\n");
+          "[--port2 P2] [--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H] "
+          "[--path /events] [--header \"Name: value\"] [--sse 1 (hold: SSE streams)]\n");
   exit(2);
 }
 
@@ -926,6 +962,8 @@ int main(int argc, char **argv) {
   if (argc < 2) usage();
   G.host = "127.0.0.1";
   G.prefix = "c";
+  G.path = "/events";
+  G.header = "";
   G.cats = 10;
   G.n = 1000;
   G.conns = 8;
@@ -971,6 +1009,15 @@ int main(int argc, char **argv) {
       G.prefix = v;
     else if (!strcmp(a, "--timeout"))
       G.timeout_s = atoi(v);
+    else if (!strcmp(a, "--sse"))
+      G.sse = atoi(v);
+    else if (!strcmp(a, "--path"))
+      G.path = v;
+    else if (!strcmp(a, "--header")) {
+      static char line[512];
+      snprintf(line, sizeof line, "%s\r\n", v);
+      G.header = line;
+    }
     else
       usage();
   }

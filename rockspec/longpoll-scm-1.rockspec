@@ -20,8 +20,12 @@ dependencies = {
   "lua-cjson",
 }
 -- hiredis (Debian: libhiredis-dev) for the Redis engine's protocol module
+-- libuv and luv's C library (Debian: libuv1-dev, lua-luv-dev) for the HTTP engine, which runs on
+-- luv's loop
 external_dependencies = {
   HIREDIS = { header = "hiredis/hiredis.h", library = "hiredis" },
+  LIBUV = { header = "uv.h", library = "uv" },
+  LUV = { library = "lua5.4-luv" },
 }
 build = {
   type = "builtin",
@@ -29,10 +33,13 @@ build = {
     ["longpoll.core"] = {
       sources = {
         "src/lp_buf.c", "src/lp_json.c", "src/lp_store.c", "src/lp_uuid.c", "src/lp_http.c",
-        "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c",
+        "src/lp_conn.c", "src/lp_fast.c", "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_server.c",
+        "src/lp_lua_stderr.c",
       },
       defines = { "_GNU_SOURCE" },
-      incdirs = { "src" },
+      incdirs = { "src", "$(LIBUV_INCDIR)" },
+      libraries = { "lua5.4-luv", "uv" },
+      libdirs = { "$(LIBUV_LIBDIR)", "$(LUV_LIBDIR)" },
     },
     ["longpoll.hiredis"] = {
       sources = { "src/lp_hiredis.c" },
@@ -51,6 +58,8 @@ build = {
     ["longpoll.http.request"] = "lua/longpoll/http/request.lua",
     ["longpoll.http.response"] = "lua/longpoll/http/response.lua",
     ["longpoll.http.util"] = "lua/longpoll/http/util.lua",
+    ["longpoll.http.static"] = "lua/longpoll/http/static.lua",
+    ["longpoll.http.native"] = "lua/longpoll/http/native.lua",
     ["longpoll.client"] = "lua/longpoll/client.lua",
     ["longpoll.http.client"] = "lua/longpoll/http/client.lua",
     ["longpoll.sse"] = "lua/longpoll/sse.lua",

@@ -121,14 +121,211 @@ describe("answers", function()
     with_server({}, function(t)
       local conn = subscribe(t.port, "GET /events?category=idle&timeout=20 HTTP/1.1\r\nHost: x\r\n\r\n")
       assert(async.wait_for(function() return t.manager:stats().waiting == 1 end, 5000))
-      local sconn = next(t.srv._conns)
-      assert.is_nil(sconn.parser) -- dropped while the long poll waits
+      local info = t.srv:connections()[1]
+      assert.equals("answering", info.phase)
+      assert.equals(0, info.memory) -- the parser's buffers go while the long poll waits
       t.manager:publish("idle", 1)
       assert.equals(200, (conn:read_response()))
-      assert.is_nil(sconn.parser) -- and not made again until bytes arrive
+      info = t.srv:connections()[1]
+      assert.equals("reading", info.phase)
+      assert.equals(0, info.memory) -- and are not made again until bytes arrive
       conn:send("GET /events?category=idle&timeout=5&since_time=0 HTTP/1.1\r\nHost: x\r\n\r\n")
       assert.equals(200, (conn:read_response()))
       conn:close()
     end)
+  end)
+end)
+
+describe("the engine's native long-poll path", function()
+  -- Requests written raw and read back raw: the answer bytes of the C path and of the Lua path
+  -- must be the same but for the Date line.
+  local function exchange(port, request)
+    local conn = async.connect(port)
+    conn:send(request)
+    local status, h, body = conn:read_response { head = request:find("^HEAD") ~= nil }
+    conn:close()
+    return status, h, body
+  end
+
+  local function native_setup(manager, srv)
+    srv:route("GET", "/events", manager.subscription_handler)
+    -- a wrapper that changes the query: the request is no longer as received, Lua answers it
+    srv:route("GET", "/lua", function(req, res)
+      req:set_query("unused", nil)
+      return manager.subscription_handler(req, res)
+    end)
+    srv:route("GET", "/wrapper", function(req, res) return manager.subscription_handler(req, res) end)
+    srv:route("GET", "/later", function(req, res) -- the handler called on a later loop turn
+      local timer = require("luv").new_timer()
+      timer:start(10, 0, function()
+        timer:close()
+        manager.subscription_handler(req, res)
+      end)
+    end)
+    srv:route("GET", "/guarded", function(req, res)
+      if req.headers.authorization ~= "Bearer t" then return res:send(401, { error = "token" }) end
+      return manager.subscription_handler(req, res)
+    end)
+    srv:route("*", "/publish", manager.publish_handler)
+    srv:route("*", "/lua-publish", function(req, res) return manager.publish_handler(req, res) end)
+  end
+
+  local function post(port, path, body)
+    return exchange(port, ("POST %s HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s"):format(path, #body, body))
+  end
+
+  it("stores publishes that wake nobody in C, with the bytes the Lua handler writes", function()
+    with_server({}, function(t)
+      local before = t.srv:fast_answers()
+      local s1, h1, b1 = post(t.port, "/publish", '{"category":"p","data":{"n":1}}')
+      assert.equals(before + 1, t.srv:fast_answers())
+      local s2, h2, b2 = post(t.port, "/lua-publish", '{"category":"p","data":{"n":2}}')
+      assert.equals(before + 1, t.srv:fast_answers())
+      assert.same({ 200, '{"success":true}' }, { s1, b1 })
+      assert.same({ s2, b2 }, { s1, b1 })
+      check_no_cache(h1)
+      h1.date, h2.date = nil, nil
+      assert.same(h2, h1)
+      local _, _, body = exchange(t.port, "GET /lua?category=p&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      local events = cjson.decode(body).events
+      assert.same({ 1, 2 }, { events[1].data.n, events[2].data.n })
+      assert.equals(2, t.manager:stats().published)
+      -- a publish that wakes a waiting subscriber is Lua's (the engine hands it out)
+      local waiting = async.connect(t.port)
+      waiting:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      assert(async.wait_for(function() return t.manager:stats().waiting == 1 end, 5000))
+      before = t.srv:fast_answers()
+      assert.equals(200, (post(t.port, "/publish", '{"category":"w","data":"hi"}')))
+      assert.equals(before, t.srv:fast_answers())
+      local status, _, wbody = waiting:read_response()
+      assert.equals(200, status)
+      assert.equals("hi", cjson.decode(wbody).events[1].data)
+      waiting:close()
+      -- bad bodies get the Lua handler's messages
+      for _, bad in ipairs { "{", '{"data":1}', '{"category":"p"}', '{"category":"","data":1}', '{"category":"p","data":null}' } do
+        local bs, _, bb = post(t.port, "/publish", bad)
+        local ls, _, lb = post(t.port, "/lua-publish", bad)
+        assert.same({ ls, lb }, { bs, bb }, bad)
+        assert.equals(400, bs, bad)
+      end
+      assert.equals(before, t.srv:fast_answers())
+      t.manager:shutdown()
+      assert.equals(503, (post(t.port, "/publish", '{"category":"p","data":3}')))
+      assert.equals(before, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("leaves publishes to Lua when an add-on must hear of them", function()
+    local heard = {}
+    with_server({ add_on = { on_publish = function(e) heard[#heard + 1] = e.data end } }, function(t)
+      assert.equals(200, (post(t.port, "/publish", '{"category":"p","data":7}')))
+      assert.same({ 7 }, heard)
+      assert.equals(0, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("answers catch-up polls in C with the bytes the Lua handler writes", function()
+    with_server({}, function(t)
+      for i = 1, 5 do assert(t.manager:publish(i % 2 == 0 and "a" or "b", { n = i })) end
+      local cases = {
+        "?category=a&timeout=5&since_time=0",
+        "?category=a&category=b&timeout=5&since_time=0",
+        "?timeout=%2B3&category=%61&since_time=%2B0", -- escapes, '+', decoded like Lua's
+        "?category=b&timeout=5&since_time=0&since_time=99999999999999",
+      }
+      for _, q in ipairs(cases) do
+        for _, version in ipairs { "1.1", "1.0" } do
+          local before = t.srv:fast_answers()
+          local s1, h1, b1 = exchange(t.port, "GET /events" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
+          assert.equals(before + 1, t.srv:fast_answers(), q) -- answered without Lua
+          local s2, h2, b2 = exchange(t.port, "GET /lua" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
+          assert.equals(before + 1, t.srv:fast_answers(), q) -- a changed request: Lua's
+          local s3, _, b3 = exchange(t.port, "GET /wrapper" .. q .. " HTTP/" .. version .. "\r\nHost: x\r\n\r\n")
+          assert.equals(before + 2, t.srv:fast_answers(), q) -- a plain wrapper hands it back
+          assert.same({ s1, b1 }, { s3, b3 })
+          assert.equals(200, s1)
+          assert.same({ s2, b2 }, { s1, b1 })
+          check_no_cache(h1)
+          h1.date, h2.date = nil, nil
+          assert.same(h2, h1)
+        end
+      end
+      -- the cursor: after the last event of "a", nothing: the poll waits (Lua) and times out
+      local list = cjson.decode((select(3, exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))).events
+      local last = list[#list]
+      local before = t.srv:fast_answers()
+      local status, _, body = exchange(t.port, ("GET /events?category=a&timeout=1&since_time=%d&last_id=%s HTTP/1.1\r\n\r\n")
+        :format(last.timestamp, last.id:upper()))
+      assert.equals(200, status)
+      assert.equals("no events before timeout", cjson.decode(body).timeout)
+      assert.equals(before, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("leaves errors, waiting polls, HEAD and wrappers to Lua, with their own answers", function()
+    with_server({}, function(t)
+      assert(t.manager:publish("a", 1))
+      local before = t.srv:fast_answers()
+      local bad = {
+        ["?category=a&since_time=0"] = "Invalid or missing 'timeout' arg.  Must be 1-110.",
+        ["?category=a&timeout=0&since_time=0"] = "Invalid or missing 'timeout' arg.  Must be 1-110.",
+        ["?timeout=5&since_time=0"] = "Invalid subscription category, must be 1-1024 characters long.",
+        ["?category=a&timeout=5&since_time=x"] = "Invalid 'since_time' arg.",
+        ["?category=a&timeout=5&since_time=0&last_id=nope"] = "Param 'last_id' was not a valid UUID.",
+        ["?category=%FF&timeout=5&since_time=0"] = "Invalid subscription category, must be valid UTF-8.",
+      }
+      for q, message in pairs(bad) do
+        local _, _, body = exchange(t.port, "GET /events" .. q .. " HTTP/1.1\r\n\r\n")
+        assert.equals(message, cjson.decode(body).error, q)
+      end
+      assert.equals(400, (exchange(t.port, "GET /events?category=a&timeout=5&since_time=0&x=%zz HTTP/1.1\r\n\r\n")))
+      local status, h = exchange(t.port, "HEAD /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      assert.equals(200, status)
+      assert.is_true(tonumber(h["content-length"]) > 0)
+      assert.equals(401, (exchange(t.port, "GET /guarded?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))
+      assert.equals(before, t.srv:fast_answers()) -- the wrapper always runs
+      assert.equals(200, (exchange(t.port, "GET /guarded?category=a&timeout=5&since_time=0 HTTP/1.1\r\nAuthorization: Bearer t\r\n\r\n")))
+      assert.equals(before + 1, t.srv:fast_answers()) -- and hands the request back to C
+      before = t.srv:fast_answers()
+      local ls, _, lb = exchange(t.port, "GET /later?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      assert.equals(200, ls)
+      assert.equals(1, cjson.decode(lb).events[1].data)
+      assert.equals(before, t.srv:fast_answers()) -- too late for the received bytes: Lua's
+      -- pipelined catch-ups keep their order, answered in C one after the other
+      local conn = async.connect(t.port)
+      assert(t.manager:publish("b", 2))
+      conn:send("GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n"
+        .. "GET /events?category=b&timeout=5&since_time=0 HTTP/1.1\r\n\r\n"
+        .. "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      local got = {}
+      for i = 1, 3 do
+        local _, _, body = conn:read_response()
+        got[i] = cjson.decode(body).events[1].category
+      end
+      conn:close()
+      assert.same({ "a", "b", "a" }, got)
+      assert.equals(before + 3, t.srv:fast_answers())
+      -- after shutdown the Lua handler answers (503), not the C path
+      t.manager:shutdown()
+      status = exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")
+      assert.equals(503, status)
+      assert.equals(before + 3, t.srv:fast_answers())
+    end, { setup = native_setup })
+  end)
+
+  it("is not used for a handler wrapped by CORS or a manager with its own clock", function()
+    with_server({ cors = { origins = "*" } }, function(t)
+      assert(t.manager:publish("a", 1))
+      local status, h = exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\nOrigin: http://x\r\n\r\n")
+      assert.equals(200, status)
+      assert.equals("*", h["access-control-allow-origin"])
+      assert.equals(0, t.srv:fast_answers())
+    end, { setup = native_setup })
+    local now = 1000000
+    with_server({ clock = function() return now end }, function(t)
+      assert(t.manager:publish("a", 1))
+      assert.equals(200, (exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))
+      assert.equals(0, t.srv:fast_answers()) -- the C path reads the wall clock: not for an injected one
+    end, { setup = native_setup })
   end)
 end)

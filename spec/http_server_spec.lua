@@ -340,7 +340,7 @@ describe("http server", function()
   end)
 
   it("answers 503 over max_connections", function()
-    with_server({ max_connections = 2 }, function(srv)
+    with_server({ max_connections = 2, reserve_connections = 0 }, function(srv)
       srv:route("GET", "/", function(_, res)
         res:send(200, "ok")
       end)
@@ -361,6 +361,39 @@ describe("http server", function()
       local status = async.http(port, { path = "/" })
       assert.same(200, status)
       b:close()
+    end)
+  end)
+
+  it("serves immediate answers from the reserve above max_connections, 503 to those that would wait", function()
+    with_server({ max_connections = 2, reserve_connections = 2 }, function(srv)
+      srv:route("GET", "/", function(_, res)
+        res:send(200, "ok")
+      end)
+      srv:route("GET", "/wait", function(_, res)
+        res:on_close(function() end)
+      end)
+    end, function(srv, port)
+      local a, b = async.connect(port), async.connect(port)
+      for _, c in ipairs{ a, b } do
+        c:send("GET /wait HTTP/1.1\r\n\r\n")
+      end
+      assert.is_true(async.wait_for(function() return srv:connection_count() == 2 end, 3000))
+      -- the waiting clients fill max_connections: a short request is still answered
+      local status, _, body = async.http(port, { path = "/" })
+      assert.same(200, status)
+      assert.same("ok", body)
+      -- one that would wait is refused, with its handler's on_close run
+      local data, closed = async.raw(port, "GET /wait HTTP/1.1\r\n\r\n")
+      assert.matches("^HTTP/1.1 503 ", data)
+      assert.matches('{"error":"too many connections"}$', data)
+      assert.is_true(closed)
+      -- above max_connections + reserve_connections: 503 before any request, never a silent close
+      local c, d = async.connect(port), async.connect(port)
+      assert.is_true(async.wait_for(function() return srv:connection_count() == 4 end, 3000))
+      data, closed = async.raw(port, "GET / HTTP/1.1\r\n\r\n")
+      assert.matches("^HTTP/1.1 503 ", data)
+      assert.is_true(closed)
+      for _, x in ipairs{ a, b, c, d } do x:close() end
     end)
   end)
 
@@ -534,6 +567,164 @@ describe("http server", function()
           assert.is_nil(body:find("top secret", 1, true), path)
         end
       end)
+    end)
+
+    -- A file of n bytes whose content says where each byte is (any slice can be checked).
+    local function make_file(path, n)
+      local f = assert(io.open(path, "wb"))
+      local block = {}
+      for k = 0, 8191 do block[#block + 1] = string.char(k % 251) end
+      block = table.concat(block)
+      local left = n
+      while left > 0 do
+        local piece = block:sub(1, math.min(#block, left))
+        f:write(piece)
+        left = left - #piece
+      end
+      f:close()
+      return function(first, last) -- the expected bytes [first, last]
+        local out = {}
+        for k = first, last do out[#out + 1] = string.char((k % 8192) % 251) end
+        return table.concat(out)
+      end
+    end
+
+    it("streams a large file, answers single ranges (206, suffix, 416) and HEAD with its length", function()
+      local size = 3 * 1024 * 1024 + 17
+      local slice = make_file(root .. "/pub/big.bin", size)
+      with_server({}, function(srv)
+        srv:static("/static/", root .. "/pub")
+      end, function(srv, port)
+        local _
+        local status, headers, body = async.http(port, { path = "/static/big.bin", timeout_ms = 15000 })
+        assert.same(200, status)
+        assert.same(tostring(size), headers["content-length"])
+        assert.same("bytes", headers["accept-ranges"])
+        assert.same(size, #body)
+        assert.is_true(body:sub(1, 5000) == slice(0, 4999) and body:sub(-5000) == slice(size - 5000, size - 1))
+        status, headers, body = async.http(port, { path = "/static/big.bin", headers = { Range = "bytes=100000-100099" } })
+        assert.same(206, status)
+        assert.same("bytes 100000-100099/" .. size, headers["content-range"])
+        assert.same(slice(100000, 100099), body)
+        status, headers, body = async.http(port, { path = "/static/big.bin", headers = { Range = "bytes=-10" } })
+        assert.same(206, status)
+        assert.same("bytes " .. (size - 10) .. "-" .. (size - 1) .. "/" .. size, headers["content-range"])
+        assert.same(slice(size - 10, size - 1), body)
+        status, headers, body = async.http(port, { path = "/static/big.bin", headers = { Range = "bytes=" .. (size - 3) .. "-99999999" } })
+        assert.same(206, status)
+        assert.same("bytes " .. (size - 3) .. "-" .. (size - 1) .. "/" .. size, headers["content-range"])
+        assert.same(slice(size - 3, size - 1), body)
+        status, headers = async.http(port, { path = "/static/big.bin", headers = { Range = "bytes=" .. size .. "-" } })
+        assert.same(416, status)
+        assert.same("bytes */" .. size, headers["content-range"])
+        -- several ranges are not served as multipart: the whole file
+        status, _, body = async.http(port, { path = "/static/notes.txt", headers = { Range = "bytes=0-1,3-4" } })
+        assert.same(200, status)
+        assert.same("notes", body)
+        status, headers, body = async.http(port, { method = "HEAD", path = "/static/big.bin" })
+        assert.same(200, status)
+        assert.same(tostring(size), headers["content-length"])
+        assert.same("", body)
+        -- the connection is still good for the next request after a streamed file
+        local conn = async.connect(port)
+        conn:send("GET /static/big.bin HTTP/1.1\r\nRange: bytes=0-9\r\n\r\nGET /static/notes.txt HTTP/1.1\r\n\r\n")
+        status, _, body = conn:read_response()
+        assert.same(206, status)
+        assert.same(slice(0, 9), body)
+        status, _, body = conn:read_response()
+        assert.same(200, status)
+        assert.same("notes", body)
+        conn:close()
+        assert.is_true(async.wait_for(function() return srv:connection_count() == 0 end, 3000))
+      end, 30000)
+    end)
+
+    it("serves regular files only: a FIFO is 404 at once and stalls nothing; long names are 404", function()
+      assert.is_true(os.execute("mkfifo '" .. root .. "/pub/pipe.txt'") == true, "mkfifo")
+      with_server({}, function(srv)
+        srv:static("/static/", root .. "/pub")
+      end, function(_, port)
+        -- several at once: a FIFO opened for reading would hold a thread of libuv's pool each
+        local tasks, statuses = {}, {}
+        for i = 1, 8 do
+          tasks[i] = async.spawn(function()
+            statuses[i] = (async.http(port, { path = "/static/pipe.txt", timeout_ms = 5000 }))
+          end)
+        end
+        async.wait_all(tasks)
+        for i = 1, 8 do assert.same(404, statuses[i]) end
+        local status, _, body = async.http(port, { path = "/static/notes.txt" })
+        assert.same(200, status)
+        assert.same("notes", body)
+        assert.same(404, (async.http(port, { path = "/static/" .. ("n"):rep(300) .. ".txt" })))
+        assert.same(404, (async.http(port, { path = "/static/" .. ("d/"):rep(3000) .. "x" })))
+      end)
+    end)
+
+    it("refuses symlinks that leave the directory unless follow_symlinks is set", function()
+      assert(uv.fs_symlink(root .. "/secret.txt", root .. "/pub/out.txt"))
+      assert(uv.fs_symlink(root .. "/pub/notes.txt", root .. "/pub/in.txt"))
+      assert(uv.fs_symlink(root, root .. "/pub/up"))
+      with_server({}, function(srv)
+        srv:static("/static/", root .. "/pub")
+        srv:static("/open/", root .. "/pub", { follow_symlinks = true })
+      end, function(_, port)
+        local status, _, body = async.http(port, { path = "/static/out.txt" })
+        assert.same(404, status)
+        assert.is_nil(body:find("top secret", 1, true))
+        assert.same(404, (async.http(port, { path = "/static/up/secret.txt" })))
+        status, _, body = async.http(port, { path = "/static/in.txt" }) -- inside: served
+        assert.same(200, status)
+        assert.same("notes", body)
+        status, _, body = async.http(port, { path = "/open/out.txt" })
+        assert.same(200, status)
+        assert.same("top secret", body)
+      end)
+    end)
+
+    it("gives a reader slower than the linger time the whole file over HTTP/1.0, output bounded", function()
+      local size = 8 * 1024 * 1024
+      local slice = make_file(root .. "/pub/slow.bin", size)
+      with_server({}, function(srv)
+        srv:static("/static/", root .. "/pub")
+      end, function(srv, port)
+        local tcp = uv.new_tcp()
+        local got, total, eof, max_queued = {}, 0, false, 0
+        local started = uv.now()
+        local connected = async.event()
+        tcp:connect("127.0.0.1", port, function(err) connected:set(err == nil) end)
+        assert.is_true(connected:wait(3000))
+        tcp:write("GET /static/slow.bin HTTP/1.0\r\n\r\n")
+        local resume_at = 256 * 1024
+        local pause = uv.new_timer()
+        local on_read
+        on_read = function(err, data)
+          if err or not data then
+            eof = true
+            return
+          end
+          got[#got + 1] = data
+          total = total + #data
+          if total >= resume_at then -- reads 256 KiB, then nothing for 120 ms
+            resume_at = total + 256 * 1024
+            tcp:read_stop()
+            for _, c in ipairs(srv:connections()) do max_queued = math.max(max_queued, c.queued) end
+            pause:start(120, 0, function() tcp:read_start(on_read) end)
+          end
+        end
+        tcp:read_start(on_read)
+        assert.is_true(async.wait_for(function() return eof end, 20000), "end of the answer")
+        local took = uv.now() - started
+        pause:close()
+        tcp:close()
+        local data = table.concat(got)
+        local head_end = data:find("\r\n\r\n", 1, true)
+        local body = data:sub(head_end + 4)
+        assert.is_true(took > 2000, "the reader must be slower than the 2 s linger: took " .. took .. " ms")
+        assert.same(size, #body)
+        assert.is_true(body:sub(-1000) == slice(size - 1000, size - 1))
+        assert.is_true(max_queued <= 8 * 1024 * 1024, "queued " .. max_queued)
+      end, 30000)
     end)
   end)
 

@@ -14,6 +14,25 @@ end
 
 local SUBSCRIBE_HEAD = "GET /events?category=%s&timeout=%d&since_time=0 HTTP/1.1\r\nHost: t\r\n\r\n"
 
+-- The server's view of one connection (see server:connections()), nil once it is closed.
+local function connection_info(t, id)
+  for _, conn in ipairs(t.srv:connections()) do
+    if conn.id == id then return conn end
+  end
+end
+
+-- The id of a connection the server paused (its output backed up), once there is one.
+local function paused_connection(t)
+  local found
+  async.wait_for(function()
+    for _, conn in ipairs(t.srv:connections()) do
+      if conn.paused then found = conn.id end
+    end
+    return found ~= nil
+  end, 3000)
+  return found
+end
+
 -- A well-behaved client: publishes to a fresh category and reads the event back.
 local served = 0
 local function serving(t, label)
@@ -422,16 +441,10 @@ describe("robustness: bad input over a real socket", function()
       c.tcp:read_stop() -- never reads a byte
       -- 200 MB of answers if nothing capped them
       assert(c:send(SUBSCRIBE_HEAD:format("big", 1):rep(200)))
-      local server_conn
-      async.wait_for(function()
-        for conn in pairs(t.srv._conns) do
-          if conn.paused then server_conn = conn end
-        end
-        return server_conn ~= nil
-      end, 3000)
+      local server_conn = paused_connection(t)
       assert.truthy(server_conn, "the server paused the non-reading connection")
       async.sleep(300)
-      local queued = server_conn.tcp:get_write_queue_size()
+      local queued = connection_info(t, server_conn).queued
       assert.is_true(queued <= 3 * 1024 * 1024, "queued " .. queued)
       collectgarbage()
       local grown_kb = collectgarbage("count") - before
@@ -441,9 +454,9 @@ describe("robustness: bad input over a real socket", function()
       -- more pipelined requests than max_header_bytes + max_body_bytes: cut off
       for _ = 1, 20 do -- 140 KB a pass
         if not c:send(SUBSCRIBE_HEAD:format("big", 1):rep(2000)) then break end
-        if t.srv._conns[server_conn] == nil then break end
+        if not connection_info(t, server_conn) then break end
       end
-      assert.is_true(async.wait_for(function() return t.srv._conns[server_conn] == nil end, 3000), "cut off")
+      assert.is_true(async.wait_for(function() return connection_info(t, server_conn) == nil end, 3000), "cut off")
       c:close()
       assert.is_true(settled(t))
       local after_kb
@@ -466,16 +479,10 @@ describe("robustness: bad input over a real socket", function()
       local c = async.connect(t.port)
       c.tcp:read_stop() -- never reads a byte, never sends more
       assert(c:send(SUBSCRIBE_HEAD:format("big", 1):rep(20)))
-      local server_conn
-      async.wait_for(function()
-        for conn in pairs(t.srv._conns) do
-          if conn.paused then server_conn = conn end
-        end
-        return server_conn ~= nil
-      end, 3000)
+      local server_conn = paused_connection(t)
       assert.truthy(server_conn, "the server paused the non-reading connection")
       local paused_at = uv.now()
-      assert.is_true(async.wait_for(function() return t.srv._conns[server_conn] == nil end, 10000), "cut off")
+      assert.is_true(async.wait_for(function() return connection_info(t, server_conn) == nil end, 10000), "cut off")
       local took = uv.now() - paused_at
       -- a failure deadline: cut at the keep-alive bound (500 ms), not held forever
       assert.is_true(took < 10000, "cut " .. took .. " ms after the pause")
@@ -522,11 +529,19 @@ describe("robustness: bad input over a real socket", function()
         clients[i].tcp:read_stop()
         assert(clients[i]:send(SUBSCRIBE_HEAD:format("big", 1):rep(50)))
       end
-      async.wait_for(function()
+      local queued
+      assert.is_true(async.wait_for(function()
         local paused = 0
-        for conn in pairs(t.srv._conns) do if conn.paused then paused = paused + 1 end end
+        queued = 0
+        for _, conn in ipairs(t.srv:connections()) do
+          if conn.paused then paused = paused + 1 end
+          queued = queued + conn.queued
+        end
         return paused == 20
-      end, 5000)
+      end, 5000), "all 20 paused")
+      -- uncapped: 1 GB; capped: about 1 MiB + one answer each, held by the C engine
+      assert.is_true(queued < 20 * 3 * 1024 * 1024, "queued " .. queued)
+      report("20 non-readers x 50 pipelined ~1 MB answers: %.1f MB queued in all", queued / 1048576)
       serving(t, "during")
       collectgarbage()
       local grown_mb = (collectgarbage("count") - before) / 1024
@@ -675,6 +690,77 @@ end)
 
 -- golongpoll parses since_time with Go's strconv.ParseInt(s, 10, 64): a leading '+' is taken,
 -- anything outside int64 refused.
+describe("robustness: open files", function()
+  it("raises the soft RLIMIT_NOFILE to the hard limit and sizes the connection caps from it", function()
+    async.run(function()
+      local child = process.start({ "bin/longpoll", "serve", "--port", "0" }, { shell = "ulimit -Sn 256;" })
+      local f = assert(io.open("/proc/" .. child.pid .. "/limits"))
+      local soft, hard = f:read("a"):match("Max open files%s+(%d+)%s+(%d+)")
+      f:close()
+      assert.equals(hard, soft)
+      -- 300 connections at once (over the old soft limit of 256): every one is answered
+      local conns = {}
+      for i = 1, 300 do conns[i] = async.connect(child.port) end
+      for i = 1, 300 do
+        assert(conns[i]:send("GET /stats HTTP/1.1\r\nHost: x\r\n\r\n"))
+      end
+      for i = 1, 300 do
+        assert.equals(200, (conns[i]:read_response()), "connection " .. i)
+        conns[i]:close()
+      end
+      assert.equals(0, (child:stop()))
+    end, 30000)
+  end)
+end)
+
+describe("robustness: logging never blocks the loop", function()
+  it("writes one message repeated request after request at most 10 times a second, then counts", function()
+    local lines = {}
+    local logger = require("longpoll.log").new { level = "info", sink = function(_, message, fields)
+      lines[#lines + 1] = { message, fields and fields.suppressed }
+    end }
+    local second = os.time()
+    for _ = 1, 500 do logger("warn", "too many connections") end
+    logger("warn", "another message")
+    if os.time() == second then -- all in one second (else the count restarted: nothing to check)
+      assert.equals(11, #lines)
+      assert.same({ "another message" }, { lines[11][1] })
+    end
+    -- the next second: the first line says how many were left out
+    async.run(function() async.wait_for(function() return os.time() > second + 1 end, 3000) end)
+    local before = #lines
+    logger("warn", "too many connections")
+    assert.equals(before + 1, #lines)
+    assert.is_true(lines[#lines][2] >= 1, "suppressed count")
+  end)
+
+  it("keeps serving with stderr a pipe nobody reads, and rate-limits repeated warnings", function()
+    async.run(function()
+      local child = process.start({ "bin/longpoll", "serve", "--port", "0", "--log-level", "debug" },
+        { stderr_unread = true })
+      -- every publish logs a debug line of ~16 KB; repeated lines are limited to 10 a second, so
+      -- 2.5 s of publishing writes ~400 KB: several times what a pipe holds
+      local data = cjson.encode(("x"):rep(16000))
+      local started, n = uv.now(), 0
+      while uv.now() - started < 2500 and n < 20000 do
+        n = n + 1
+        local status = async.http(child.port, { method = "POST", path = "/publish", timeout_ms = 10000,
+          body = '{"category":"logged","data":' .. data .. "}" })
+        assert.equals(200, status, "publish " .. n)
+      end
+      -- and as many bad publishes (one warning each): the server still answers at once
+      for i = 1, 400 do
+        local status = async.http(child.port, { method = "POST", path = "/publish", body = "{", timeout_ms = 10000 })
+        assert.equals(400, status, "bad publish " .. i)
+      end
+      local status = async.http(child.port, { path = "/stats", timeout_ms = 5000 })
+      assert.equals(200, status)
+      local code = child:stop()
+      assert.equals(0, code)
+    end, 60000)
+  end)
+end)
+
 describe("since_time parsing matches golongpoll's ParseInt", function()
   it("takes a leading '+' and refuses values below -2^63", function()
     fixture.with_server({}, function(t)

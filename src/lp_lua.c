@@ -10,8 +10,10 @@
 #include "lp_json.h"
 #include "lp_store.h"
 
-int lp_lua_json_encode(lua_State *L); /* lp_lua_json.c */
-void lp_lua_http_open(lua_State *L);  /* lp_lua_http.c */
+int lp_lua_json_encode(lua_State *L);  /* lp_lua_json.c */
+void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
+void lp_lua_server_open(lua_State *L); /* lp_lua_server.c */
+void lp_lua_stderr_open(lua_State *L); /* lp_lua_stderr.c */
 
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"
@@ -27,6 +29,13 @@ static store_ud *check_store(lua_State *L, int i) {
   store_ud *u = luaL_checkudata(L, i, STORE_MT);
   luaL_argcheck(L, u->store != NULL, i, "store is closed");
   return u;
+}
+
+/* The store of the userdata at idx, NULL when it is not a store or is closed (lp_lua_server.c's
+ * fast path holds a reference to the userdata and asks before each use). */
+lp_store *lp_lua_store_of(lua_State *L, int idx) {
+  store_ud *u = luaL_testudata(L, idx, STORE_MT);
+  return u ? u->store : NULL;
 }
 
 static int fail(lua_State *L, const char *msg) {
@@ -558,6 +567,8 @@ int luaopen_longpoll_core(lua_State *L) {
   lua_pop(L, 1);
   luaL_newlib(L, core_functions);
   lp_lua_http_open(L);
+  lp_lua_server_open(L);
+  lp_lua_stderr_open(L);
   lua_pushliteral(L, "longpoll.core");
   lua_setfield(L, -2, "_NAME");
   lua_pushliteral(L, LP_CORE_VERSION);

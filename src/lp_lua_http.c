@@ -1,6 +1,6 @@
-/* lp_lua_http: the Lua side of lp_http, in longpoll.core: the request parser the server feeds
- * (core.http_parser) and the target and query decoding behind req.path, req.query and
- * req:query_all. */
+/* lp_lua_http: the Lua side of lp_http, in longpoll.core: the request table the server engine
+ * hands to Lua (lp_lua_http_push_request), the request parser binding (core.http_parser, for
+ * specs of the parser's rules) and req:query_all's decoding (core.http_query_all). */
 #include <lauxlib.h>
 #include <lua.h>
 #include <string.h>
@@ -8,6 +8,7 @@
 #include "lp_http.h"
 
 #define PARSER_MT "longpoll.HttpParser"
+#define KEYS_REGISTRY "longpoll.http_keys"
 
 /* The field names of a request, made once (upvalue 1 of the functions here): set with
  * lua_rawset, they cost no string lookup per request. */
@@ -18,11 +19,11 @@ static const char *const key_names[] = {
     "path", "raw_path", "raw_query", "query",   "query_count", "_target_error", "body",
     "1.1",  "1.0",      ", "};
 
-static void push_key(lua_State *L, int k) { lua_rawgeti(L, lua_upvalueindex(1), k); }
+static void push_key(lua_State *L, int keys, int k) { lua_rawgeti(L, keys, k); }
 
 /* t[key] = the value on top of the stack (popped); t is just below it. */
-static void set_key(lua_State *L, int k) {
-  push_key(L, k);
+static void set_key(lua_State *L, int keys, int k) {
+  push_key(L, keys, k);
   lua_insert(L, -2);
   lua_rawset(L, -3);
 }
@@ -100,7 +101,7 @@ static int push_decoded(lua_State *L, lp_slice s, int plus_is_space) {
 
 /* Sets path, raw_path, raw_query, query (first values) and query_count in the table on top of
  * the stack from a request target. Returns NULL, or why the target is refused. */
-static const char *set_target(lua_State *L, lp_slice target) {
+static const char *set_target(lua_State *L, int keys, lp_slice target) {
   lp_slice path, query;
   if (lp_http_split_target(target, &path, &query) != 0) return "invalid request target";
   lua_pushlstring(L, path.ptr, path.len);
@@ -110,12 +111,12 @@ static const char *set_target(lua_State *L, lp_slice target) {
     lua_pop(L, 1);
     return "invalid percent-encoding in path";
   }
-  push_key(L, K_PATH); /* table, raw path, path, key */
+  push_key(L, keys, K_PATH); /* table, raw path, path, key */
   lua_insert(L, -2);
   lua_rawset(L, -4);
-  set_key(L, K_RAW_PATH);
+  set_key(L, keys, K_RAW_PATH);
   lua_pushlstring(L, query.ptr, query.len);
-  set_key(L, K_RAW_QUERY);
+  set_key(L, keys, K_RAW_QUERY);
   lua_createtable(L, 0, 4);
   size_t pos = 0;
   lua_Integer count = 0;
@@ -140,23 +141,23 @@ static const char *set_target(lua_State *L, lp_slice target) {
       lua_pop(L, 3);
     }
   }
-  set_key(L, K_QUERY);
+  set_key(L, keys, K_QUERY);
   lua_pushinteger(L, count);
-  set_key(L, K_QUERY_COUNT);
+  set_key(L, keys, K_QUERY_COUNT);
   return NULL;
 }
 
 /* Pushes the request table for a parsed head (see longpoll.http.parser). A target that cannot
  * be decoded leaves its reason in _target_error: that request gets a 400 and the connection
  * may stay open. */
-static void push_head(lua_State *L, const lp_http_event *ev) {
+static void push_head(lua_State *L, int keys, const lp_http_event *ev) {
   lua_createtable(L, 0, 14);
   lua_pushlstring(L, ev->method.ptr, ev->method.len);
-  set_key(L, K_METHOD);
+  set_key(L, keys, K_METHOD);
   lua_pushlstring(L, ev->target.ptr, ev->target.len);
-  set_key(L, K_TARGET);
-  push_key(L, ev->minor ? K_HTTP_11 : K_HTTP_10);
-  set_key(L, K_VERSION);
+  set_key(L, keys, K_TARGET);
+  push_key(L, keys, ev->minor ? K_HTTP_11 : K_HTTP_10);
+  set_key(L, keys, K_VERSION);
   lua_createtable(L, 0, (int)ev->nheaders);
   for (size_t i = 0; i < ev->nheaders; i++) {
     const lp_http_header *h = &ev->headers[i];
@@ -166,21 +167,21 @@ static void push_head(lua_State *L, const lp_http_event *ev) {
       lua_pop(L, 1);
       lua_pushlstring(L, h->value.ptr, h->value.len);
     } else { /* a repeated header: values joined */
-      push_key(L, K_COMMA);
+      push_key(L, keys, K_COMMA);
       lua_pushlstring(L, h->value.ptr, h->value.len);
       lua_concat(L, 3);
     }
     lua_rawset(L, -3);
   }
-  set_key(L, K_HEADERS);
+  set_key(L, keys, K_HEADERS);
   lua_pushboolean(L, ev->keep_alive);
-  set_key(L, K_KEEP_ALIVE);
+  set_key(L, keys, K_KEEP_ALIVE);
   lua_pushboolean(L, ev->expect_continue);
-  set_key(L, K_EXPECT);
-  const char *err = set_target(L, ev->target);
+  set_key(L, keys, K_EXPECT);
+  const char *err = set_target(L, keys, ev->target);
   if (err) {
     lua_pushstring(L, err);
-    set_key(L, K_TARGET_ERROR);
+    set_key(L, keys, K_TARGET_ERROR);
   }
 }
 
@@ -205,13 +206,13 @@ static int parser_parse(lua_State *L) {
       return 3;
     }
     if (rc == LP_HTTP_HEAD) {
-      push_head(L, &ev);
+      push_head(L, lua_upvalueindex(1), &ev);
       lua_setiuservalue(L, 1, 1);
       continue;
     }
     lua_getiuservalue(L, 1, 1);
     lua_pushlstring(L, ev.body.ptr, ev.body.len);
-    set_key(L, K_BODY);
+    set_key(L, lua_upvalueindex(1), K_BODY);
     lua_pushnil(L);
     lua_setiuservalue(L, 1, 1);
     lua_pushinteger(L, (lua_Integer)lp_http_buffered(&u->p));
@@ -226,22 +227,6 @@ static int parser_index(lua_State *L) {
   const char *k = lua_tostring(L, 2);
   if (k && strcmp(k, "head") == 0) lua_getiuservalue(L, 1, 1);
   return 1;
-}
-
-/* core.http_target(target) -> path, raw_path, raw_query, query, query_count | nil, message */
-static int l_http_target(lua_State *L) {
-  lp_slice t;
-  t.ptr = luaL_checklstring(L, 1, &t.len);
-  lua_createtable(L, 0, 5);
-  const char *err = set_target(L, t);
-  if (err) {
-    luaL_pushfail(L);
-    lua_pushstring(L, err);
-    return 2;
-  }
-  static const char *const fields[] = {"path", "raw_path", "raw_query", "query", "query_count"};
-  for (int i = 0; i < 5; i++) lua_getfield(L, 2, fields[i]);
-  return 5;
 }
 
 /* core.http_query_all(raw_query, key) -> every decoded value of key, in order ({} when none).
@@ -273,25 +258,14 @@ static int l_http_query_all(lua_State *L) {
   return 1;
 }
 
-/* core.http_decode(s[, plus_is_space]) -> decoded | nil (a bad escape) */
-static int l_http_decode(lua_State *L) {
-  lp_slice s;
-  s.ptr = luaL_checklstring(L, 1, &s.len);
-  if (push_decoded(L, s, lua_toboolean(L, 2)) != 0) luaL_pushfail(L);
-  return 1;
-}
-
 static const luaL_Reg parser_methods[] = {{"push", parser_push},         {"parse", parser_parse},
                                           {"buffered", parser_buffered}, {"in_progress", parser_in_progress},
                                           {"close", parser_close},       {NULL, NULL}};
 
 static const luaL_Reg parser_meta[] = {{"__gc", parser_close}, {"__close", parser_close}, {NULL, NULL}};
 
-static const luaL_Reg http_functions[] = {{"http_parser", l_http_parser},
-                                          {"http_target", l_http_target},
-                                          {"http_query_all", l_http_query_all},
-                                          {"http_decode", l_http_decode},
-                                          {NULL, NULL}};
+static const luaL_Reg http_functions[] = {
+    {"http_parser", l_http_parser}, {"http_query_all", l_http_query_all}, {NULL, NULL}};
 
 /* Adds the HTTP functions to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_http_open(lua_State *L) {
@@ -300,6 +274,8 @@ void lp_lua_http_open(lua_State *L) {
     lua_pushstring(L, key_names[k]);
     lua_rawseti(L, -2, k);
   }
+  lua_pushvalue(L, -1);
+  lua_setfield(L, LUA_REGISTRYINDEX, KEYS_REGISTRY);
   if (luaL_newmetatable(L, PARSER_MT)) {
     luaL_setfuncs(L, parser_meta, 0);
     luaL_newlibtable(L, parser_methods);
@@ -310,4 +286,19 @@ void lp_lua_http_open(lua_State *L) {
   }
   lua_pop(L, 1);
   luaL_setfuncs(L, http_functions, 1); /* pops the names */
+}
+
+/* Pushes the request table of a whole request (head and body), as parser:parse() makes it,
+ * plus remote_addr when given (the server engine, lp_lua_server.c). */
+void lp_lua_http_push_request(lua_State *L, const lp_http_event *head, lp_slice body, const char *remote_addr) {
+  lua_getfield(L, LUA_REGISTRYINDEX, KEYS_REGISTRY);
+  int keys = lua_gettop(L);
+  push_head(L, keys, head);
+  lua_pushlstring(L, body.ptr ? body.ptr : "", body.len);
+  set_key(L, keys, K_BODY);
+  if (remote_addr) {
+    lua_pushstring(L, remote_addr);
+    lua_setfield(L, -2, "remote_addr");
+  }
+  lua_remove(L, keys);
 }

@@ -542,6 +542,11 @@ int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void 
   return LP_OK;
 }
 
+size_t lp_store_waiting_in(const lp_store *s, lp_slice category) {
+  const lp_category *c = find_category(s, category, hash_bytes(s->hash_seed, category.ptr, category.len));
+  return c ? c->nwaiters : 0;
+}
+
 /* ---- time ---- */
 
 static int64_t clamp_time(int64_t t) { return t < 0 ? 0 : t > LP_TIME_MAX ? LP_TIME_MAX : t; }

@@ -137,6 +137,10 @@ int lp_store_cancel(lp_store *s, uint64_t handle);
  * LP_OK with *count 0. */
 int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void *ctx, size_t *count);
 
+/* How many subscriptions wait on category now (0 for an unknown category). For the HTTP
+ * engine's fast publish, which takes only publishes that wake nobody. */
+size_t lp_store_waiting_in(const lp_store *s, lp_slice category);
+
 /* A timestamp for a timeout answer: max(now, last issued). Every later event
  * gets a larger timestamp, so a client continuing from it misses nothing. */
 int64_t lp_store_mark_time(lp_store *s, int64_t now_ms);

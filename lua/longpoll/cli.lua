@@ -33,7 +33,8 @@ flags:
                          With --persist, publishes get 503 while FILE cannot be written (a full
                          disk); one server per FILE (FILE.lock); docs/persistence.md
   --error-status N       HTTP status of subscribe errors: 200 (golongpoll) or 400
-  --max-connections N    connection cap (default 10000)
+  --max-connections N    connections that may wait (default: from the open-file limit,
+                         raised to its hard limit; a reserve above it serves short requests)
   --max-memory SIZE      bytes the event buffers may hold, bookkeeping included (K, M or G
                          suffix; default 512M, or a quarter of the RAM when that is less;
                          0: no cap). Over it the oldest events of the largest categories go

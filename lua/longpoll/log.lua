@@ -1,6 +1,13 @@
 -- Leveled logging for longpoll: `logger = true` writes to stderr, a function
 -- receives (level, message, fields); event data is only logged at debug.
+-- Writing to stderr never blocks the loop (core.stderr_write drops lines a full pipe cannot
+-- take, and says how many), and one message repeated by request after request is written at
+-- most RATE times a second, with the count of those left out.
+local core = require "longpoll.core"
+
 local M = {}
+
+local RATE = 10
 
 local LEVELS = { debug = 1, info = 2, warn = 3, error = 4 }
 
@@ -26,11 +33,37 @@ function M.new(spec)
     sink = spec.sink
   end
   sink = sink or function(level, message, fields)
-    io.stderr:write(os.date("!%Y-%m-%dT%H:%M:%SZ"), " ", level:upper(), " longpoll: ", message,
-      format_fields(fields), "\n")
+    core.stderr_write(os.date("!%Y-%m-%dT%H:%M:%SZ") .. " " .. level:upper() .. " longpoll: " .. message
+      .. format_fields(fields) .. "\n")
   end
+  -- message -> { second, written in it, left out since the last line written }
+  local recent, recent_second = {}, nil
   return function(level, message, fields)
-    if (LEVELS[level] or LEVELS.error) >= threshold then sink(level, message, fields) end
+    if (LEVELS[level] or LEVELS.error) < threshold then return end
+    local now = os.time()
+    if now ~= recent_second then -- a new second: the counts start again (the table stays small)
+      local carried = {}
+      for m, r in pairs(recent) do
+        if r[3] > 0 then carried[m] = { now, 0, r[3] } end
+      end
+      recent, recent_second = carried, now
+    end
+    local r = recent[message]
+    if not r then
+      r = { now, 0, 0 }
+      recent[message] = r
+    end
+    if r[2] >= RATE then
+      r[3] = r[3] + 1
+      return
+    end
+    r[2] = r[2] + 1
+    if r[3] > 0 then
+      local f = { suppressed = r[3] }
+      for k, v in pairs(fields or {}) do f[k] = v end
+      fields, r[3] = f, 0
+    end
+    sink(level, message, fields)
   end
 end
 

@@ -10,6 +10,7 @@ local answers = require "longpoll.answers"
 local subscription = require "longpoll.subscription"
 local hooks = require "longpoll.hooks"
 local memory = require "longpoll.engine.memory"
+local native = require "longpoll.http.native"
 
 local send_json, send_error = answers.send_json, answers.send_error
 
@@ -168,6 +169,9 @@ end
 
 -- The long-poll handler: answers at once with buffered events after the cursor, or waits.
 local function subscribe(self, req, res)
+  -- a wrapper that ends by calling this handler hands the request back to the engine's C path
+  -- (longpoll.http.native); a response of another server has no `native`
+  if self.native and res.native and res:native(self.native, req, answers.JSON) then return end
   if self.closed then return send_error(res, 503, "manager is shut down") end
   local sub, err = subscription.parse(req, self.options, "poll")
   if not sub then
@@ -240,6 +244,9 @@ end
 -- timestamp: engine:close waits for that), ends the streams, stops the timers.
 local function stop_serving(self)
   self.closed = true
+  -- later requests get the Lua handlers' 503
+  if self.native then self.native:disable() end
+  if self.native_publish then self.native_publish:disable() end
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do
@@ -340,6 +347,27 @@ function M.start(options)
     handlers.publish = cors.wrap(policy, handlers.publish, "POST", true)
     handlers.sse = cors.wrap(policy, handlers.sse, "GET, HEAD")
     handlers.stats = cors.wrap(policy, handlers.stats, "GET, HEAD")
+  end
+  -- the HTTP engine answers catch-up polls to the unwrapped handler in C (longpoll.http.native),
+  -- from the same store and with the same rules (lp_fast.c mirrors subscription.lua)
+  if not o.cors and not o.clock and engine.core_store then
+    manager.native = core.native_subscription(engine:core_store(), {
+      max_category_bytes = o.max_category_bytes,
+      max_categories_per_subscription = o.max_categories_per_subscription,
+      max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
+      header_block = answers.JSON.text,
+    })
+    native.register(handlers.subscription, manager.native)
+    -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
+    -- that takes the debug line of each publish (a publish that wakes a subscriber stays Lua's)
+    local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
+    if #manager.add_ons == 0 and not debug_logged then
+      manager.native_publish = core.native_publish(engine:core_store(), {
+        max_category_bytes = o.max_category_bytes,
+        header_block = answers.JSON.text,
+      })
+      native.register(handlers.publish, manager.native_publish)
+    end
   end
   manager.subscription_handler = handlers.subscription
   manager.publish_handler = handlers.publish

@@ -12,9 +12,18 @@ Child.__index = Child
 -- child.port (from "listening on http://host:PORT/"), child:stop(signal) ->
 -- exit code, signal. Raises when no start-up line comes within 5 s.
 -- opts.shell: shell commands run first in the child (`ulimit -v 250000;`), then lua5.4 is exec'd.
+-- opts.stderr_unread: the child's stderr is a pipe nobody reads. Also opts.env, wait_port,
+-- start_timeout_ms.
 function process.start(args, opts)
   opts = opts or {}
   local stdout, stderr = uv.new_pipe(false), uv.new_pipe(false)
+  local unread
+  if opts.stderr_unread then
+    -- a plain blocking OS pipe (libuv's own stdio pipes are sockets with other buffer sizes)
+    unread = assert(uv.pipe({ nonblock = false }, { nonblock = false }))
+    stderr:close()
+    stderr = unread.write
+  end
   local self = setmetatable({ out = "", err = "", exited = async.event(), started = async.event() }, Child)
   -- children load the same core as the tests (the sanitizer build under `make test-asan`)
   local env = { "LUA_PATH=./lua/?.lua;./lua/?/init.lua;;",
@@ -34,6 +43,10 @@ function process.start(args, opts)
     end)
   assert(handle, pid)
   self.handle, self.pid = handle, pid
+  if unread then
+    uv.fs_close(unread.write) -- the child holds it; our read end is never read
+    self.unread_fd = unread.read
+  end
   stdout:read_start(function(_, data)
     if data then
       self.out = self.out .. data
@@ -46,10 +59,14 @@ function process.start(args, opts)
       stdout:close()
     end
   end)
-  stderr:read_start(function(_, data)
-    if data then self.err = self.err .. data elseif not stderr:is_closing() then stderr:close() end
-  end)
-  self.pipes = { stdout, stderr }
+  if not unread then -- opts.stderr_unread: nobody reads the child's stderr (a full pipe)
+    stderr:read_start(function(_, data)
+      if data then self.err = self.err .. data elseif not stderr:is_closing() then stderr:close() end
+    end)
+    self.pipes = { stdout, stderr }
+  else
+    self.pipes = { stdout }
+  end
   if opts.wait_port ~= false then
     local ok = self.started:wait(opts.start_timeout_ms or 5000)
     if not ok then
@@ -68,10 +85,16 @@ function Child:wait(timeout_ms)
     code, signal = self.exited:wait(2000)
   end
   for _ = 1, 20 do
-    if self.pipes[1]:is_closing() and self.pipes[2]:is_closing() then break end
+    local open = false
+    for _, p in ipairs(self.pipes) do open = open or not p:is_closing() end
+    if not open then break end
     async.sleep(10)
   end
   for _, p in ipairs(self.pipes) do if not p:is_closing() then p:close() end end
+  if self.unread_fd then
+    uv.fs_close(self.unread_fd)
+    self.unread_fd = nil
+  end
   if not self.handle:is_closing() then self.handle:close() end
   return code, signal
 end

@@ -182,6 +182,12 @@ function Memory:unfollow(follow)
   return true
 end
 
+-- The C store itself (longpoll.core), for the HTTP engine's fast path (core.native_subscription),
+-- which reads from it what subscribe would: catch-up answers, nothing else.
+function Memory:core_store()
+  return self.store
+end
+
 function Memory:stats(with_categories)
   return self.store:stats(with_categories)
 end

@@ -5,7 +5,7 @@ local core = require "longpoll.core"
 local util = require "longpoll.http.util"
 
 local find, sub, lower = string.find, string.sub, string.lower
-local query_all, http_target = core.http_query_all, core.http_target
+local query_all = core.http_query_all
 
 local request = {}
 
@@ -31,6 +31,12 @@ function Request:set_query(key, value)
   self.query_override[key] = values
 end
 
+-- True while the request is as the client sent it (no set_query): a native handler may then
+-- answer it from the bytes received (longpoll.http.native).
+function Request:as_received()
+  return self.query_override == nil
+end
+
 -- user, password from "Authorization: Basic ..."; nil when absent or malformed.
 function Request:basic_auth()
   local auth = self.headers.authorization
@@ -46,22 +52,18 @@ function Request:basic_auth()
   return sub(decoded, 1, colon - 1), sub(decoded, colon + 1)
 end
 
--- Turns a parsed request (see longpoll.http.parser) into a request object in place.
--- Returns it, or nil, message when the target cannot be decoded (the caller answers 400).
+-- Turns a parsed request (a table from the C engine or longpoll.http.parser, which already holds
+-- the decoded path and query) into a request object in place. Returns it, or nil, message when
+-- its target could not be decoded (the caller answers 400). remote_addr: "ip:port" of the client,
+-- when the table does not carry it already.
 function request.new(parsed, remote_addr)
   local err = parsed._target_error
   if err then
     return nil, err
   end
-  if parsed.path == nil then -- a table not made by the parser
-    local path, raw_path, raw_query, query, count = http_target(parsed.target)
-    if not path then
-      return nil, raw_path
-    end
-    parsed.path, parsed.raw_path, parsed.raw_query = path, raw_path, raw_query
-    parsed.query, parsed.query_count = query, count
+  if remote_addr then
+    parsed.remote_addr = remote_addr
   end
-  parsed.remote_addr = remote_addr
   return setmetatable(parsed, Request)
 end
 

@@ -1,6 +1,7 @@
 -- The response object handlers answer through: send() for a whole body, write_head/write/finish
 -- for streams. It may be answered long after the handler returned (long poll); the connection
--- (longpoll.server) is told through conn:write(), conn:response_done() and conn:abort().
+-- (the C engine's handle, see longpoll.server) is told through conn:write(), conn:done(keep),
+-- conn:attach(res) (for on_close) and conn:abort().
 local cjson = require "cjson"
 local util = require "longpoll.http.util"
 
@@ -10,13 +11,10 @@ local encode, status_text, http_date = cjson.encode, util.status_text, util.http
 
 local response = {}
 
--- A streaming client that lets this much pile up unread is cut off rather than buffered forever.
-local MAX_STREAM_BACKLOG = 8 * 1024 * 1024
-
 local Response = {}
 Response.__index = Response
 
--- conn: the connection (longpoll.server); req: the request, or nil for errors found while parsing
+-- conn: the connection's handle (core.http_server); req: the request, or nil for errors found while parsing
 -- (those always close the connection).
 function response.new(conn, req)
   return setmetatable({ _conn = conn, _req = req, sent = false }, Response)
@@ -68,10 +66,11 @@ end
 -- fn() runs once if the client goes away before the response is complete.
 function Response:on_close(fn)
   self._on_close = fn
+  self._conn:attach(self)
 end
 
 function Response:is_open()
-  return not self._conn.closed
+  return self._conn:is_open()
 end
 
 local status_lines = setmetatable({}, {
@@ -124,7 +123,7 @@ local function open_conn(self)
     return nil, "already sent"
   end
   local conn = self._conn
-  if conn.closed then
+  if not conn:is_open() then
     return nil, "closed"
   end
   return conn
@@ -180,7 +179,7 @@ function Response:send(status, body)
   else
     conn:write({ head, body })
   end
-  conn:response_done(self, keep)
+  conn:done(keep)
   return true
 end
 
@@ -251,7 +250,7 @@ function Response:send_block(status, block, body)
     local length = n < LENGTH_LINES_MAX and length_lines[n] or "Content-Length: " .. n .. "\r\n"
     conn:write(status_line .. block.text .. length .. date_line() .. connection .. "\r\n" .. body)
   end
-  conn:response_done(self, keep)
+  conn:done(keep)
   return true
 end
 
@@ -268,32 +267,43 @@ end
 -- otherwise; the caller then uses send_block.
 function Response:send_shared(answer, block)
   local req, conn = self._req, self._conn
-  if self._h or self.sent or conn.closed or not req or not req.keep_alive or req.version ~= "1.1"
+  if self._h or self.sent or not conn:is_open() or not req or not req.keep_alive or req.version ~= "1.1"
     or req.method == "HEAD" or not conn:may_keep_alive() then
     return false
   end
   self.sent, self._done, self._block = true, true, block
   conn:write(answer)
-  conn:response_done(self, true)
+  conn:done(true)
   return true
 end
 
--- Starts a streamed response of unknown length: chunked on HTTP/1.1; on HTTP/1.0 the end of the
--- body is the end of the connection.
-function Response:write_head(status)
+-- Starts a streamed response. Without a length: chunked on HTTP/1.1, and on HTTP/1.0 the end of
+-- the body is the end of the connection. With one (a file): Content-Length, and exactly that
+-- many bytes must be written before finish().
+function Response:write_head(status, length)
   check_status(status)
+  if length ~= nil and (math.type(length) ~= "integer" or length < 0) then
+    error("write_head: length must be a non-negative integer", 2)
+  end
   local conn, err = open_conn(self)
   if not conn then
     return nil, err
   end
   self.sent = true
   local req = self._req
-  local chunked = req.version == "1.1"
-  self._chunked = chunked
-  self._keep = chunked and keep_alive(self)
+  local framing
+  if length then
+    self._left = length
+    self._keep = keep_alive(self)
+    framing = "Content-Length: " .. length .. "\r\n"
+  else
+    local chunked = req.version == "1.1"
+    self._chunked = chunked
+    self._keep = chunked and keep_alive(self)
+    framing = chunked and "Transfer-Encoding: chunked\r\n" or ""
+  end
   self._head_only = req.method == "HEAD"
-  conn:write(build_head(self, status, chunked and "Transfer-Encoding: chunked\r\n" or "",
-    self._keep))
+  conn:write(build_head(self, status, framing, self._keep))
   return true
 end
 
@@ -305,22 +315,48 @@ function Response:write(chunk)
     return nil, "finished"
   end
   local conn = self._conn
-  if conn.closed then
+  if not conn:is_open() then
     return nil, "closed"
   end
   if #chunk == 0 or self._head_only then
     return true
   end
-  if conn:backlog() > MAX_STREAM_BACKLOG then
-    conn:abort()
-    return nil, "client too slow"
+  local left = self._left
+  if left then
+    if #chunk > left then
+      return nil, "longer than the announced length"
+    end
+    self._left = left - #chunk
   end
+  -- a client that lets the engine's output budget pile up unread is cut off: nil, message
   if self._chunked then
-    conn:write({ format("%x\r\n", #chunk), chunk, "\r\n" })
-  else
-    conn:write(chunk)
+    return conn:write({ format("%x\r\n", #chunk), chunk, "\r\n" })
   end
+  return conn:write(chunk)
+end
+
+-- Hands the request being dispatched back to a native handler (longpoll.http.native) when this
+-- response and req are as the engine received them (no header set, nothing sent, no set_query):
+-- true when the engine answered it in C (200), false when the Lua handler must. A wrapper that
+-- ends by calling the manager's handler so costs one Lua call, not the handler's Lua.
+-- block: the header block of the native answer (response.header_block), which get_header then
+-- sees as after send_block.
+function Response:native(handler, req, block)
+  if self.sent or self._h or req ~= self._req or not req:as_received() then
+    return false
+  end
+  if not self._conn:native(handler) then
+    return false
+  end
+  self.sent, self._done, self._block = true, true, block
   return true
+end
+
+-- fn() runs once at most `below` bytes (default 0) of this connection's output wait to be
+-- written (at once when that is so already): a producer (a file) writes its next piece then.
+-- It never runs once the client is gone (on_close does).
+function Response:on_drain(fn, below)
+  self._conn:on_drain(fn, below)
 end
 
 function Response:finish()
@@ -332,13 +368,17 @@ function Response:finish()
   end
   self._done = true
   local conn = self._conn
-  if conn.closed then
+  if not conn:is_open() then
     return nil, "closed"
+  end
+  if self._left and self._left > 0 and not self._head_only then
+    conn:abort() -- fewer bytes than announced: the client must not take this as the whole body
+    return nil, "shorter than the announced length"
   end
   if self._chunked and not self._head_only then
     conn:write("0\r\n\r\n")
   end
-  conn:response_done(self, self._keep)
+  conn:done(self._keep)
   return true
 end
 

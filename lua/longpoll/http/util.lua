@@ -1,29 +1,14 @@
--- Small HTTP helpers shared by the server, requests and responses: percent-decoding, the Date
--- header, MIME types, status texts and base64 (for Basic auth).
+-- Small HTTP helpers shared by the server, requests and responses: HTTP dates, MIME types,
+-- status texts and base64 (for Basic auth).
 local util = {}
-
-local core = require "longpoll.core"
 
 local byte, char, find, gsub, sub, lower = string.byte, string.char, string.find, string.gsub,
   string.sub, string.lower
 local os_date, os_time = os.date, os.time
 
--- Decodes %XX escapes ('+' becomes a space when plus_is_space, as in query strings).
--- Returns nil on a malformed escape so the caller can answer 400 instead of guessing.
-util.decode = core.http_decode
-
--- The Date header changes once a second; formatting it per response would be wasted work.
-local date_second, date_text = -1, ""
+-- An HTTP date (Last-Modified, Date) for a Unix time t, or now.
 function util.http_date(t)
-  if t then
-    return os_date("!%a, %d %b %Y %H:%M:%S GMT", t)
-  end
-  local now = os_time()
-  if now ~= date_second then
-    date_second = now
-    date_text = os_date("!%a, %d %b %Y %H:%M:%S GMT", now)
-  end
-  return date_text
+  return os_date("!%a, %d %b %Y %H:%M:%S GMT", t or os_time())
 end
 
 util.mime_types = {
