@@ -178,8 +178,10 @@ def write_report(res, info, args):
                      f"{cell('longpoll in memory')} |")
     lines += [
         "",
-        "A catch-up answered from the node's copy of the stream costs what it costs in memory: the",
-        "rest of the gap to Nchan is the HTTP path (Lua), which no Redis change can close.",
+        "In memory, catch-ups are answered in C by the HTTP engine's fast path (src/lp_fast.c, one store);",
+        "with Redis they go through Lua (the manager, the engine, the cache's coverage rules) even when the",
+        "node's copy of the stream answers them, which is what the gap to memory (and most of the gap to",
+        "Nchan) is. Publish: one Redis script round trip per event, and the Lua publish path.",
     ]
     two, fan_n = res.get("two_nodes"), res.get("fan_n")
     if two:
