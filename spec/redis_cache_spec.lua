@@ -4,7 +4,7 @@
 -- node behind the client, a lost message, Redis losing its data, TTL) go to Redis.
 local async = require "support.async"
 local redis = require "support.redis"
-local options = require "longpoll.options"
+local engines = require "support.redis_engines"
 local cjson = require "cjson"
 
 local wait_until = async.wait_or_fail
@@ -14,48 +14,30 @@ if not redis.available() then
   return
 end
 
-local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
-
--- An engine on url; extra: more `redis` keys; o: more options.
+-- An engine on url; extra: more `redis` keys; o: more options (buffer of 3 by default).
 local function new_node(url, extra, o)
-  local r = { url = url }
-  for k, v in pairs(FAST) do r[k] = v end
-  for k, v in pairs(extra or {}) do r[k] = v end
-  local opts = { redis = r, max_event_buffer_size = 3 }
+  local keys = { url = url }
+  for k, v in pairs(extra or {}) do keys[k] = v end
+  local opts = { max_event_buffer_size = 3 }
   for k, v in pairs(o or {}) do opts[k] = v end
-  local checked = assert(options.check(opts))
-  checked.ttl_ms = (o and o.event_ttl_seconds) and math.floor(o.event_ttl_seconds * 1000) or 0
-  return { engine = assert(require("longpoll.engine.redis").new(checked, { log = function() end,
-    on_event = function() end })) }
+  return engines.start(keys, opts)
 end
 
-local function rs(node) return node.engine:stats().redis end
-
-local function close_node(node)
-  local done = async.event()
-  node.engine:close(function() done:set(true) end)
-  assert(done:wait(5000), "engine did not close")
-end
+local rs, close_node, caught_up = engines.figures, engines.close, engines.caught_up
 
 local function publish(node, category, data_json)
-  local done = async.event()
-  assert(node.engine:publish(category, data_json, function(event, err) done:set(event or false, err) end))
-  return assert(done:wait(5000))
+  return assert(engines.publish(node, category, data_json))
 end
 
-local function caught_up(B, A)
-  wait_until("the node to receive the events", function()
-    return rs(B).epoch == rs(A).epoch and (rs(B).pubsub_seq or -1) >= rs(A).seq
-  end)
-end
-
--- A catch-up: "events", body | "waiting", handle.
+-- A catch-up: "events", body | "waiting", handle, event (set with the body when it comes). An
+-- answer from the cache comes at once; one read from Redis is waited for (no time bound but the
+-- failure deadline).
 local function catch_up(node, categories, since, last_id)
   local got = async.event()
   local handle = assert(node.engine:subscribe({ categories = categories, since = since, last_id = last_id },
     function(body) got:set(body) end))
-  local body = got:wait(300)
-  if body then return "events", body end
+  wait_until("the catch-up's read to settle", function() return got.is_set or rs(node).fetches_in_flight == 0 end)
+  if got.is_set then return "events", (got:wait(0)) end
   return "waiting", handle, got
 end
 
@@ -63,6 +45,18 @@ local function ids(body)
   local out = {}
   for i, e in ipairs(cjson.decode(body).events) do out[i] = e.id end
   return out
+end
+
+-- Two nodes A and B with options oa and ob, both online, then fn(A, B); both closed after.
+local function with_pair(url, oa, ob, fn)
+  async.run(function()
+    local A, B = new_node(url, nil, oa), new_node(url, nil, ob)
+    wait_until("online", function() return rs(A).online and rs(B).online end)
+    local ok, err = pcall(fn, A, B)
+    close_node(A)
+    close_node(B)
+    if not ok then error(err, 0) end
+  end, 20000)
 end
 
 -- nodes: A publishes, B has the cache, C has none (its answers are Redis's).
@@ -190,24 +184,26 @@ describe("Redis cache", function()
     end)
   end)
 
+  it("keeps at most max_categories categories; the others are read from Redis", function()
+    with_pair(R.url, nil, { max_categories = 2 }, function(A, B)
+      local e = {}
+      for i = 1, 3 do e[i] = publish(A, "k" .. i, tostring(i)) end
+      caught_up(B, A)
+      assert.equals(2, rs(B).cache_categories)
+      local misses = rs(B).cache_misses
+      for i = 1, 3 do assert.same({ e[i].id }, ids((select(2, catch_up(B, { "k" .. i }, 0))))) end
+      assert.equals(misses + 1, rs(B).cache_misses) -- k3 came from Redis
+    end)
+  end)
+
   it("stays off with a TTL (expiry is Redis's clock, not the node's)", function()
-    async.run(function()
-      local A = new_node(R.url, nil, { event_ttl_seconds = 0.3 })
-      local B = new_node(R.url, nil, { event_ttl_seconds = 0.3 })
-      wait_until("online", function() return rs(A).online and rs(B).online end)
-      local ok, err = pcall(function()
-        assert.is_nil(rs(B).cache_valid)
-        publish(A, "t", "1")
-        caught_up(B, A)
-        wait_until("Redis to trim it", function()
-          return R:cli("XLEN longpoll:s:t") == "0" or R:cli("EXISTS longpoll:s:t") == "0"
-            or catch_up(B, { "t" }, 0) == "waiting"
-        end, 3000)
-        assert.equals("waiting", (catch_up(B, { "t" }, 0))) -- B serves nothing Redis trimmed
-      end)
-      close_node(A)
-      close_node(B)
-      if not ok then error(err, 0) end
-    end, 20000)
+    local ttl = { event_ttl_seconds = 0.3 }
+    with_pair(R.url, ttl, ttl, function(A, B)
+      assert.is_nil(rs(B).cache_valid)
+      publish(A, "t", "1")
+      caught_up(B, A)
+      wait_until("Redis to trim it", function() return catch_up(B, { "t" }, 0) == "waiting" end, 3000)
+      assert.equals("waiting", (catch_up(B, { "t" }, 0))) -- B serves nothing Redis trimmed
+    end)
   end)
 end)

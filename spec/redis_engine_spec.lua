@@ -5,6 +5,7 @@
 local uv = require "luv"
 local async = require "support.async"
 local redis = require "support.redis"
+local engines = require "support.redis_engines"
 local options = require "longpoll.options"
 local core = require "longpoll.core"
 local cjson = require "cjson"
@@ -16,36 +17,21 @@ if not redis.available() then
   return
 end
 
-local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
-
 local function open_handles()
   local n = 0
   uv.walk(function(h) if not async.owns(h) and not h:is_closing() then n = n + 1 end end)
   return n
 end
 
--- An engine on url; node.events lists what on_event got.
+-- An engine on url; node.events lists what on_event got. extra: more `redis` keys, and buffer.
 local function new_node(url, extra)
-  local r = { url = url }
-  for k, v in pairs(FAST) do r[k] = v end
-  local o = assert(options.check { redis = r, max_event_buffer_size = (extra or {}).buffer or 250 })
-  for k, v in pairs(extra or {}) do if k ~= "buffer" then r[k] = v end end
-  o.ttl_ms = 0
-  local node = { events = {}, logs = {} }
-  node.engine = assert(require("longpoll.engine.redis").new(o, {
-    log = function(level, message) node.logs[#node.logs + 1] = level .. ": " .. message end,
-    on_event = function(event) node.events[#node.events + 1] = event end,
-  }))
-  return node
+  local keys = { url = url }
+  for k, v in pairs(extra or {}) do if k ~= "buffer" then keys[k] = v end end
+  return engines.start(keys, { max_event_buffer_size = (extra or {}).buffer or 250 })
 end
 
-local function online(node) return node.engine:stats().redis.online end
-
-local function close_node(node)
-  local done = async.event()
-  node.engine:close(function() done:set(true) end)
-  assert(done:wait(5000), "engine did not close")
-end
+local function online(node) return engines.figures(node).online end
+local close_node = engines.close
 
 -- extras[i]: more `redis` keys for node i.
 local function with_nodes(url, n, fn, extras)
@@ -66,11 +52,7 @@ local function with_nodes(url, n, fn, extras)
 end
 
 local function publish(node, category, data_json)
-  local done = async.event()
-  assert(node.engine:publish(category, data_json, function(event, err) done:set(event or false, err) end))
-  local event, err = done:wait(5000)
-  assert(event, err)
-  return event
+  return assert(engines.publish(node, category, data_json))
 end
 
 local function ids_of(body)

@@ -7,7 +7,7 @@
 local uv = require "luv"
 local async = require "support.async"
 local redis = require "support.redis"
-local options = require "longpoll.options"
+local engines = require "support.redis_engines"
 local cjson = require "cjson"
 
 local wait_until = async.wait_or_fail
@@ -16,8 +16,6 @@ if not (redis.available() and redis.sentinel_available()) then
   describe("Redis failover", function() pending("redis-server or redis-sentinel is not installed") end)
   return
 end
-
-local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 250, command_timeout_ms = 2000, connect_timeout_ms = 500 }
 
 -- The time now (uv.now() alone is the loop's cached time, stale after a blocking call).
 local function now()
@@ -28,29 +26,10 @@ end
 local function say(fmt, ...) io.stderr:write(fmt:format(...), "\n") end
 
 local function new_node(redis_option)
-  local r = {}
-  for k, v in pairs(FAST) do r[k] = v end
-  for k, v in pairs(redis_option) do r[k] = v end
-  local o = assert(options.check { redis = r, max_event_buffer_size = 100000 })
-  o.ttl_ms = 0
-  return { engine = assert(require("longpoll.engine.redis").new(o, { log = function() end, on_event = function() end })) }
+  return engines.start(redis_option, { max_event_buffer_size = 100000 })
 end
 
-local function close_node(node)
-  local done = async.event()
-  node.engine:close(function() done:set(true) end)
-  assert(done:wait(5000), "engine did not close")
-end
-
--- Publishes and waits for the answer: event, or nil, message.
-local function publish(node, category, data_json)
-  local done = async.event()
-  local ok, err = node.engine:publish(category, data_json, function(event, perr) done:set(event or false, perr) end)
-  if not ok then return nil, err end
-  local event, perr = done:wait(10000)
-  if not event then return nil, perr or "no answer" end
-  return event
-end
+local close_node, publish = engines.close, engines.publish
 
 -- One long poll as the manager runs it: events, or, when its time is up, engine:expire's answer.
 -- Returns "events", body | "timeout", ts | nil, message (refused).

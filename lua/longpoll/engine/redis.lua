@@ -2,8 +2,9 @@
 -- Redis streams (engine/redis/scripts.lua), every node keeps one pub/sub connection per Redis
 -- that wakes its own waiting subscribers, and a local C store only indexes who waits on what.
 -- It implements the engine interface (docs/architecture.md, "The engine interface"); the parts
--- are in engine/redis/: shard (one Redis), link (its connections), waiters (cursors, reads,
--- delivery), marks (timeout timestamps), position (Redis's sequence as this node knows it).
+-- are in engine/redis/: shard (one Redis), link (its connections, Sentinel), waiters (cursors,
+-- reads, delivery), marks (timeout timestamps), position (Redis's sequence as this node knows
+-- it), cache (the node's copy of the stream), scripts, config, connection.
 -- docs/scaling.md tells the whole story.
 local core = require "longpoll.core"
 local config = require "longpoll.engine.redis.config"
@@ -40,7 +41,6 @@ local function cached_limits(options, log)
   end
 end
 
-
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
 -- host = { log = function(level, message, fields), on_event = function(event) }.
@@ -73,6 +73,7 @@ function M.new(options, host)
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
       max_event_buffer_size = options.max_event_buffer_size, max_category_bytes = options.max_category_bytes,
+      max_categories = options.max_categories,
       limits_of = limits_of, log = log, on_event = host_event,
     }
     if not shard then

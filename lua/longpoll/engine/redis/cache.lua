@@ -27,9 +27,11 @@ Cache.__index = Cache
 
 local M = {}
 
--- store_options: for each category's core store (max_event_buffer_size, max_category_bytes).
-function M.new(store_options, log)
-  return setmetatable({ store_options = store_options, log = log, entries = {}, valid = false,
+-- store_options: for each category's core store (max_event_buffer_size, max_category_bytes);
+-- max_categories: how many categories it keeps at most (0: no limit; the others go to Redis).
+function M.new(store_options, log, max_categories)
+  return setmetatable({ store_options = store_options, log = log, max_categories = max_categories or 0,
+    entries = {}, valid = false,
     hits = 0, waits = 0, misses = 0, warmed = 0, resets = 0, categories = 0 }, Cache)
 end
 
@@ -39,7 +41,9 @@ end
 
 -- Drops everything; the cache answers nothing until start().
 function Cache:reset(why)
-  for _, e in pairs(self.entries) do e.store:close() end
+  for _, e in pairs(self.entries) do
+    if e.store then e.store:close() end
+  end
   self.entries, self.categories, self.valid, self.base = {}, 0, false, nil
   if why then
     self.resets = self.resets + 1
@@ -59,6 +63,11 @@ function Cache:start(pos)
 end
 
 function Cache:_entry(category, hold_from, last)
+  if self.max_categories > 0 and self.categories >= self.max_categories then
+    -- full: this category is answered by Redis until the next reset
+    self.entries[category] = { full = true, hold_from = math.maxinteger, last = last }
+    return nil
+  end
   local store, err = core.new_store(self.store_options)
   if not store then
     self.log("warn", "local cache: no store", { error = err })
@@ -79,7 +88,7 @@ function Cache:add(ev)
   end
   if ev.ts == self.last.ts then self.last_ms_ids[ev.id] = true end
   local e = self.entries[ev.category]
-  if e and not after(e.last, ev) then return end -- a read put it here already
+  if e and (e.full or not after(e.last, ev)) then return end -- not kept, or a read put it here already
   e = e or self:_entry(ev.category, self.base_from, self.base)
   if not e then return end
   local ok, err = e.store:restore(ev.category, ev.data_json, ev.id, ev.ts)

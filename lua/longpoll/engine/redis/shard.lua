@@ -47,7 +47,7 @@ function M.new(opts)
   -- the local cache keeps one buffer size and no TTL: off with a TTL or per-category rules
   if opts.ttl_ms == 0 and cfg.cache and not opts.limits_of then
     self.cache = Cache.new({ max_event_buffer_size = opts.max_event_buffer_size,
-      max_category_bytes = opts.max_category_bytes }, log)
+      max_category_bytes = opts.max_category_bytes }, log, opts.max_categories)
   end
   self.position = Position.new(log, function()
     if not self.cache then return end
