@@ -8,6 +8,8 @@
  *   loadgen churn   --proto .. --port P --subs 1000 --cats 4 --rate 100 --duration 10 --pid PID
  *   loadgen catchup --proto .. --port P --conns 8 --duration 5
  *   loadgen publish --proto .. --port P --conns 8 --duration 5
+ * --port2 P2 (hold, churn): every other subscriber connects to a second server on P2 (two nodes
+ * sharing events through Redis); publishers stay on P.
  *
  * Every phase has a deadline, so a run always ends. Only --host (default
  * 127.0.0.1) is ever connected to. */
@@ -58,14 +60,14 @@ struct conn {
 };
 
 static struct {
-  int mode, proto, port, n, cats, pid, conns, timeout_s;
+  int mode, proto, port, port2, n, cats, pid, conns, timeout_s;
   double duration, rate;
   const char *host, *prefix;
   const char *path;   /* our subscribe path (default /events) */
   const char *header; /* an extra header line for our subscribes ("" for none) */
   int sse;            /* hold: the subscribers are SSE streams, answered by their first "data:" */
   uv_loop_t *loop;
-  struct sockaddr_in addr;
+  struct sockaddr_in addr, addr2;
   conn **subs;
   conn *pubs[MAX_CATS];
   int nsubs, next_connect, inflight, connected, written, connect_errors, io_errors, early;
@@ -478,7 +480,8 @@ static void on_connect(uv_connect_t *req, int status) {
 
 static void conn_connect(conn *c) {
   c->creq.data = c;
-  int rc = uv_tcp_connect(&c->creq, &c->tcp, (const struct sockaddr *)&G.addr, on_connect);
+  const struct sockaddr_in *to = (G.port2 && c->role == ROLE_SUB && (c->id & 1)) ? &G.addr2 : &G.addr;
+  int rc = uv_tcp_connect(&c->creq, &c->tcp, (const struct sockaddr *)to, on_connect);
   if (rc) {
     G.connect_errors++;
     if (G.connect_errors <= 5) progress("connect: %s", uv_strerror(rc));
@@ -950,7 +953,7 @@ static void catchup_wait(uv_timer_t *t) {
 static void usage(void) {
   fprintf(stderr,
           "usage: loadgen hold|churn|catchup|publish --proto lp|nchan --port P [--n N] [--subs N] "
-          "[--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H] "
+          "[--port2 P2] [--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H] "
           "[--path /events] [--header \"Name: value\"] [--sse 1 (hold: SSE streams)]\n");
   exit(2);
 }
@@ -986,6 +989,8 @@ int main(int argc, char **argv) {
       G.proto = !strcmp(v, "lp") ? PROTO_LP : !strcmp(v, "nchan") ? PROTO_NCHAN : -2;
     else if (!strcmp(a, "--port"))
       G.port = atoi(v);
+    else if (!strcmp(a, "--port2"))
+      G.port2 = atoi(v);
     else if (!strcmp(a, "--host"))
       G.host = v;
     else if (!strcmp(a, "--n") || !strcmp(a, "--subs"))
@@ -1020,6 +1025,7 @@ int main(int argc, char **argv) {
   if (strcmp(G.host, "127.0.0.1") && strcmp(G.host, "localhost")) die("only 127.0.0.1 is a target");
   if (G.duration <= 0 || G.duration > 120) die("--duration must be 0-120 s");
   uv_ip4_addr("127.0.0.1", G.port, &G.addr);
+  if (G.port2) uv_ip4_addr("127.0.0.1", G.port2, &G.addr2);
   G.loop = uv_default_loop();
   G.t_start = now_us();
 

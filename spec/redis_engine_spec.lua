@@ -5,6 +5,7 @@
 local uv = require "luv"
 local async = require "support.async"
 local redis = require "support.redis"
+local engines = require "support.redis_engines"
 local options = require "longpoll.options"
 local core = require "longpoll.core"
 local cjson = require "cjson"
@@ -16,36 +17,21 @@ if not redis.available() then
   return
 end
 
-local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
-
 local function open_handles()
   local n = 0
   uv.walk(function(h) if not async.owns(h) and not h:is_closing() then n = n + 1 end end)
   return n
 end
 
--- An engine on url; node.events lists what on_event got.
+-- An engine on url; node.events lists what on_event got. extra: more `redis` keys, and buffer.
 local function new_node(url, extra)
-  local r = { url = url }
-  for k, v in pairs(FAST) do r[k] = v end
-  local o = assert(options.check { redis = r, max_event_buffer_size = (extra or {}).buffer or 250 })
-  for k, v in pairs(extra or {}) do if k ~= "buffer" then r[k] = v end end
-  o.ttl_ms = 0
-  local node = { events = {}, logs = {} }
-  node.engine = assert(require("longpoll.engine.redis").new(o, {
-    log = function(level, message) node.logs[#node.logs + 1] = level .. ": " .. message end,
-    on_event = function(event) node.events[#node.events + 1] = event end,
-  }))
-  return node
+  local keys = { url = url }
+  for k, v in pairs(extra or {}) do if k ~= "buffer" then keys[k] = v end end
+  return engines.start(keys, { max_event_buffer_size = (extra or {}).buffer or 250 })
 end
 
-local function online(node) return node.engine:stats().redis.online end
-
-local function close_node(node)
-  local done = async.event()
-  node.engine:close(function() done:set(true) end)
-  assert(done:wait(5000), "engine did not close")
-end
+local function online(node) return engines.figures(node).online end
+local close_node = engines.close
 
 -- extras[i]: more `redis` keys for node i.
 local function with_nodes(url, n, fn, extras)
@@ -66,11 +52,7 @@ local function with_nodes(url, n, fn, extras)
 end
 
 local function publish(node, category, data_json)
-  local done = async.event()
-  assert(node.engine:publish(category, data_json, function(event, err) done:set(event or false, err) end))
-  local event, err = done:wait(5000)
-  assert(event, err)
-  return event
+  return assert(engines.publish(node, category, data_json))
 end
 
 local function ids_of(body)
@@ -126,6 +108,8 @@ describe("Redis engine interface", function()
     with_nodes(R.url, 2, function(nodes)
       local A, B = nodes[1], nodes[2]
       local e1, e2 = publish(A, "c", "1"), publish(A, "c", "2")
+      -- B answers from what it received (its local cache): let it receive them first
+      wait_until("B to receive them", function() return #B.events == 2 end)
       local answer = async.event()
       assert(B.engine:subscribe({ categories = { "c" }, since = 0 }, function(body) answer:set(body) end))
       assert.same({ e1.id, e2.id }, ids_of(answer:wait(3000)))
@@ -158,18 +142,25 @@ describe("Redis engine interface", function()
       local handle = assert(B.engine:subscribe({ categories = { "m" } }, function(body) answer:set(body) end))
       t.hold() -- B's pub/sub link is slow: e1 and the marker wait in it
       local e1 = publish(A, "m", "1")
-      local mark = async.event()
-      B.engine:timeout_mark(function(ts, err) mark:set(ts, err, B.engine:cancel(handle)) end, handle)
+      local timed_out = false
+      B.engine:expire(handle, function() timed_out = true end)
       wait_until("e1 and the marker to be held", function() return #t.held == 2 end)
-      assert.is_nil(mark:wait(50)) -- the marker has not come yet
+      async.sleep(20)
+      assert.is_false(answer.is_set or timed_out) -- the marker has not come yet
       t.release()
       assert.same({ e1.id }, ids_of(answer:wait(3000)))
-      local ts, err, cancelled = mark:wait(3000)
-      assert.is_nil(err)
-      assert.is_false(cancelled) -- e1 answered it: no timeout answer
-      -- a plain mark: no later event gets its timestamp or less
+      async.sleep(20)
+      assert.is_false(timed_out) -- e1 answered it: exactly one of the two
+      -- a waiter with nothing on its way times out, with a time no later event reaches
+      local quiet = async.event()
+      local h2 = assert(B.engine:subscribe({ categories = { "m" } }, function() quiet:set("events") end))
+      B.engine:expire(h2, function(ts) quiet:set("timeout", ts) end)
+      local kind, ts = quiet:wait(3000)
+      assert.equals("timeout", kind)
+      assert.is_false(B.engine:cancel(h2)) -- its wait ended
+      -- a plain mark: the same promise
       local plain = async.event()
-      B.engine:timeout_mark(function(T) plain:set(T) end)
+      assert.is_true(B.engine:timeout_mark(function(T) plain:set(T) end))
       local T = plain:wait(3000)
       assert.truthy(T >= e1.timestamp and ts >= e1.timestamp)
       assert.truthy(publish(A, "m", "2").timestamp > T)
@@ -193,7 +184,8 @@ describe("Redis engine interface", function()
         return #got == 3
       end)
       for i, e in ipairs({ e0, e1, e2 }) do
-        assert.same({ json = e.json, timestamp = e.timestamp, id = e.id }, got[i])
+        assert.same({ json = e.json, timestamp = e.timestamp, id = e.id, category = "f", data_json = e.data_json },
+          got[i])
       end
       assert.is_false(batches[1].missed)
       assert.is_true(B.engine:unfollow(handle))
@@ -233,5 +225,31 @@ describe("Redis engine interface", function()
       assert.same({ e1.id, e2.id }, got)
       assert.equals(1, B.engine:stats().redis.gaps)
     end, { [2] = { transport = t.option } })
+  end)
+end)
+
+describe("longpoll serve's Redis flags", function()
+  local cli = require "longpoll.cli"
+
+  it("map to the redis option, and wrong combinations are refused clearly", function()
+    assert.is_nil(cli.redis_option({}))
+    assert.same({ url = "redis://h:1/0", prefix = "p:" }, cli.redis_option({ redis = "redis://h:1/0", ["redis-prefix"] = "p:" }))
+    assert.same({ sentinels = { "a:1", "b:2" }, master_name = "m", wait_replicas = 1 },
+      cli.redis_option({ ["redis-sentinel"] = "a:1,b:2", ["redis-master"] = "m", ["redis-wait"] = 1 }))
+    assert.same({ shards = { "redis://a:1", "redis://b:2" }, cache = false },
+      cli.redis_option({ ["redis-shards"] = "redis://a:1,redis://b:2", ["redis-no-cache"] = true }))
+    assert.same({ nil, "--redis-sentinel and --redis-master go together" },
+      { cli.redis_option({ ["redis-sentinel"] = "a:1" }) })
+    assert.same({ nil, "--redis-wait needs --redis, --redis-sentinel or --redis-shards" },
+      { cli.redis_option({ ["redis-wait"] = 1 }) })
+    -- and the option's own checks name the key
+    local config = require "longpoll.engine.redis.config"
+    assert.equals("key 'sentinels' has a bad address \"nohost\" (host:port)", config.check({ sentinels = { "nohost" },
+      master_name = "m" }))
+    assert.equals("needs both 'sentinels' and 'master_name'", config.check({ sentinels = { "a:1" } }))
+    assert.equals("cannot have both 'shards' and 'sentinels'",
+      config.check({ shards = { "redis://a:1" }, sentinels = { "a:1" }, master_name = "m" }))
+    assert.equals("key 'wait_timeout_ms' must be below 'command_timeout_ms'",
+      config.check({ wait_replicas = 1, wait_timeout_ms = 6000 }))
   end)
 end)

@@ -51,6 +51,15 @@ flags:
   --redis URL            share events with other servers through Redis (redis://host:port/db);
                          start fails when Redis does not answer (docs/scaling.md)
   --redis-prefix P       prefix of the Redis keys and channels (default longpoll:)
+  --redis-sentinel LIST  find the Redis master through these sentinels (host:port,host:port,...)
+                         and follow its failovers; needs --redis-master (--redis URL, if given,
+                         only carries password and database)
+  --redis-master NAME    the master's name in Sentinel
+  --redis-wait N         acknowledge a publish only once N replicas have it (Redis WAIT);
+                         503 otherwise
+  --redis-shards LIST    spread categories over several Redis masters (redis://...,redis://...),
+                         listed in the same order on every server
+  --redis-no-cache       answer every catch-up from Redis, not from this server's copy of the stream
   --log-level LEVEL      debug, info, warn or error (default warn)
   --quiet                no start-up line
   -h, --help             this text
@@ -66,11 +75,41 @@ local FLAGS = {
   ["--js-prefix"] = "string", ["--persist"] = "string", ["--flush-ms"] = "integer",
   ["--fsync"] = "boolean", ["--error-status"] = "integer", ["--max-connections"] = "integer",
   ["--log-level"] = "string", ["--quiet"] = "boolean",
-  ["--redis"] = "string", ["--redis-prefix"] = "string",
+  ["--redis"] = "string", ["--redis-prefix"] = "string", ["--redis-sentinel"] = "string",
+  ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
+  ["--redis-no-cache"] = "boolean",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
   ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
 }
+
+local function comma_list(v)
+  local out = {}
+  for item in v:gmatch("[^,]+") do out[#out + 1] = item end
+  return out
+end
+
+-- The `redis` option the --redis* flags ask for: a table, nil (no Redis), or nil, message.
+function M.redis_option(flags)
+  local any = flags.redis or flags["redis-sentinel"] or flags["redis-shards"]
+  if not any then
+    for _, f in ipairs { "redis-prefix", "redis-master", "redis-wait", "redis-no-cache" } do
+      if flags[f] ~= nil then return nil, "--" .. f .. " needs --redis, --redis-sentinel or --redis-shards" end
+    end
+    return nil
+  end
+  if (flags["redis-sentinel"] == nil) ~= (flags["redis-master"] == nil) then
+    return nil, "--redis-sentinel and --redis-master go together"
+  end
+  local cache -- nil: the default (on)
+  if flags["redis-no-cache"] then cache = false end
+  return {
+    url = flags.redis, prefix = flags["redis-prefix"], master_name = flags["redis-master"],
+    sentinels = flags["redis-sentinel"] and comma_list(flags["redis-sentinel"]),
+    shards = flags["redis-shards"] and comma_list(flags["redis-shards"]),
+    wait_replicas = flags["redis-wait"], cache = cache,
+  }
+end
 
 M.DEFAULT_MAX_MEMORY = 512 * 1024 * 1024
 M.DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -173,9 +212,10 @@ function M.serve(flags)
     if not file then return die(err) end
     add_ons[#add_ons + 1] = file
   end
-  if flags["redis-prefix"] and not flags.redis then return die("--redis-prefix needs --redis") end
-  if flags["max-memory"] and flags.redis then
-    return die("--max-memory cannot be used with --redis (events are kept in Redis: set maxmemory there)")
+  local redis, rerr = M.redis_option(flags)
+  if rerr then return die(rerr) end
+  if flags["max-memory"] and redis then
+    return die("--max-memory cannot be used with Redis (events are kept in Redis: set maxmemory there)")
   end
   local token = flags["publish-token"] or os.getenv("LONGPOLL_PUBLISH_TOKEN")
   if token == "" then token = nil end
@@ -183,7 +223,7 @@ function M.serve(flags)
     local terr = auth.check_token(token)
     if terr then return die(terr) end
   end
-  local max_memory = flags["max-memory"] or (not flags.redis and M.default_max_memory()) or nil
+  local max_memory = flags["max-memory"] or (not redis and M.default_max_memory()) or nil
   local cors_option = flags.cors and { origins = M.cors_origins(flags.cors) } or nil
   if cors_option and token then -- browsers must be allowed to send the token
     cors_option.allow_headers = { "Content-Type", "Last-Event-ID", "Authorization" }
@@ -196,7 +236,7 @@ function M.serve(flags)
     subscribe_error_status = flags["error-status"],
     add_on = #add_ons > 0 and add_ons or nil,
     logger = { level = flags["log-level"] or "warn" },
-    redis = flags.redis and { url = flags.redis, prefix = flags["redis-prefix"] } or nil,
+    redis = redis,
     cors = cors_option,
     max_buffered_bytes = max_memory,
     max_categories = flags["max-categories"],

@@ -61,9 +61,11 @@ end
 
 -- Starts (or restarts, keeping its directory and its data files) the server.
 function Server:start()
+  if self.sentinel_of then return self:_start_sentinel() end
   local args = { "redis-server", "--port", self.port, "--bind", "127.0.0.1", "--daemonize", "yes",
     "--dir", self.dir, "--pidfile", self.dir .. "/redis.pid", "--logfile", self.dir .. "/redis.log",
-    "--save", "''" }
+    "--save", "''", "--repl-diskless-sync-delay", "0" } -- a replica's full sync starts at once
+  if self.replica_of then args[#args + 1] = "--replicaof 127.0.0.1 " .. self.replica_of end
   if self.persist then
     args[#args + 1] = "--appendonly yes --appendfsync always"
   else
@@ -75,6 +77,34 @@ function Server:start()
     pause()
   end
   error("redis-server on port " .. self.port .. " did not answer: " .. (read_file(self.dir .. "/redis.log") or ""))
+end
+
+function Server:_wait_running()
+  for _ = 1, 200 do
+    if self:running() then return self end
+    pause()
+  end
+  error("server on port " .. self.port .. " did not answer: " .. (read_file(self.dir .. "/redis.log") or ""))
+end
+
+-- A sentinel watching the master "mymaster" on port sentinel_of (quorum 2), quick to act:
+-- down after 1 s without an answer (less makes a busy master look dead: a replica's full sync
+-- stalls it, and a second failover then promotes a replica still empty), failover given up
+-- after 4 s.
+function Server:_start_sentinel()
+  local conf = self.dir .. "/sentinel.conf"
+  local f = assert(io.open(conf, "w"))
+  f:write(table.concat({
+    "port " .. self.port, "bind 127.0.0.1", "daemonize yes", "dir " .. self.dir,
+    "pidfile " .. self.dir .. "/redis.pid", "logfile " .. self.dir .. "/redis.log",
+    "sentinel monitor mymaster 127.0.0.1 " .. self.sentinel_of .. " 2",
+    "sentinel down-after-milliseconds mymaster 1000",
+    "sentinel failover-timeout mymaster 4000",
+    "sentinel parallel-syncs mymaster 1", "",
+  }, "\n"))
+  f:close()
+  assert(sh("redis-sentinel '" .. conf .. "'"), "redis-sentinel did not start")
+  return self:_wait_running()
 end
 
 -- Kills the server with SIGKILL (no shutdown, no save) and waits until it is gone.
@@ -93,14 +123,26 @@ function Server:stop()
   sh("rm -rf '" .. self.dir .. "'")
 end
 
+-- Sentinel: whether a failover of "mymaster" is under way (its flags say so).
+function Server:failover_in_progress()
+  return self:cli("SENTINEL MASTER mymaster"):find("failover_in_progress", 1, true) ~= nil
+end
+
+function M.sentinel_available()
+  return sh("command -v redis-sentinel")
+end
+
 -- opts.persist: append-only file with fsync on every write, so a killed
 -- server comes back with everything it acknowledged.
+-- opts.replica_of: a port; the server replicates the one there.
+-- opts.sentinel_of: a port; a sentinel (not a server) watching the master there as "mymaster".
 function M.start(opts)
   opts = opts or {}
   local dir = os.tmpname()
   os.remove(dir)
   assert(sh("mkdir -p '" .. dir .. "'"))
-  local self = setmetatable({ port = opts.port or M.free_port(), dir = dir, persist = opts.persist }, Server)
+  local self = setmetatable({ port = opts.port or M.free_port(), dir = dir, persist = opts.persist,
+    replica_of = opts.replica_of, sentinel_of = opts.sentinel_of }, Server)
   self.url = ("redis://127.0.0.1:%d/0"):format(self.port)
   return self:start()
 end

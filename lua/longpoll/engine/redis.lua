@@ -2,8 +2,9 @@
 -- Redis streams (engine/redis/scripts.lua), every node keeps one pub/sub connection per Redis
 -- that wakes its own waiting subscribers, and a local C store only indexes who waits on what.
 -- It implements the engine interface (docs/architecture.md, "The engine interface"); the parts
--- are in engine/redis/: shard (one Redis), link (its connections), waiters (cursors, reads,
--- delivery), marks (timeout timestamps), position (Redis's sequence as this node knows it).
+-- are in engine/redis/: shard (one Redis), link (its connections, Sentinel), waiters (cursors,
+-- reads, delivery), marks (timeout timestamps), position (Redis's sequence as this node knows
+-- it), cache (the node's copy of the stream), scripts, config, connection.
 -- docs/scaling.md tells the whole story.
 local core = require "longpoll.core"
 local config = require "longpoll.engine.redis.config"
@@ -16,13 +17,6 @@ Engine.__index = Engine
 local M = {}
 
 local function noop() end
-
--- The event as the host gets it (on_event, publish's callback).
-local function event_of(category, catjson, json, id, ts)
-  -- json = {"timestamp":<ts>,"category":<catjson>,"data":<data>,"id":"<36>"}
-  local data_at = #'{"timestamp":' + #("%d"):format(ts) + #',"category":' + #catjson + #',"data":' + 1
-  return { id = id, timestamp = ts, category = category, data_json = json:sub(data_at, -46), json = json }
-end
 
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
@@ -39,16 +33,17 @@ function M.new(options, host)
     max_waiting_per_category = options.max_waiting_per_category,
   }
   local function host_event(ev)
-    local catjson = core.json_string(ev.category)
-    if not catjson then return end
-    local ok, herr = pcall(on_event, event_of(ev.category, catjson, ev.json, ev.json:sub(-38, -3), ev.ts))
+    local event = { id = ev.id, timestamp = ev.ts, category = ev.category, data_json = ev.data_json, json = ev.json }
+    local ok, herr = pcall(on_event, event)
     if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
   end
   local node_id = Position.epoch_candidate()
   for i, cfg in ipairs(config.resolve(options.redis)) do
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
-      max_event_buffer_size = options.max_event_buffer_size, log = log, on_event = host_event,
+      max_event_buffer_size = options.max_event_buffer_size, max_category_bytes = options.max_category_bytes,
+      max_categories = options.max_categories,
+      log = log, on_event = host_event,
     }
     if not shard then
       for _, s in ipairs(self.shards) do s:close(noop) end
@@ -101,23 +96,22 @@ function Engine:_shard_of_all(categories)
   return shard
 end
 
--- engine:publish(category, data_json, callback) -> true | nil, message, code
-function Engine:publish(category, data_json, callback)
+-- engine:publish(category, data_json, callback[, data]) -> true | nil, message, code
+-- data: the publisher's Lua value, handed back as event.data.
+function Engine:publish(category, data_json, callback, data)
   if self.closed then return nil, "manager is shut down", "ECLOSED" end
-  local catjson = core.json_string(category)
-  if not catjson then return nil, "category is not valid UTF-8", "EINVAL" end
+  if not core.utf8_valid(category) then return nil, "category is not valid UTF-8", "EINVAL" end
   local shard = self:_shard_of(category)
   if not shard:can_publish() then return nil, "Redis is unavailable", "EUNAVAILABLE" end
   local id = core.uuid()
-  local ok, err = shard:publish(category, catjson, data_json, id, function(epoch, ts, seq)
+  local ok, err = shard:publish(category, data_json, id, function(epoch, ts, seq)
     if not epoch then
       self.log("warn", "publish failed", { category = category, error = ts })
       return callback(nil, "publish failed: " .. ts, "EUNAVAILABLE")
     end
-    local json = '{"timestamp":' .. ("%d"):format(ts) .. ',"category":' .. catjson .. ',"data":' .. data_json ..
-      ',"id":"' .. id .. '"}'
     self.log("debug", "published", { category = category, id = id, seq = seq, epoch = epoch })
-    callback(event_of(category, catjson, json, id, ts))
+    callback({ id = id, timestamp = ts, category = category, data_json = data_json,
+      json = core.event_json(ts, category, data_json, id), data = data })
   end)
   if not ok then return nil, err, "EUNAVAILABLE" end
   return true
@@ -178,16 +172,29 @@ function Engine:cancel(handle)
   return shard ~= nil and shard:cancel(id)
 end
 
--- engine:timeout_mark(callback[, handle]): callback(ts) or callback(nil, message). Call it
--- while the long poll still waits and cancel it in the callback: ts then covers every event
--- the waiter was not given (with the handle, a waiter whose read is still owed gets its own
--- cursor's time, so continuing from it skips nothing).
-function Engine:timeout_mark(callback, handle)
-  if self.closed then return callback(nil, "manager is shut down") end
+-- engine:expire(handle, on_timeout): the long poll's time is up. Ends the wait, then exactly one
+-- of on_answer(body) (events that were on their way: a read in flight, or events published
+-- before the mark reaching this node) or on_timeout(ts) runs, now or later. ts: no event
+-- published later gets ts or less, and the waiter got every event up to it (Redis away: a
+-- waiter whose read is still owed gets its own cursor's time, so continuing skips nothing);
+-- nil when the engine closed first.
+function Engine:expire(handle, on_timeout)
   local shard, id = self:_locate(handle)
-  if shard then return shard:timeout_mark(callback, id) end
+  if not shard or not shard:expire(id, on_timeout) then
+    return on_timeout(self.shards[1]:known_time())
+  end
+end
+
+-- engine:timeout_mark(callback) -> true | nil, message: callback(ts) (or callback(nil,
+-- message)), ts a timestamp no event published later reaches, handed out once every event
+-- published before it reached this node.
+function Engine:timeout_mark(callback)
+  if self.closed then return nil, "manager is shut down" end
   local shards = self.shards
-  if #shards == 1 then return shards[1]:timeout_mark(callback) end
+  if #shards == 1 then
+    shards[1]:timeout_mark(callback)
+    return true
+  end
   -- several Redis: the largest of their marks, then every one raised past it (a second mark
   -- with that floor), so no later event of any shard reaches it
   local function on_all(round, done)
@@ -210,17 +217,9 @@ function Engine:timeout_mark(callback, handle)
       callback(T)
     end)
   end)
+  return true
 end
 
--- engine:expire(handle, on_timeout): the long poll's time is up. Its mark is asked while it
--- still waits (events that come first answer it instead), then it ends; on_timeout(ts), or
--- on_timeout(nil, message) when no time could be had.
-function Engine:expire(handle, on_timeout)
-  self:timeout_mark(function(ts, err)
-    self:cancel(handle)
-    on_timeout(ts, err)
-  end, handle)
-end
 
 -- engine:follow(categories, since, last_id, on_events) -> handle | nil, message
 function Engine:follow(categories, since, last_id, on_events)
@@ -236,7 +235,7 @@ end
 
 -- engine:stats(with_categories) -> table: the waiter index's figures and each Redis's.
 function Engine:stats(with_categories)
-  local s = self.closed and { closed = true } or self.store:stats(with_categories)
+  local s = self.store_closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
   for i, shard in ipairs(self.shards) do
@@ -259,6 +258,7 @@ function Engine:close(done)
       left = left - 1
       if left == 0 then
         self.store:close()
+        self.store_closed = true
         done()
       end
     end)

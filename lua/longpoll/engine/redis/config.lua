@@ -6,6 +6,7 @@
 --             sentinels = { "host:port", ... }, master_name = "mymaster",  -- Sentinel
 --             wait_replicas = 0, wait_timeout_ms = 1000,                   -- WAIT after publish
 --             shards = { "redis://host:port", ... },                        -- client-side sharding
+--             cache = true,   -- answer catch-ups from the node's copy of the stream (no TTL only)
 --             transport = nil }   -- specs only: { message = f, reply = f }, see engine/redis/link.lua
 -- With sentinels, the URL gives only credentials and database; the master's address comes from
 -- the sentinels. With shards, each URL is one master; every node must list them in one order.
@@ -111,6 +112,7 @@ local KEYS = {
   wait_replicas = { 0, integer(0, 100) },
   wait_timeout_ms = { 1000, integer(1, 600000) },
   shards = { nil, list_of(M.parse_url, "redis:// URLs") },
+  cache = { true, function(v) if type(v) ~= "boolean" then return "must be true or false" end end },
   transport = { nil, function(v)
     if type(v) ~= "table" then return "must be a table of functions (message, reply)" end
     for k, f in pairs(v) do

@@ -7,6 +7,7 @@
 -- may sit between Redis and the owner (hold pub/sub messages, slow down script replies).
 local uv = require "luv"
 local hiredis = require "longpoll.hiredis"
+local sigpipe = require "longpoll.sigpipe"
 local Connection = require "longpoll.engine.redis.connection"
 local scripts = require "longpoll.engine.redis.scripts"
 
@@ -41,6 +42,7 @@ function M.new(cfg, channels, log, handlers)
   self.timers = { cmd = uv.new_timer(), sub = uv.new_timer() }
   if cfg.sentinels then self.timers.watch = uv.new_timer() end
   for _, t in pairs(self.timers) do t:unref() end
+  sigpipe.hold() -- a write to a Redis that just died must not end the process
   return self
 end
 
@@ -129,9 +131,9 @@ function Link:_open(kind, on_push, on_lost, handshake, on_ready)
     conn:connect(checked, function(replies)
       if role then
         local r = replies[1]
-        if type(r) ~= "table" or r[1] ~= "master" then
-          local said = tostring(type(r) == "table" and r[1] or r)
-          return conn:abort(("%s:%d is not a master (ROLE says %s)"):format(host, port, said))
+        local role_name = type(r) == "table" and r[1] or r
+        if role_name ~= "master" then
+          return conn:abort(("%s:%d is not a master (ROLE says %s)"):format(host, port, tostring(role_name)))
         end
         table.remove(replies, 1)
       end
@@ -259,6 +261,11 @@ function Link:start()
   self:_connect_sub()
 end
 
+-- Whether both connections are up and synced.
+function Link:is_online()
+  return self.online
+end
+
 -- Whether scripts can be sent now.
 function Link:can_send()
   return self.cmd ~= nil and self.cmd_ready
@@ -312,6 +319,7 @@ function Link:close()
   for conn in pairs(self.asking) do conn:close() end
   self.cmd, self.sub, self.watcher, self.cmd_ready, self.sub_ready, self.online = nil, nil, nil, false, false, false
   for _, t in pairs(self.timers) do close_handle(t) end
+  sigpipe.release()
 end
 
 -- One blocking round trip before serving: is Redis there, recent enough, and where is its

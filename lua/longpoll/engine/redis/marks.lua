@@ -40,7 +40,7 @@ end
 -- Asks for a mark: callback(T) once the marker came back, or callback(nil, message).
 function Marks:request(callback)
   if self.closed then return callback(nil, "Redis engine is closed") end
-  if not self.link.online then return callback(nil, "Redis is unavailable") end
+  if not self.link:is_online() then return callback(nil, "Redis is unavailable") end
   local batch = self.batch
   batch[#batch + 1] = callback
   if #batch == 1 then self.flush_timer:start(0, 0, function() self:_send() end) end

@@ -8,9 +8,11 @@ Position.__index = Position
 
 local M = {}
 
--- log(level, message, fields): where a change of epoch is reported.
-function M.new(log)
-  return setmetatable({ epoch = nil, ts = 0, seq = 0, floor = 0, old_epochs = {}, log = log }, Position)
+-- log(level, message, fields): where a change of epoch is reported; on_new_epoch(): called
+-- when Redis turns out to have lost its data (optional).
+function M.new(log, on_new_epoch)
+  return setmetatable({ epoch = nil, ts = 0, seq = 0, floor = 0, old_epochs = {}, log = log,
+    on_new_epoch = on_new_epoch }, Position)
 end
 
 -- Notes a position Redis reported (an event, a read, a mark).
@@ -21,6 +23,7 @@ function Position:observe(epoch, ts, seq)
     if self.epoch then
       self.log("warn", "Redis has a new epoch: it lost its data", { epoch = epoch })
       self.old_epochs[self.epoch] = true
+      if self.on_new_epoch then self.on_new_epoch() end
     end
     self.epoch, self.ts, self.seq = epoch, ts, seq
   elseif ts > self.ts or (ts == self.ts and seq > self.seq) then

@@ -7,12 +7,13 @@
 --                   min_next (smallest timestamp the next event may carry,
 --                   raised by timeout answers), epoch (random, made when the
 --                   hash is: a new epoch means Redis lost its data)
---   P.."s:"..C      stream of category C; entry ID "<timestamp>-<seq>", one
---                   field "e" holding the event's JSON
+--   P.."s:"..C      stream of category C; entry ID "<timestamp>-<seq>", fields
+--                   "i" (the event id) and "d" (its data as JSON text); the event
+--                   JSON itself is built by each node's C core (core.event_json)
 --   P.."d:"..C      "<entry ID> <event id>" of the newest event C dropped
 --                   (buffer size or TTL), for the "missed" flag
 -- Channels: P.."events" carries every event to every node:
---   "E <epoch> <seq> <timestamp> <category length>\n<category><event JSON>"
+--   "E <epoch> <seq> <timestamp> <category length>\n<category><event id><data JSON>"
 -- and P.."node:"..N carries a node's own markers:
 --   "M <token> <epoch> <seq> <last> <T>"
 local M = {}
@@ -44,8 +45,6 @@ local function newer(a, b) -- the newer of two stream entries (either may be nil
   if at > bt or (at == bt and as > bs) then return a end
   return b
 end
--- the event id is the last 36 characters before '"}' of the event JSON
-local function event_id(json) return string.sub(json, -38, -3) end
 -- The entry of stream that TTL drops at now (the newest one older than
 -- ttl_ms), and the minimum ID that stays.
 local function expired(stream, ttl, now)
@@ -56,25 +55,25 @@ local function expired(stream, ttl, now)
 end
 -- Remembers entry as the newest dropped event of its category.
 local function remember_dropped(dropped, entry)
-  redis.call('SET', dropped, entry[1] .. ' ' .. event_id(entry[2][2]))
+  redis.call('SET', dropped, entry[1] .. ' ' .. entry[2][2])
 end
 ]]
 
 -- KEYS: clock, stream, dropped
--- ARGV: category, category as JSON, data JSON, event id, buffer size,
---       ttl_ms (0: forever), channel, epoch candidate, floor
+-- ARGV: category, data JSON, event id, buffer size, ttl_ms (0: forever),
+--       channel, epoch candidate, floor
 -- Returns { epoch, timestamp, seq }.
 M.publish = PROLOGUE .. [[
 local clock_key, stream, dropped = KEYS[1], KEYS[2], KEYS[3]
-local last, min_next, seq, epoch, now = clock(clock_key, ARGV[8])
+local last, min_next, seq, epoch, now = clock(clock_key, ARGV[7])
 local ts = now
 if ts < last then ts = last end
 if ts < min_next then ts = min_next end
-local floor = tonumber(ARGV[9])
+local floor = tonumber(ARGV[8])
 if ts < floor then ts = floor end
 seq = seq + 1
 local tss, seqs = int(ts), int(seq)
-local maxlen, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local maxlen, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 -- which entry goes last: by size (the oldest beyond maxlen - 1) or by TTL
 local gone
 local len = redis.call('XLEN', stream)
@@ -84,10 +83,8 @@ if len >= maxlen then
 end
 local old, minid = expired(stream, ttl, now)
 gone = newer(gone, old)
-local json = '{"timestamp":' .. tss .. ',"category":' .. ARGV[2] .. ',"data":' .. ARGV[3] ..
-  ',"id":"' .. ARGV[4] .. '"}'
 -- first write: if it fails (an ID at or below the stream's last), nothing changed
-local added = redis.pcall('XADD', stream, 'MAXLEN', maxlen, tss .. '-' .. seqs, 'e', json)
+local added = redis.pcall('XADD', stream, 'MAXLEN', maxlen, tss .. '-' .. seqs, 'i', ARGV[3], 'd', ARGV[2])
 if type(added) == 'table' and added.err then return added end
 redis.call('HSET', clock_key, 'last', tss, 'seq', seqs)
 if gone then remember_dropped(dropped, gone) end
@@ -98,8 +95,8 @@ if ttl > 0 then
   redis.call('PEXPIRE', stream, keep)
   redis.call('PEXPIRE', dropped, keep)
 end
-redis.call('PUBLISH', ARGV[7], 'E ' .. epoch .. ' ' .. seqs .. ' ' .. tss .. ' ' .. string.len(ARGV[1]) .. '\n' ..
-  ARGV[1] .. json)
+redis.call('PUBLISH', ARGV[6], 'E ' .. epoch .. ' ' .. seqs .. ' ' .. tss .. ' ' .. string.len(ARGV[1]) .. '\n' ..
+  ARGV[1] .. ARGV[3] .. ARGV[2])
 return { epoch, tss, seqs }
 ]]
 
@@ -110,7 +107,8 @@ return { epoch, tss, seqs }
 --            wire contract's cursor)
 --   "after"  a = timestamp, b = seq, c = epoch: the events after that
 --            position (a node's own cursor); another epoch means "all"
--- Returns { epoch, last, seq, missed (0/1), event JSON... } oldest first.
+-- Returns { epoch, last, seq, missed (0/1), then per event, oldest first: timestamp,
+-- category (its index among the streams of KEYS), event id, data JSON }.
 M.fetch = PROLOGUE .. [[
 local last, _, seq, epoch, now = clock(KEYS[1], ARGV[6])
 local mode, ttl = ARGV[1], tonumber(ARGV[5])
@@ -139,7 +137,7 @@ elseif last_id ~= '' then
   for i = 1, ncat do
     local same_ms = redis.call('XRANGE', KEYS[2 * i], ARGV[2] .. '-0', ARGV[2] .. '-18446744073709551615')
     for _, entry in ipairs(same_ms) do
-      if event_id(entry[2][2]) == last_id then
+      if entry[2][2] == last_id then
         start, rule = '(' .. entry[1], 'after'
         cts, cseq = parse_id(entry[1])
         break
@@ -164,7 +162,7 @@ for i = 1, ncat do
   if redis.call('XLEN', stream) > 0 then
     for _, entry in ipairs(redis.call('XRANGE', stream, start, '+')) do
       local t, s = parse_id(entry[1])
-      found[#found + 1] = { t, s, entry[2][2] }
+      found[#found + 1] = { t, s, i, entry[2][2], entry[2][4] }
     end
     local d = redis.call('GET', KEYS[2 * i + 1])
     if d and not missed then
@@ -177,7 +175,12 @@ if ncat > 1 then
   table.sort(found, function(x, y) return x[1] < y[1] or (x[1] == y[1] and x[2] < y[2]) end)
 end
 local out = { epoch, int(last), int(seq), (#found > 0 and missed) and 1 or 0 }
-for i = 1, #found do out[#out + 1] = found[i][3] end
+for _, f in ipairs(found) do
+  out[#out + 1] = int(f[1])
+  out[#out + 1] = f[3]
+  out[#out + 1] = f[4]
+  out[#out + 1] = f[5]
+end
 return out
 ]]
 

@@ -2,6 +2,8 @@
 -- timeout marks and its waiters, and what its pub/sub messages mean. Every category lives in
 -- exactly one shard; with one Redis there is one shard.
 local uv = require "luv"
+local core = require "longpoll.core"
+local Cache = require "longpoll.engine.redis.cache"
 local Link = require "longpoll.engine.redis.link"
 local Marks = require "longpoll.engine.redis.marks"
 local Position = require "longpoll.engine.redis.position"
@@ -38,7 +40,15 @@ function M.new(opts)
     stream = function(category) return prefix .. "s:" .. category end,
     dropped = function(category) return prefix .. "d:" .. category end,
   }
-  self.position = Position.new(log)
+  if opts.ttl_ms == 0 and cfg.cache then
+    self.cache = Cache.new({ max_event_buffer_size = opts.max_event_buffer_size,
+      max_category_bytes = opts.max_category_bytes }, log, opts.max_categories)
+  end
+  self.position = Position.new(log, function()
+    if not self.cache then return end
+    self.cache:reset("Redis has a new epoch")
+    self.cache_from_next_message = true -- every later message reaches it: it starts there
+  end)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
   if not reply then
     local where = cfg.sentinels and ("master '%s' (Sentinel)"):format(cfg.master_name)
@@ -52,6 +62,10 @@ function M.new(opts)
     ready = function() self:_sync() end,
     pubsub_lost = function(why)
       self.msg_seq = nil
+      if self.cache then
+        self.cache:reset("pub/sub lost")
+        self.cache_from_next_message = false -- the next sync starts it
+      end
       self.waiters:all_owe_a_read()
       self.marks:fail_all(why)
     end,
@@ -59,7 +73,7 @@ function M.new(opts)
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
-    keys = self.keys, ttl_ms = opts.ttl_ms, log = log }
+    cache = self.cache, keys = self.keys, ttl_ms = opts.ttl_ms, log = log }
   self.link:start()
   return self
 end
@@ -76,7 +90,9 @@ function Shard:_sync()
       self.position:observe(reply[1], int(reply[2]), int(reply[3]))
       self.position:handed_out(int(reply[4]))
       self.link:set_online()
-      if not self.link.online then return end
+      if not self.link:is_online() then return end
+      -- pub/sub was subscribed before this mark ran: every later event reaches the cache
+      if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = int(reply[3]) }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
       self.waiters:fetch_owed()
     end)
@@ -91,6 +107,10 @@ function Shard:_on_event_message(ev)
   if self.msg_epoch == ev.epoch and self.msg_seq and ev.seq > self.msg_seq + 1 then
     self.log("warn", "pub/sub gap: reading missed events from Redis", { expected = self.msg_seq + 1, got = ev.seq })
     self.gaps = self.gaps + 1
+    if self.cache then
+      self.cache:reset("pub/sub gap")
+      self.cache_from_next_message = true
+    end
     self.waiters:all_owe_a_read()
     self.waiters:fetch_owed()
   end
@@ -98,6 +118,14 @@ function Shard:_on_event_message(ev)
     self.msg_epoch, self.msg_seq = ev.epoch, ev.seq
   end
   self.position:observe(ev.epoch, ev.ts, ev.seq)
+  if self.cache then
+    if self.cache_from_next_message and self.link:is_online() then
+      -- messages are contiguous from here on: the cache holds what comes after the one before
+      self.cache_from_next_message = false
+      self.cache:start({ epoch = ev.epoch, ts = ev.ts, seq = ev.seq - 1 })
+    end
+    self.cache:add(ev)
+  end
   self.waiters:on_event(ev)
   self.on_event(ev)
 end
@@ -107,10 +135,13 @@ function Shard:_on_message(payload)
   if kind == "E " then
     local epoch, seq, ts, clen, at = payload:match("^E (%S+) (%d+) (%d+) (%d+)\n()")
     if not epoch then return self.log("error", "bad event message from Redis", {}) end
-    clen = int(clen)
+    clen, ts = int(clen), int(ts)
+    local category, id, data_json = payload:sub(at, at + clen - 1), payload:sub(at + clen, at + clen + 35),
+      payload:sub(at + clen + 36)
+    local json = core.event_json(ts, category, data_json, id)
+    if not json then return self.log("error", "bad event message from Redis", { category = category }) end
     return self:_on_event_message({
-      epoch = epoch, seq = int(seq), ts = int(ts),
-      category = payload:sub(at, at + clen - 1), json = payload:sub(at + clen),
+      epoch = epoch, seq = int(seq), ts = ts, category = category, id = id, data_json = data_json, json = json,
     })
   elseif kind == "M " then
     local token, epoch, seq, last, T = payload:match("^M (%S+) (%S+) (%d+) (%d+) (%d+)$")
@@ -124,8 +155,8 @@ end
 -- Stores one event: callback(epoch, ts, seq) or callback(nil, message). With wait_replicas, only
 -- once WAIT confirmed that many replicas have it. Returns true, or nil, message when Redis cannot
 -- be asked now (callback never called).
-function Shard:publish(category, catjson, data_json, id, callback)
-  local args = { category, catjson, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
+function Shard:publish(category, data_json, id, callback)
+  local args = { category, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
     Position.epoch_candidate(), self.position:floor_arg() }
   local replicas, wait_ms = self.cfg.wait_replicas, self.cfg.wait_timeout_ms
   return self.link:script("publish", { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }, args,
@@ -153,10 +184,19 @@ end
 function Shard:add(fields) return self.waiters:add(fields) end
 function Shard:cancel(id) return self.waiters:cancel(id) end
 
--- callback(T) for long poll id (its own rules), or a plain mark when id is no waiting long poll.
-function Shard:timeout_mark(callback, id)
-  if id and self.waiters:timeout_of(id, callback) then return end
+-- A plain mark: callback(T) or callback(nil, message).
+function Shard:timeout_mark(callback)
   return self.marks:request(callback)
+end
+
+-- Long poll id's time is up (see Engine:expire); false when id is no waiting long poll.
+function Shard:expire(id, on_timeout)
+  return self.waiters:expire(id, on_timeout)
+end
+
+-- The newest timestamp this node knows Redis issued.
+function Shard:known_time()
+  return self.position:known_time()
 end
 
 -- Later timestamps of this Redis go above T (a mark handed out from several shards).
@@ -174,6 +214,9 @@ function Shard:stats()
   s.waiters, s.fetches_in_flight = w.waiters, w.fetches_in_flight
   s.epoch, s.seq, s.last_timestamp, s.gaps = self.position.epoch, self.position.seq, self.position.ts, self.gaps
   s.pubsub_seq = self.msg_seq
+  if self.cache then
+    for k, v in pairs(self.cache:stats()) do s[k] = v end
+  end
   s.unreplicated = self.unreplicated
   return s
 end
@@ -187,9 +230,10 @@ function Shard:close(done)
   timer:start(0, 10, function()
     waited = waited + 10
     local busy = self.marks:busy() or self.waiters:stats().fetches_in_flight > 0
-    if busy and waited < CLOSE_WAIT_MS and self.link.online then return end
+    if busy and waited < CLOSE_WAIT_MS and self.link:is_online() then return end
     timer:close()
     self.marks:close("Redis engine is closed")
+    if self.cache then self.cache:close() end
     self.waiters:close("manager is shut down")
     self.link:close()
     done()

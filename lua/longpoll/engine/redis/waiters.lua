@@ -10,6 +10,7 @@ local core = require "longpoll.core"
 local Position = require "longpoll.engine.redis.position"
 
 local concat, tointeger = table.concat, math.tointeger
+local event_json, events_answer = core.event_json, core.events_answer
 local after = Position.after
 
 local Waiters = {}
@@ -19,13 +20,13 @@ local M = {}
 
 -- parts = {
 --   store = a core store, the index of who waits on which category,
---   link = the Redis link, position = its Position, marks = its Marks,
+--   link = the Redis link, position = its Position, marks = its Marks, cache = its Cache or nil,
 --   keys = { clock = "...", stream = f(category), dropped = f(category) },
 --   ttl_ms = event TTL (0: forever), log = function(level, message, fields),
 -- }
 function M.new(parts)
   return setmetatable({
-    store = parts.store, link = parts.link, position = parts.position, marks = parts.marks,
+    store = parts.store, link = parts.link, position = parts.position, marks = parts.marks, cache = parts.cache,
     keys = parts.keys, ttl_ms = parts.ttl_ms, log = parts.log,
     by_handle = {}, by_id = {}, next_id = 0, count = 0, fetches = 0,
   }, Waiters)
@@ -95,26 +96,36 @@ function Waiters:_rewait(w)
   local ok, err = self:_wait(w)
   if ok then return end
   if w.follow then return self:end_follow(w, "cannot wait: " .. tostring(err)) end
-  -- a long poll that cannot wait again: its timeout comes now
+  -- a long poll that cannot wait again gets no more events: its timeout answers it
   self.log("warn", "subscriber cannot wait again", { error = tostring(err) })
-  self:_settle_timeout(w, self:offline_time(w))
 end
 
 -- A new waiter. fields: categories (a list), since, last_id (lower case), and on_answer (a long
 -- poll) or on_events + follow = true (a stream). Without since it starts at the node's
--- position; with it, a read resolves it. Returns its id or nil, message, code.
+-- position; with it, the local cache or a read resolves it. Returns its id (0: answered
+-- already, from the cache) or nil, message, code.
 function Waiters:add(w)
+  local cached, x
+  if self.cache and w.since ~= nil and not w.follow then
+    cached, x = self.cache:answer(w.categories, w.since, w.last_id)
+    if cached == "events" then
+      call(self.log, w.on_answer, x)
+      return 0
+    end
+  end
   local ok, err, code = self:_wait(w)
   if not ok then return nil, err, code end
   self.next_id = self.next_id + 1
   w.id = self.next_id
   self.by_id[w.id] = w
   self.count = self.count + 1
-  if w.since == nil then
+  if cached == "wait" then
+    w.cursor = x -- the cache holds everything up to there: nothing after the client's cursor yet
+  elseif w.since == nil then
     w.cursor = self.position:cursor()
     -- pub/sub may have missed events, which only a read can tell
-    if not self.link.online then w.needs_fetch = true end
-  elseif self.link.online then
+    if not self.link:is_online() then w.needs_fetch = true end
+  elseif self.link:is_online() then
     self:_fetch({ w })
   else
     w.needs_fetch = true
@@ -133,14 +144,12 @@ end
 ---------------------------------------------------------------------------------------------
 -- Delivery
 
--- An event as a stream gets it: { json =, timestamp =, id = }, made once per event.
+-- An event as a stream gets it: { json =, timestamp =, id =, category =, data_json = }, made
+-- once per event.
 local function stream_item(ev)
   local item = ev.item
   if not item then
-    local json = ev.json
-    local ts = ev.ts or tointeger(tonumber(json:match('^{"timestamp":(%d+)')))
-    -- the JSON ends with ,"id":"<36 characters>"}
-    item = { json = json, timestamp = ts, id = json:sub(-38, -3) }
+    item = { json = ev.json, timestamp = ev.ts, id = ev.id, category = ev.category, data_json = ev.data_json }
     ev.item = item
   end
   return item
@@ -166,16 +175,16 @@ function Waiters:_deliver(w, events, missed)
   if #events == 1 and not missed then
     -- one event waking many subscribers: its answer is built once
     local ev = events[1]
-    body = ev.body or core.events_answer({ ev.json }, false)
+    body = ev.body or events_answer({ ev.json }, false)
     ev.body = body
   else
     local parts = {}
     for i = 1, #events do parts[i] = events[i].json end
-    body = core.events_answer(parts, missed)
+    body = events_answer(parts, missed == true)
   end
+  -- a timeout asked for meanwhile is settled by this answer
+  w.timeout_cb, w.expired, w.mark_T = nil, nil, nil
   call(self.log, w.on_answer, body)
-  -- a timeout asked for meanwhile: the manager finds it answered (cancel returns false)
-  self:_settle_timeout(w, self.position:known_time())
 end
 
 ---------------------------------------------------------------------------------------------
@@ -194,15 +203,27 @@ local function cursor_args(w)
   return { "since", ("%d"):format(since), plus1, w.last_id or "" }
 end
 
+-- The events of a read's reply (after its 4 header values): ts, category index, id, data.
+local function read_events(reply, cats)
+  local events = {}
+  for i = 5, #reply - 3, 4 do
+    local ts, category, id, data_json = tointeger(tonumber(reply[i])), cats[tointeger(reply[i + 1])], reply[i + 2], reply[i + 3]
+    events[#events + 1] = { ts = ts, id = id, category = category, data_json = data_json,
+      json = event_json(ts, category, data_json, id) }
+  end
+  return events
+end
+
 -- Reads from Redis what the waiters of group (same categories, same cursor) missed. Each keeps
 -- waiting meanwhile; events arriving meanwhile are kept beside it (pending) until the answer
 -- tells which of them are new to it.
 function Waiters:_fetch(group)
   local w1 = group[1]
-  local keys, seen = { self.keys.clock }, {}
+  local keys, seen, cats = { self.keys.clock }, {}, {}
   for _, c in ipairs(w1.categories) do
     if not seen[c] then
       seen[c] = true
+      cats[#cats + 1] = c
       keys[#keys + 1] = self.keys.stream(c)
       keys[#keys + 1] = self.keys.dropped(c)
     end
@@ -214,10 +235,16 @@ function Waiters:_fetch(group)
     w.fetching, w.needs_fetch = true, false
     w.pending = w.pending or {}
   end
+  -- a first read of one category may fill the local cache with what Redis holds
+  local warm = self.cache and #cats == 1 and w1.cursor == nil and not w1.follow and w1.since
   self.fetches = self.fetches + 1
   local ok = self.link:script("fetch", keys, args, function(reply, err)
     self.fetches = self.fetches - 1
-    self:_fetched(group, reply, err)
+    if warm and not err then
+      self.cache:warm(cats[1], warm, read_events(reply, cats), reply[4] == 1,
+        { epoch = reply[1], ts = tointeger(tonumber(reply[2])), seq = tointeger(tonumber(reply[3])) })
+    end
+    self:_fetched(group, cats, reply, err)
   end)
   if not ok then
     self.fetches = self.fetches - 1
@@ -225,12 +252,13 @@ function Waiters:_fetch(group)
   end
 end
 
-function Waiters:_fetched(group, reply, err)
-  local epoch, last, seq, missed
+function Waiters:_fetched(group, cats, reply, err)
+  local epoch, last, seq, missed, events
   if not err then
     epoch, last, seq = reply[1], tointeger(tonumber(reply[2])), tointeger(tonumber(reply[3]))
     missed = reply[4] == 1
     self.position:observe(epoch, last, seq)
+    events = read_events(reply, cats)
   else
     self.log("warn", "read from Redis failed", { error = err })
   end
@@ -243,10 +271,8 @@ function Waiters:_fetched(group, reply, err)
         w.needs_fetch = true
         if w.expired then self:_settle_timeout(w, self:offline_time(w)) end
       elseif w.follow then
-        self:_followed(w, reply, pending)
-      elseif #reply > 4 then
-        local events = {}
-        for i = 5, #reply do events[#events + 1] = { json = reply[i] } end
+        self:_followed(w, reply, events, pending)
+      elseif #events > 0 then
         self:_deliver(w, events, missed)
       else
         w.cursor = { epoch = epoch, ts = last, seq = seq }
@@ -258,7 +284,7 @@ function Waiters:_fetched(group, reply, err)
           -- a gap or a lost pub/sub connection while this read was in flight: events may be
           -- missing before the pending ones, so read again (they stay pending meanwhile)
           w.pending = new
-          if self.link.online then
+          if self.link:is_online() then
             self:_fetch({ w })
           elseif w.expired then
             self:_settle_timeout(w, self:offline_time(w))
@@ -277,11 +303,11 @@ end
 
 -- A follower's read: its events, then those pub/sub brought meanwhile after the position Redis
 -- was at (the read holds everything up to there). The follower stays in the store throughout.
-function Waiters:_followed(w, reply, pending)
+function Waiters:_followed(w, reply, read, pending)
   local cursor = { epoch = reply[1], ts = tointeger(tonumber(reply[2])), seq = tointeger(tonumber(reply[3])) }
   w.cursor = cursor
   local events = {}
-  for i = 5, #reply do events[#events + 1] = { json = reply[i] } end
+  for i = 1, #read do events[i] = read[i] end
   -- after a gap or a lost pub/sub connection while the read was in flight, events may be
   -- missing before the pending ones: the next read, from the new cursor, returns them all
   if not w.needs_fetch then
@@ -290,7 +316,7 @@ function Waiters:_followed(w, reply, pending)
     end
   end
   if #events > 0 then self:_deliver(w, events, reply[4] == 1) end
-  if not w.done and w.needs_fetch and not w.fetching and self.link.online then self:_fetch({ w }) end
+  if not w.done and w.needs_fetch and not w.fetching and self.link:is_online() then self:_fetch({ w }) end
 end
 
 -- Reads again for every waiter that needs it, one read per (categories, cursor) group.
@@ -334,7 +360,7 @@ function Waiters:on_event(ev)
         if w.fetching then w.pending[#w.pending + 1] = ev end
         self:_rewait(w)
         -- a read owed while online (an earlier one failed): do it now
-        if not w.done and not w.fetching and self.link.online then self:_fetch({ w }) end
+        if not w.done and not w.fetching and self.link:is_online() then self:_fetch({ w }) end
       elseif after(w.cursor, ev) then
         self:_deliver(w, { ev })
       else
@@ -347,12 +373,16 @@ end
 ---------------------------------------------------------------------------------------------
 -- Timeouts
 
--- The timeout of long poll id: callback(T) as Waiters:timeout settles it. False when id is no
--- waiting long poll.
-function Waiters:timeout_of(id, callback)
+-- Long poll id's time is up: it gets on_timeout(T) once Waiters:timeout settles it (and is
+-- forgotten then), unless events reach it first (on_answer). False when id is no waiting
+-- long poll.
+function Waiters:expire(id, on_timeout)
   local w = self.by_id[id]
   if not w or w.done or w.follow then return false end
-  w.timeout_cb = callback
+  w.timeout_cb = function(T)
+    self:finish(w)
+    on_timeout(T)
+  end
   self:timeout(w)
   return true
 end
@@ -363,7 +393,7 @@ function Waiters:timeout(w)
   if w.done then return self:_settle_timeout(w, self.position:known_time()) end
   w.expired = true
   if w.fetching then return end -- the read's answer settles it
-  if w.needs_fetch or not self.link.online then return self:_settle_timeout(w, self:offline_time(w)) end
+  if w.needs_fetch or not self.link:is_online() then return self:_settle_timeout(w, self:offline_time(w)) end
   self.marks:request(function(T)
     if w.done or not T then return self:_settle_timeout(w, T or self:offline_time(w)) end
     if w.fetching then
@@ -388,7 +418,7 @@ function Waiters:close(why)
       local cb = w.timeout_cb
       self:finish(w)
       w.timeout_cb = nil
-      if cb then call(self.log, cb, nil, why) end
+      if cb then call(self.log, cb, nil) end
     end
   end
 end
