@@ -3,6 +3,7 @@
 the load generator on CPU 1. Also longpoll's publish rate on 3 Redis masters (--redis-shards)
 against 1. Writes docs/performance-redis.md. Python 3 standard library only.
 """
+import json
 import os
 import shutil
 import socket
@@ -130,6 +131,18 @@ def run(args, nofile, Server, loadgen, say, machine_info, loop_s):
             two["churn"][label].append(r)
             say(f"    churn over 2 nodes, {label}: gaps={r.get('gaps')} dups={r.get('dups')} "
                 f"missing={r.get('missing_at_end')} p50_ms={r.get('p50_ms')} p99_ms={r.get('p99_ms')}")
+    say("redis: catch-ups through the engine alone (bench/redis_inprocess.lua)")
+    inproc = {}
+    for _ in range(args.reps):
+        out = subprocess.run(["taskset", "-c", SERVER_CPU, "lua5.4", os.path.join(ROOT, "bench", "redis_inprocess.lua"),
+                              "20000"], capture_output=True, text=True, timeout=300)
+        for line in out.stdout.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                inproc.setdefault(r["case"], []).append(r["per_s"])
+    for case, vals in inproc.items():
+        say(f"    {case}: {statistics.median(vals):,.0f} catch-ups/s")
+    res["inprocess"] = {case: statistics.median(vals) for case, vals in inproc.items()}
     res["two_nodes"] = two
     res["fan_n"], res["churn_s"] = fan_n, churn_s
     res["load_end"] = loadavg()
@@ -163,6 +176,14 @@ def write_report(res, info, args):
         ours, nchan = med(res[mode]["longpoll --redis"], "rps"), med(res[mode]["nginx + Nchan, Redis"], "rps")
         ratio = f"{ours / nchan:.2f}" if ours and nchan else "-"
         lines.append(f"| {title} | {ours or 0:,.0f} | {nchan or 0:,.0f} | {ratio} |")
+    ip = res.get("inprocess") or {}
+    if ip:
+        lines += [
+            "",
+            "Catch-ups through the engine alone (bench/redis_inprocess.lua: engine:subscribe in one",
+            "process, no HTTP, 8 in flight): answered by the local cache "
+            f"{ip.get('local cache', 0):,.0f}/s, read from Redis {ip.get('read from Redis', 0):,.0f}/s.",
+        ]
     lines += [
         "",
         "## What stands in the way: the same server without Redis, and without the local cache",

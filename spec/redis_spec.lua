@@ -4,29 +4,19 @@
 -- separate processes would; scripts/test-redis-cluster runs real processes.
 local uv = require "luv"
 local async = require "support.async"
-local fixture = require "support.fixture"
 local redis = require "support.redis"
+local nodes_fixture = require "support.nodes"
 local longpoll = require "longpoll"
-local server = require "longpoll.server"
 local core = require "longpoll.core"
 local hiredis = require "longpoll.hiredis"
 local scripts = require "longpoll.engine.redis.scripts"
 local Connection = require "longpoll.engine.redis.connection"
-local cjson = require "cjson"
 
-local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
-
-local function redis_option(url, extra)
-  local o = { url = url }
-  for k, v in pairs(FAST) do o[k] = v end
-  for k, v in pairs(extra or {}) do o[k] = v end
-  return o
-end
+local redis_option = nodes_fixture.redis_option
 
 local wait_until = async.wait_or_fail
 
--- The figures of a node's Redis (engine:stats().redis).
-local function rs(node) return node.engine:stats().redis end
+local rs = nodes_fixture.redis_stats
 
 -- Waits until node B received over pub/sub every event node A knows of. A node answers
 -- catch-ups from its local cache of what it received, so an event published on A a moment ago
@@ -44,66 +34,9 @@ local function open_handles()
   return n
 end
 
--- A node: a manager in Redis mode behind its own HTTP server.
-local function start_node(url, options)
-  local o = {}
-  for k, v in pairs(options or {}) do o[k] = v end
-  local transport = redis.transport()
-  o.redis = o.redis or redis_option(url)
-  local with_transport = {}
-  for k, v in pairs(o.redis) do with_transport[k] = v end
-  with_transport.transport = transport.option
-  o.redis = with_transport
-  local m = assert(longpoll.start(o))
-  local srv = assert(server.new { host = "127.0.0.1", port = 0 })
-  srv:route("GET", "/events", m.subscription_handler)
-  srv:route("*", "/publish", m.publish_handler)
-  local node = { manager = m, engine = m.engine, srv = srv, port = assert(srv:listen()), transport = transport }
-  function node.get(query, timeout_ms)
-    local status, _, body = async.http(node.port, { path = fixture.url("/events", query), timeout_ms = timeout_ms or 15000 })
-    local ok, decoded = pcall(cjson.decode, body)
-    return status, ok and decoded or body, body
-  end
-  function node.publish(category, data_json)
-    local body = '{"category":' .. cjson.encode(category) .. ',"data":' .. data_json .. "}"
-    local status, h, rbody = async.http(node.port, { method = "POST", path = "/publish", body = body })
-    local ok, decoded = pcall(cjson.decode, rbody)
-    return status, ok and decoded or rbody, h
-  end
-  -- publishes through the manager and waits for Redis's answer
-  function node.publish_lua(category, data)
-    local done = async.event()
-    local queued, err = m:publish(category, data, function(event, perr) done:set(event or false, perr) end)
-    if not queued then return nil, err end
-    local event, perr = done:wait(5000)
-    if not event then return nil, perr end
-    return event
-  end
-  return node
-end
-
-local function stop_node(node)
-  local stopped = async.event()
-  node.manager:shutdown(function() stopped:set(true) end)
-  assert(stopped:wait(5000), "manager did not shut down")
-  local closed = async.event()
-  node.srv:close(function() closed:set(true) end)
-  assert(closed:wait(5000), "server did not close")
-end
-
--- Runs fn(nodes) with n nodes on the Redis at url, all online first.
+-- Runs fn(nodes) with n nodes (spec/support/nodes.lua) on the Redis at url, all online first.
 local function with_nodes(url, n, options, fn, timeout_ms)
-  async.run(function()
-    local nodes = {}
-    for i = 1, n do nodes[i] = start_node(url, options) end
-    wait_until("nodes online", function()
-      for _, node in ipairs(nodes) do if not rs(node).online then return false end end
-      return true
-    end)
-    local ok, err = pcall(fn, nodes)
-    for _, node in ipairs(nodes) do stop_node(node) end
-    if not ok then error(err, 0) end
-  end, timeout_ms or 20000)
+  return nodes_fixture.with(url, n, options, fn, timeout_ms)
 end
 
 local function q(category, extra)
@@ -274,7 +207,7 @@ describe("Redis engine", function()
       assert.equals(data_json, e.data_json)
       assert.equals("a\0b", e.data.s) -- data decoded on first use
       -- over HTTP too, and node 2 hands out exactly those bytes
-      assert.equals(200, (nodes[1].publish(category, data_json)))
+      assert.equals(200, (nodes[1].publish_http(category, data_json)))
       caught_up(nodes[2], nodes[1])
       local _, body, raw = nodes[2].get(q(category, { { "since_time", 0 } }))
       assert.equals(2, #body.events)
@@ -289,7 +222,7 @@ describe("Redis engine", function()
       local got
       local t = async.spawn(function() got = select(2, nodes[2].get(q("news"))) end)
       wait_until("the subscriber to wait", function() return rs(nodes[2]).waiters == 1 end)
-      local status, body = nodes[1].publish("news", '"hello"')
+      local status, body = nodes[1].publish_http("news", '"hello"')
       assert.equals(200, status)
       assert.same({ success = true }, body)
       async.wait_all { t }
@@ -307,7 +240,7 @@ describe("Redis engine", function()
       local ahead = sec * 1000 + 60000
       R:cli(("HSET longpoll:clock last %d"):format(ahead))
       local e = {}
-      for i = 1, 4 do e[i] = assert(nodes[1].publish_lua("c", i)) end
+      for i = 1, 4 do e[i] = assert(nodes[1].publish("c", i)) end
       for i = 1, 4 do assert.equals(ahead, e[i].timestamp) end -- max(now, last issued)
       local B = nodes[2]
       local _, body = B.get(q("c", { { "since_time", ahead }, { "last_id", e[2].id } }))
@@ -328,11 +261,11 @@ describe("Redis engine", function()
         got = select(2, B.get(q("c", { { "since_time", ahead }, { "last_id", e[4].id } })))
       end)
       wait_until("the subscriber to wait", function() return rs(B).waiters == 1 end)
-      local e5 = assert(nodes[1].publish_lua("c", 5))
+      local e5 = assert(nodes[1].publish("c", 5))
       async.wait_all { t }
       assert.same({ e5.id }, ids(got))
       -- several categories: one order for all, last_id from either of them
-      local o1 = assert(nodes[1].publish_lua("other", "x"))
+      local o1 = assert(nodes[1].publish("other", "x"))
       _, body = B.get({ { "category", "c" }, { "category", "other" }, { "timeout", "5" },
         { "since_time", ahead }, { "last_id", e[3].id } })
       assert.same({ e[4].id, e5.id, o1.id }, ids(body))
@@ -342,7 +275,7 @@ describe("Redis engine", function()
   it("keeps max_event_buffer_size in Redis and reports missed events", function()
     with_nodes(R.url, 2, { max_event_buffer_size = 3 }, function(nodes)
       local e = {}
-      for i = 1, 5 do e[i] = assert(nodes[i % 2 + 1].publish_lua("b", i)) end
+      for i = 1, 5 do e[i] = assert(nodes[i % 2 + 1].publish("b", i)) end
       assert.equals("3", R:cli("XLEN longpoll:s:b"))
       local _, body = nodes[2].get(q("b", { { "since_time", 0 } }))
       assert.same({ e[3].id, e[4].id, e[5].id }, ids(body))
@@ -361,7 +294,7 @@ describe("Redis engine", function()
     -- TTL 2 s, e2 published 1.2 s after e1: the checks below run while e1 is expired and e2 is
     -- not, found by polling (the window is 1.2 s wide, not a guess at how fast the machine is)
     with_nodes(R.url, 2, { event_ttl_seconds = 2 }, function(nodes)
-      local e1 = assert(nodes[1].publish_lua("t", 1))
+      local e1 = assert(nodes[1].publish("t", 1))
       local pttl = tonumber(R:cli("PTTL longpoll:s:t"))
       assert.truthy(pttl > 0 and pttl <= 2000, "PTTL " .. pttl)
       local _, body = nodes[2].get(q("t", { { "since_time", 0 } }))
@@ -370,7 +303,7 @@ describe("Redis engine", function()
         local sec, usec = R:cli("TIME"):match("(%d+)\n(%d+)")
         return tonumber(sec) * 1000 + tonumber(usec) // 1000 >= e1.timestamp + 1200
       end, 10000)
-      local e2 = assert(nodes[1].publish_lua("t", 2))
+      local e2 = assert(nodes[1].publish("t", 2))
       wait_until("e1 to expire", function()
         _, body = nodes[2].get(q("t", { { "since_time", 0 } }))
         return body.events and body.events[1].id ~= e1.id
@@ -390,7 +323,7 @@ describe("Redis engine", function()
     -- the read path: B's local cache off, so its catch-ups are read from Redis
     with_nodes(R.url, 2, { redis = redis_option(R.url, { cache = false }) }, function(nodes)
       local A, B = nodes[1], nodes[2]
-      local e0 = assert(A.publish_lua("race", 0))
+      local e0 = assert(A.publish("race", 0))
       -- B's reads answer late: the event below is published after B's read ran in Redis,
       -- and reaches B by pub/sub while the read is still in flight
       B.transport.fetch_delay_ms = 300
@@ -399,7 +332,7 @@ describe("Redis engine", function()
         got = select(2, B.get(q("race", { { "since_time", e0.timestamp }, { "last_id", e0.id } })))
       end)
       wait_until("B's read to have run in Redis", function() return B.transport.delayed_replies == 1 end)
-      local e1 = assert(A.publish_lua("race", 1))
+      local e1 = assert(A.publish("race", 1))
       assert.equals(1, B.transport.delayed_replies) -- B has not seen the read's answer yet
       async.wait_all { t }
       assert.same({ e1.id }, ids(got))
@@ -410,10 +343,10 @@ describe("Redis engine", function()
   it("never hands out an event twice when its pub/sub message arrives after a read returned it", function()
     with_nodes(R.url, 2, { redis = redis_option(R.url, { cache = false }) }, function(nodes)
       local A, B = nodes[1], nodes[2]
-      local e0 = assert(A.publish_lua("late", 0))
+      local e0 = assert(A.publish("late", 0))
       wait_until("B to see e0", function() return rs(B).seq >= 1 and rs(B).pubsub_seq ~= nil end)
       B.transport.hold() -- a slow pub/sub link
-      local e1 = assert(A.publish_lua("late", 1))
+      local e1 = assert(A.publish("late", 1))
       local _, body = B.get(q("late", { { "since_time", e0.timestamp }, { "last_id", e0.id } }))
       assert.same({ e1.id }, ids(body)) -- from the stream
       local got
@@ -425,7 +358,7 @@ describe("Redis engine", function()
       B.transport.release() -- e1's message arrives now: old news for this subscriber
       async.sleep(50)
       assert.equals(1, rs(B).waiters)
-      local e2 = assert(A.publish_lua("late", 2))
+      local e2 = assert(A.publish("late", 2))
       async.wait_all { t }
       assert.same({ e2.id }, ids(got))
     end)
@@ -434,7 +367,7 @@ describe("Redis engine", function()
   it("reads the stream again when the pub/sub sequence has a gap", function()
     with_nodes(R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
-      assert(A.publish_lua("gap", 0))
+      assert(A.publish("gap", 0))
       wait_until("B to see it", function() return rs(B).pubsub_seq ~= nil end)
       local got
       local t = async.spawn(function() got = select(2, B.get(q("gap"))) end)
@@ -446,7 +379,7 @@ describe("Redis engine", function()
         "gap", '"silent"', silent_id, 250, 0, "nowhere", "0", "0" })
       conn:close()
       assert.is_table(reply)
-      local e2 = assert(A.publish_lua("gap", 2))
+      local e2 = assert(A.publish("gap", 2))
       async.wait_all { t }
       assert.same({ silent_id, e2.id }, ids(got))
       assert.equals(1, rs(B).gaps)
@@ -458,7 +391,7 @@ describe("Redis engine", function()
       local status, body = nodes[2].get({ { "category", "quiet" }, { "timeout", "1" } })
       assert.equals(200, status)
       assert.equals("no events before timeout", body.timeout)
-      local e = assert(nodes[1].publish_lua("quiet", 1))
+      local e = assert(nodes[1].publish("quiet", 1))
       assert.truthy(e.timestamp > body.timestamp)
       assert.equals(("%d"):format(body.timestamp + 1), R:cli("HGET longpoll:clock min_next"))
     end)
@@ -472,7 +405,7 @@ describe("Redis engine", function()
       local other = assert(nodes[2].manager:watch("w1", function() end))
       assert.is_true(nodes[2].manager:unwatch(other))
       assert.is_false(nodes[2].manager:unwatch(other))
-      local e = assert(nodes[1].publish_lua("w2", { big = 9007199254740993, list = { 1, 2 } }))
+      local e = assert(nodes[1].publish("w2", { big = 9007199254740993, list = { 1, 2 } }))
       local ev = assert(watched:wait(3000))
       assert.equals(e.id, ev.id)
       assert.equals("w2", ev.category)
@@ -489,8 +422,8 @@ describe("Redis engine", function()
   it("offers the manager a cursor read that waits (subscribe through the engine interface)", function()
     with_nodes(R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
-      local e1 = assert(A.publish_lua("wa", 1))
-      local e2 = assert(A.publish_lua("wa", 2))
+      local e1 = assert(A.publish("wa", 1))
+      local e2 = assert(A.publish("wa", 2))
       caught_up(B, A)
       local first = async.event()
       assert(B.engine:subscribe({ categories = { "wa" }, since = 0 }, function(body) first:set(body) end))
@@ -501,7 +434,7 @@ describe("Redis engine", function()
       wait_until("the read to return", function() return rs(B).fetches_in_flight == 0 end)
       async.sleep(20)
       assert.is_false(next_one.is_set)
-      local e3 = assert(A.publish_lua("wa", 3))
+      local e3 = assert(A.publish("wa", 3))
       assert.equals('{"events":[' .. e3.json .. "]}", next_one:wait(3000))
       assert.same({ nil, "last_id must be a UUID", "EINVAL" },
         { B.engine:subscribe({ categories = { "wa" }, since = 0, last_id = "x" }, function() end) })
@@ -513,14 +446,14 @@ describe("Redis engine", function()
       local A, B = nodes[1], nodes[2]
       local sec = tonumber(R:cli("TIME"):match("^(%d+)"))
       R:cli(("HSET longpoll:clock last %d"):format(sec * 1000 + 5000))
-      local e0 = assert(A.publish_lua("epoch", 0))
+      local e0 = assert(A.publish("epoch", 0))
       wait_until("B to see it", function() return rs(B).pubsub_seq ~= nil end)
       local epoch = rs(B).epoch
       local got
       local t = async.spawn(function() got = select(2, B.get(q("epoch"))) end)
       wait_until("the subscriber to wait", function() return rs(B).waiters == 1 end)
       R:cli("FLUSHALL")
-      local e1 = assert(A.publish_lua("epoch", 1))
+      local e1 = assert(A.publish("epoch", 1))
       async.wait_all { t }
       assert.same({ e1.id }, ids(got))
       assert.truthy(e1.timestamp >= e0.timestamp)
@@ -530,9 +463,9 @@ describe("Redis engine", function()
 
   it("falls back to EVAL when Redis forgot its scripts", function()
     with_nodes(R.url, 2, {}, function(nodes)
-      assert(nodes[1].publish_lua("nos", 1))
+      assert(nodes[1].publish("nos", 1))
       R:cli("SCRIPT FLUSH")
-      local e = assert(nodes[1].publish_lua("nos", 2))
+      local e = assert(nodes[1].publish("nos", 2))
       local _, body = nodes[2].get(q("nos", { { "since_time", e.timestamp - 1 } }))
       assert.same({ e.id }, ids(body))
     end)
@@ -544,14 +477,14 @@ describe("Redis engine", function()
       local A, B = nodes[1], nodes[2]
       R:cli("CLIENT PAUSE 3000 ALL")
       local t0 = uv.now()
-      local e, err = A.publish_lua("hang", 1)
+      local e, err = A.publish("hang", 1)
       assert.is_nil(e)
       assert.matches("publish failed: Redis connection lost: no reply within 300 ms", err)
       -- a failure deadline only: the answer came from the 300 ms command timeout, not from the
       -- end of the 3 s pause
       assert.truthy(uv.now() - t0 < 2500)
       wait_until("both nodes back", function() return rs(A).online and rs(B).online end, 5000)
-      local e2 = assert(A.publish_lua("hang", 2))
+      local e2 = assert(A.publish("hang", 2))
       local _, body = B.get(q("hang", { { "since_time", 0 } }))
       -- the first publish may have been applied when Redis woke up: never twice, never after e2
       assert.equals(e2.id, body.events[#body.events].id)
@@ -562,12 +495,12 @@ describe("Redis engine", function()
   it("shuts down cleanly: waiting subscribers answered, nothing left open", function()
     async.run(function()
       local before = open_handles()
-      local node = start_node(R.url)
+      local node = nodes_fixture.start(R.url)
       wait_until("online", function() return rs(node).online end)
       local got
       local t = async.spawn(function() got = select(2, node.get(q("bye"))) end)
       wait_until("the subscriber to wait", function() return rs(node).waiters == 1 end)
-      stop_node(node)
+      nodes_fixture.stop(node)
       async.wait_all { t }
       assert.equals("no events before timeout", got.timeout)
       async.sleep(20)
@@ -581,7 +514,7 @@ describe("Redis engine when Redis fails", function()
     local R = redis.start { persist = true }
     local ok, err = pcall(with_nodes, R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
-      local e1 = assert(A.publish_lua("f", 1))
+      local e1 = assert(A.publish("f", 1))
       local waited, waited_at
       local t = async.spawn(function()
         waited = select(2, B.get({ { "category", "f" }, { "timeout", "2" }, { "since_time", e1.timestamp },
@@ -592,7 +525,7 @@ describe("Redis engine when Redis fails", function()
       local killed_at = uv.now()
       R:kill()
       wait_until("A to notice", function() return not rs(A).command_connected end)
-      local status, body, h = A.publish("f", "2")
+      local status, body, h = A.publish_http("f", "2")
       assert.equals(503, status)
       assert.equals("application/json", h["content-type"])
       assert.equals("Redis is unavailable", body.error)
@@ -611,7 +544,7 @@ describe("Redis engine when Redis fails", function()
       assert.equals(e1.timestamp, body2.timestamp)
       R:start()
       wait_until("both nodes online again", function() return rs(A).online and rs(B).online end, 5000)
-      local e2 = assert(A.publish_lua("f", 2))
+      local e2 = assert(A.publish("f", 2))
       assert.truthy(e2.timestamp > waited.timestamp)
       -- continuing like golongpoll's client (since_time = the timeout's timestamp, same last_id)
       local since = ("%d"):format(waited.timestamp)
@@ -628,7 +561,7 @@ describe("Redis engine when Redis fails", function()
     local R = redis.start { persist = true }
     local ok, err = pcall(with_nodes, R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
-      local e1 = assert(A.publish_lua("g", 1))
+      local e1 = assert(A.publish("g", 1))
       R:kill()
       wait_until("B to notice", function() return not rs(B).online end)
       local got
@@ -638,7 +571,7 @@ describe("Redis engine when Redis fails", function()
       async.sleep(100)
       R:start()
       wait_until("A online", function() return rs(A).online end, 5000)
-      local e2 = assert(A.publish_lua("g", 2))
+      local e2 = assert(A.publish("g", 2))
       async.wait_all { t }
       assert.same({ e2.id }, ids(got))
     end, 30000)

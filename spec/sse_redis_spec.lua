@@ -2,26 +2,15 @@
 -- behind its own HTTP server, streams read over raw sockets the way EventSource reads them.
 -- Events are published on one node and streamed, resumed and caught up on the other.
 local async = require "support.async"
-local sse_client = require "support.sse_client"
 local redis = require "support.redis"
-local longpoll = require "longpoll"
-local server = require "longpoll.server"
+local nodes_fixture = require "support.nodes"
 local sse = require "longpoll.sse"
 local cjson = require "cjson"
 
 
-local FAST = { reconnect_min_ms = 20, reconnect_max_ms = 200, command_timeout_ms = 2000, connect_timeout_ms = 1000 }
-
 local wait_until = async.wait_or_fail
 
--- The figures of a node's Redis (engine:stats().redis).
-local function rs(node) return node.engine:stats().redis end
-
----------------------------------------------------------------------------------------------
--- The raw-socket SSE client of the specs (spec/support/sse_client.lua).
-local function open_stream(port, query, headers, method)
-  return sse_client.open(port, query, headers, { method = method })
-end
+local rs = nodes_fixture.redis_stats
 
 local function data_of(list)
   local out = {}
@@ -29,54 +18,9 @@ local function data_of(list)
   return out
 end
 
----------------------------------------------------------------------------------------------
--- Nodes
-
-local function start_node(url, options)
-  local o = { sse_heartbeat_seconds = 1 }
-  for k, v in pairs(options or {}) do o[k] = v end
-  local transport = redis.transport()
-  o.redis = { url = url, transport = transport.option }
-  for k, v in pairs(FAST) do o.redis[k] = v end
-  local m = assert(longpoll.start(o))
-  local srv = assert(server.new { host = "127.0.0.1", port = 0 })
-  srv:route("GET", "/events", m.subscription_handler)
-  srv:route("GET", "/sse", m.sse_handler)
-  srv:route("HEAD", "/sse", m.sse_handler)
-  local node = { manager = m, engine = m.engine, srv = srv, port = assert(srv:listen()), transport = transport }
-  function node.publish(category, data)
-    local done = async.event()
-    local queued, err = m:publish(category, data, function(event, perr) done:set(event or false, perr) end)
-    if not queued then return nil, err end
-    local event, perr = done:wait(5000)
-    return event or nil, perr
-  end
-  function node.publish_json(category, data_json)
-    local done = async.event()
-    assert(m:publish_json(category, data_json, function(event) done:set(event) end))
-    return assert(done:wait(5000))
-  end
-  function node.stream(query, headers) return open_stream(node.port, query, headers) end
-  return node
-end
-
-local function stop_node(node)
-  local stopped = async.event()
-  node.manager:shutdown(function() stopped:set(true) end)
-  assert(stopped:wait(5000), "manager did not shut down")
-  local closed = async.event()
-  node.srv:close(function() closed:set(true) end)
-  assert(closed:wait(5000), "server did not close")
-end
-
+-- Runs fn(A, B): two nodes (spec/support/nodes.lua) on the Redis at url, online first.
 local function with_nodes(url, options, fn, timeout_ms)
-  async.run(function()
-    local nodes = { start_node(url, options), start_node(url, options) }
-    wait_until("nodes online", function() return rs(nodes[1]).online and rs(nodes[2]).online end)
-    local ok, err = pcall(fn, nodes[1], nodes[2])
-    for _, node in ipairs(nodes) do stop_node(node) end
-    if not ok then error(err, 0) end
-  end, timeout_ms or 15000)
+  return nodes_fixture.with(url, 2, options, function(list) fn(list[1], list[2]) end, timeout_ms or 15000)
 end
 
 local function cursor_of(e) return sse.cursor_string(e.timestamp, e.id) end
