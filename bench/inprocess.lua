@@ -40,6 +40,30 @@ do
   m:shutdown()
 end
 
+-- the same with an Idempotency-Key per publish (issue 17): each key looked up and remembered
+-- (past idempotency_max_keys the oldest are evicted), and with per-category rules (the C store
+-- asks them once per new category, never per publish)
+do
+  local m = assert(longpoll.start { max_event_buffer_size = 250 })
+  local data = "benchmark-event-payload-0123456789"
+  local keys = {}
+  for i = 1, N do keys[i] = "key-" .. i end
+  local secs = timed(function()
+    for i = 1, N do assert(m:publish(cats[i % NCATS + 1], data, { idempotency_key = keys[i] })) end
+  end)
+  report("manager_publish_idempotent", { categories = NCATS, keys = N }, N, secs)
+  m:shutdown()
+  m = assert(longpoll.start { max_event_buffer_size = 250, category_rules = {
+    { prefix = "cat-1", max_event_buffer_size = 50, event_ttl_seconds = 600 },
+    { match = "^cat%-2", max_event_buffer_size = 20 },
+    { prefix = "cat-3", event_ttl_seconds = 60 } } })
+  secs = timed(function()
+    for i = 1, N do assert(m:publish(cats[i % NCATS + 1], data)) end
+  end)
+  report("manager_publish_category_rules", { categories = NCATS, rules = 3 }, N, secs)
+  m:shutdown()
+end
+
 -- manager:publish with `w` watchers per category, each watching again when called
 for _, w in ipairs { 1, 10 } do
   local m = assert(longpoll.start { max_event_buffer_size = 250 })

@@ -7,7 +7,7 @@
  *   loadgen hold    --proto lp|nchan --port P --n N --cats C --pid SERVER_PID
  *   loadgen churn   --proto .. --port P --subs 1000 --cats 4 --rate 100 --duration 10 --pid PID
  *   loadgen catchup --proto .. --port P --conns 8 --duration 5
- *   loadgen publish --proto .. --port P --conns 8 --duration 5
+ *   loadgen publish --proto .. --port P --conns 8 --duration 5 [--idempotency-keys 1]
  * --port2 P2 (hold, churn): every other subscriber connects to a second server on P2 (two nodes
  * sharing events through Redis); publishers stay on P.
  *
@@ -95,6 +95,8 @@ static struct {
   uint64_t m_t0, m_t1;
   struct rusage ru0, ru1;
   uint64_t wall0, wall1;
+  int idempotency_keys; /* --idempotency-keys: every publish carries a fresh Idempotency-Key */
+  unsigned long key_seq;
 } G;
 
 static uint64_t now_us(void) { return uv_hrtime() / 1000; }
@@ -264,10 +266,12 @@ static size_t build_publish(conn *c, const char *cat, const char *data) {
   int blen;
   if (G.proto == PROTO_LP) {
     blen = snprintf(body, sizeof body, "{\"category\":\"%s\",\"data\":\"%s\"}", cat, data);
+    char key[64] = "";
+    if (G.idempotency_keys) snprintf(key, sizeof key, "Idempotency-Key: lg-%d-%lu\r\n", (int)getpid(), ++G.key_seq);
     return (size_t)snprintf(c->wbuf, WBUF,
                             "POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                            "Content-Length: %d\r\n\r\n%s",
-                            blen, body);
+                            "%sContent-Length: %d\r\n\r\n%s",
+                            key, blen, body);
   }
   blen = (int)strlen(data);
   return (size_t)snprintf(c->wbuf, WBUF,
@@ -954,7 +958,7 @@ static void usage(void) {
   fprintf(stderr,
           "usage: loadgen hold|churn|catchup|publish --proto lp|nchan --port P [--n N] [--subs N] "
           "[--port2 P2] [--cats C] [--conns C] [--rate R] [--duration S] [--pid PID] [--prefix P] [--host H] "
-          "[--path /events] [--header \"Name: value\"] [--sse 1 (hold: SSE streams)]\n");
+          "[--path /events] [--header \"Name: value\"] [--sse 1 (hold: SSE streams)] [--idempotency-keys 1]\n");
   exit(2);
 }
 
@@ -1009,6 +1013,8 @@ int main(int argc, char **argv) {
       G.prefix = v;
     else if (!strcmp(a, "--timeout"))
       G.timeout_s = atoi(v);
+    else if (!strcmp(a, "--idempotency-keys"))
+      G.idempotency_keys = atoi(v);
     else if (!strcmp(a, "--sse"))
       G.sse = atoi(v);
     else if (!strcmp(a, "--path"))

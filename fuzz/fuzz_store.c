@@ -163,11 +163,42 @@ typedef struct model {
   uint64_t last_seq;
   int has_mark;
   int64_t max_mark;
-  int degraded; /* a publish ran out of memory part way: only consistency checks from here */
+  int degraded;  /* a publish ran out of memory part way: only consistency checks from here */
+  int limits_on; /* per-category limits (name_limits) through cfg.category_limits */
   /* filled by the wake callback during one publish */
   uint64_t *woken;
   size_t nwoken, wokencap;
 } model;
+
+/* Per-category limits, a function of the name only (so the store, asking once
+ * when it makes a category, and the model, asking every time, agree): a
+ * quarter of the names keep the defaults, the others get their own buffer size
+ * (1..MAX_BUF), TTL (forever or 1..32 ms) or the other delete-after-first. */
+static void name_limits(const lp_store_config *cfg, lp_slice n, lp_category_limits *lim) {
+  lim->max_event_buffer_size = cfg->max_event_buffer_size;
+  lim->event_ttl_ms = cfg->event_ttl_ms;
+  lim->delete_after_first = cfg->delete_after_first;
+  unsigned h = 7;
+  for (size_t i = 0; i < n.len; i++) h = h * 31 + (unsigned char)n.ptr[i];
+  switch (h % 4) {
+    case 1: lim->max_event_buffer_size = 1 + (h / 4) % MAX_BUF; break;
+    case 2: lim->event_ttl_ms = (h / 4) % 3 == 0 ? 0 : 1 + (int64_t)((h / 16) % 32); break;
+    case 3: lim->delete_after_first = !cfg->delete_after_first; break;
+    default: break;
+  }
+}
+
+static void store_limits(void *ctx, lp_slice name, lp_category_limits *lim) {
+  const model *m = ctx;
+  name_limits(&m->cfg, name, lim);
+}
+
+/* The limits of category `name` as the store applies them. */
+static lp_category_limits limits_of(const model *m, int name) {
+  lp_category_limits lim = {m->cfg.max_event_buffer_size, m->cfg.event_ttl_ms, m->cfg.delete_after_first};
+  if (m->limits_on) name_limits(&m->cfg, names[name], &lim);
+  return lim;
+}
 
 static int name_rc(const model *m, int name) {
   lp_slice n = names[name];
@@ -218,13 +249,15 @@ static void drop_oldest(model *m, int name) {
 }
 
 static size_t model_expire(model *m, int64_t now) {
-  if (m->cfg.event_ttl_ms <= 0) return 0;
   size_t n = 0;
-  for (int i = 0; i < NNAMES; i++)
-    while (m->cats[i].count > 0 && now - m->ev[m->cats[i].ev[0]].ts >= m->cfg.event_ttl_ms) {
+  for (int i = 0; i < NNAMES; i++) {
+    int64_t ttl = limits_of(m, i).event_ttl_ms;
+    if (ttl <= 0) continue;
+    while (m->cats[i].count > 0 && now - m->ev[m->cats[i].ev[0]].ts >= ttl) {
       drop_oldest(m, i);
       n++;
     }
+  }
   sweep(m);
   return n;
 }
@@ -385,7 +418,7 @@ static void model_make_room(model *m, int name, size_t need) {
   }
   /* In the publishing category a full ring drops one more after the cap's
    * drops; either may have taken its oldest event. */
-  size_t count0 = m->cats[name].count, max = m->cfg.max_event_buffer_size;
+  size_t count0 = m->cats[name].count, max = limits_of(m, name).max_event_buffer_size;
   int ok = 0;
   for (size_t d = 0; d <= count0 && !ok; d++) {
     size_t ring = count0 - d == max;
@@ -409,7 +442,7 @@ static void op_publish(model *m, input *in) {
   if (want == LP_OK && !m->cats[name].exists && m->cfg.max_categories && m->ncats >= m->cfg.max_categories)
     want = LP_ECATEGORIES;
   size_t links = m->cats[name].exists ? m->cats[name].links : 0;
-  int buffered = !(m->cfg.delete_after_first && links > 0);
+  int buffered = !(limits_of(m, name).delete_after_first && links > 0);
   lp_published p;
   m->nwoken = 0;
   alloc_armed = 1;
@@ -494,7 +527,7 @@ static void op_publish(model *m, input *in) {
   v->json_len = p.json_len;
   if (buffered) {
     if (m->cfg.max_buffered_bytes) model_make_room(m, name, v->json_len);
-    if (c->count == m->cfg.max_event_buffer_size) drop_oldest(m, name);
+    if (c->count == limits_of(m, name).max_event_buffer_size) drop_oldest(m, name);
     c->ev[c->count++] = e;
     c->bytes += v->json_len;
     m->st.events++;
@@ -684,7 +717,9 @@ static void op_fetch(model *m, input *in) {
   lp_buf each = LP_BUF_INIT;
   size_t each_count = 99;
   int each_missed = 99, each_rc = LP_EINVAL - 100;
-  if (!m->cfg.delete_after_first) {
+  int any_daf = 0;
+  for (size_t i = 0; i < n; i++) any_daf |= limits_of(m, cat[i]).delete_after_first;
+  if (!any_daf) {
     each_rc =
         lp_store_fetch_each(m->s, sl, n, since, last_id, m->now, append_event_view, &each, &each_count, &each_missed);
     CHECK(each_rc == want);
@@ -762,10 +797,11 @@ static void op_fetch(model *m, input *in) {
   lp_buf_free(&out);
 
   m->st.delivered += count;
-  if (m->cfg.delete_after_first) {
+  if (any_daf) {
     for (size_t i = 0; i < count; i++) {
       mevent *v = &m->ev[handed[i]];
       mcat *c = &m->cats[v->cat];
+      if (!limits_of(m, v->cat).delete_after_first) continue;
       CHECK(c->count > 0 && c->ev[c->count - 1] >= handed[i]); /* handed out from the newest end */
       size_t k = 0;
       while (c->ev[k] != handed[i]) k++;
@@ -872,6 +908,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     default: m->cfg.event_ttl_ms = 0; break;
   }
   m->cfg.max_categories = (b2 & 3) == 3 ? 1 + ((b2 >> 2) & 7) : 0;
+  m->limits_on = (b2 >> 5) & 1;
+  if (m->limits_on) {
+    m->cfg.category_limits = store_limits;
+    m->cfg.category_limits_ctx = m;
+  }
   m->cfg.max_waiting_per_category = (b3 & 3) == 3 ? 1 + ((b3 >> 2) & 3) : 0;
   m->cfg.max_category_bytes = 4 + ((b3 >> 4) & 7);
   /* An event's text is 90 to 130 bytes here, its cost with a category of
@@ -936,7 +977,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     op_expire(m);
     check_stats(m);
   }
-  if (m->cfg.event_ttl_ms > 0) {
+  if (m->cfg.event_ttl_ms > 0 && !m->limits_on) {
     lp_store_stats st;
     lp_store_get_stats(m->s, &st);
     CHECK(st.categories == 0 && st.events == 0 && st.event_bytes == 0 && st.waiting == 0);

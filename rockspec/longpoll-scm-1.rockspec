@@ -33,7 +33,7 @@ build = {
     ["longpoll.core"] = {
       sources = {
         "src/lp_buf.c", "src/lp_json.c", "src/lp_store.c", "src/lp_uuid.c", "src/lp_http.c",
-        "src/lp_conn.c", "src/lp_fast.c", "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_server.c",
+        "src/lp_conn.c", "src/lp_fast.c", "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_server.c", "src/lp_lua_fingerprint.c",
         "src/lp_lua_stderr.c",
       },
       defines = { "_GNU_SOURCE" },
@@ -75,6 +75,9 @@ build = {
     ["longpoll.addons.file.compaction"] = "lua/longpoll/addons/file/compaction.lua",
     ["longpoll.addons.file.lock"] = "lua/longpoll/addons/file/lock.lua",
     ["longpoll.auth"] = "lua/longpoll/auth.lua",
+    ["longpoll.idempotency"] = "lua/longpoll/idempotency.lua",
+    ["longpoll.category_rules"] = "lua/longpoll/category_rules.lua",
+    ["longpoll.dashboard"] = "lua/longpoll/dashboard.lua",
     ["longpoll.engine.redis"] = "lua/longpoll/engine/redis.lua",
     ["longpoll.engine.redis.cache"] = "lua/longpoll/engine/redis/cache.lua",
     ["longpoll.engine.redis.config"] = "lua/longpoll/engine/redis/config.lua",

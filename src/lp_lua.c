@@ -14,6 +14,7 @@ int lp_lua_json_encode(lua_State *L);  /* lp_lua_json.c */
 void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
 void lp_lua_server_open(lua_State *L); /* lp_lua_server.c */
 void lp_lua_stderr_open(lua_State *L); /* lp_lua_stderr.c */
+int lp_lua_fingerprint(lua_State *L);  /* lp_lua_fingerprint.c */
 
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"
@@ -23,19 +24,72 @@ typedef struct store_ud {
   uint64_t *woken; /* handles woken by the last publish */
   size_t nwoken, woken_cap;
   lp_buf out; /* reused answer buffer */
+  /* per-category rules: a Lua function (registry ref) asked once per new category */
+  int limits_ref; /* LUA_NOREF without one */
+  lua_State *L;   /* the thread of the store call in progress, for limits_ref */
+  int in_limits;  /* that function is running: the store is busy */
 } store_ud;
 
 static store_ud *check_store(lua_State *L, int i) {
   store_ud *u = luaL_checkudata(L, i, STORE_MT);
   luaL_argcheck(L, u->store != NULL, i, "store is closed");
+  if (u->in_limits) luaL_error(L, "the store is busy (called from category_limits)");
+  u->L = L;
   return u;
+}
+
+/* The Lua side of a category_limits call, protected: (function, name slice,
+ * limits) come as light userdata. The function returns nil (the defaults) or
+ * { max_event_buffer_size =, event_ttl_ms =, delete_after_first = }. */
+static int limits_call(lua_State *L) {
+  store_ud *u = lua_touserdata(L, 1);
+  const lp_slice *name = lua_touserdata(L, 2);
+  lp_category_limits *lim = lua_touserdata(L, 3);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, u->limits_ref);
+  lua_pushlstring(L, name->ptr, name->len);
+  lua_call(L, 1, 1);
+  if (!lua_istable(L, -1)) return 0;
+  int isnum;
+  lua_getfield(L, -1, "max_event_buffer_size");
+  lua_Integer n = lua_tointegerx(L, -1, &isnum);
+  if (isnum && n >= 1) lim->max_event_buffer_size = (size_t)n;
+  lua_getfield(L, -2, "event_ttl_ms");
+  n = lua_tointegerx(L, -1, &isnum);
+  if (isnum && n >= 0) lim->event_ttl_ms = (int64_t)n;
+  lua_getfield(L, -3, "delete_after_first");
+  if (!lua_isnil(L, -1)) lim->delete_after_first = lua_toboolean(L, -1);
+  return 0;
+}
+
+/* lp_limits_fn: asks the Lua function; on any error the defaults stay (the
+ * Lua side logs its own errors). Nothing here may raise: the store is in the
+ * middle of making a category. */
+static void lua_category_limits(void *ctx, lp_slice name, lp_category_limits *limits) {
+  store_ud *u = ctx;
+  lua_State *L = u->L;
+  if (!L || !lua_checkstack(L, 8)) return;
+  lp_category_limits asked = *limits;
+  lua_pushcfunction(L, limits_call);
+  lua_pushlightuserdata(L, u);
+  lua_pushlightuserdata(L, &name);
+  lua_pushlightuserdata(L, &asked);
+  u->in_limits = 1;
+  int rc = lua_pcall(L, 3, 0, 0);
+  u->in_limits = 0;
+  if (rc != LUA_OK) {
+    lua_pop(L, 1);
+    return;
+  }
+  *limits = asked;
 }
 
 /* The store of the userdata at idx, NULL when it is not a store or is closed (lp_lua_server.c's
  * fast path holds a reference to the userdata and asks before each use). */
 lp_store *lp_lua_store_of(lua_State *L, int idx) {
   store_ud *u = luaL_testudata(L, idx, STORE_MT);
-  return u ? u->store : NULL;
+  if (!u || u->in_limits) return NULL; /* busy in a category_limits call: the fast path declines */
+  u->L = L;                            /* a new category's limits are asked on this (running) thread */
+  return u->store;
 }
 
 static int fail(lua_State *L, const char *msg) {
@@ -82,10 +136,20 @@ static int l_new_store(lua_State *L) {
   lua_getfield(L, 1, "delete_after_first");
   cfg.delete_after_first = lua_toboolean(L, -1);
   lua_pop(L, 1);
+  lua_getfield(L, 1, "category_limits");
+  luaL_argcheck(L, lua_isnil(L, -1) || lua_isfunction(L, -1), 1, "category_limits must be a function");
+  int has_limits = lua_isfunction(L, -1);
   /* userdata first, in a safe empty state, then the resources */
   store_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   memset(u, 0, sizeof *u);
+  u->limits_ref = LUA_NOREF;
   luaL_setmetatable(L, STORE_MT);
+  if (has_limits) {
+    lua_pushvalue(L, -2);
+    u->limits_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    cfg.category_limits = lua_category_limits;
+    cfg.category_limits_ctx = u;
+  }
   u->store = lp_store_new(&cfg);
   if (!u->store) return luaL_error(L, "cannot create store (out of memory or no random source)");
   return 1;
@@ -95,6 +159,8 @@ static int store_close(lua_State *L) {
   store_ud *u = luaL_checkudata(L, 1, STORE_MT);
   lp_store_free(u->store);
   u->store = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, u->limits_ref);
+  u->limits_ref = LUA_NOREF;
   free(u->woken);
   u->woken = NULL;
   u->nwoken = u->woken_cap = 0;
@@ -550,12 +616,19 @@ static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 
-static const luaL_Reg core_functions[] = {{"new_store", l_new_store},   {"parse_publish", l_parse_publish},
-                                          {"json_check", l_json_check}, {"json_string", l_json_string},
-                                          {"utf8_valid", l_utf8_valid}, {"uuid", l_uuid},
-                                          {"is_uuid", l_is_uuid},       {"json_encode", lp_lua_json_encode},
-                                          {"event_json", l_event_json}, {"events_answer", l_events_answer},
-                                          {"lock_file", l_lock_file},   {NULL, NULL}};
+static const luaL_Reg core_functions[] = {{"new_store", l_new_store},
+                                          {"parse_publish", l_parse_publish},
+                                          {"json_check", l_json_check},
+                                          {"json_string", l_json_string},
+                                          {"utf8_valid", l_utf8_valid},
+                                          {"uuid", l_uuid},
+                                          {"is_uuid", l_is_uuid},
+                                          {"json_encode", lp_lua_json_encode},
+                                          {"event_json", l_event_json},
+                                          {"events_answer", l_events_answer},
+                                          {"lock_file", l_lock_file},
+                                          {"fingerprint", lp_lua_fingerprint},
+                                          {NULL, NULL}};
 
 int luaopen_longpoll_core(lua_State *L) {
   if (luaL_newmetatable(L, STORE_MT)) {

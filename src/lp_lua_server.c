@@ -518,10 +518,15 @@ static void wake_none(void *ctx, uint64_t handle) {
 }
 
 /* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
- * run. Only publishes that wake nobody (no long poll, stream or watcher waits on the category)
- * are taken: the manager registers this handler only when it has no add-on to tell. */
+ * run (always with an Idempotency-Key). Only publishes that wake nobody (no long poll, stream or watcher waits on the
+ * category) are taken: the manager registers this handler only when it has no add-on to tell. */
 static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
+  /* an idempotent publish (Idempotency-Key, issue 17) is the Lua handler's: it looks the key up */
+  for (size_t i = 0; i < head->nheaders; i++) {
+    lp_slice n = head->headers[i].name;
+    if (n.len == 15 && memcmp(n.ptr, "idempotency-key", 15) == 0) return 0;
+  }
   lp_publish_body pb;
   const char *err;
   if (lp_json_parse_publish(body.ptr ? body.ptr : "", body.len, &pb, &err) != 0) return 0;

@@ -41,9 +41,12 @@ struct lp_category {
   uint64_t hash;
   lp_event **ring; /* events oldest first, from ring[head]; grows up to the buffer size */
   size_t ring_cap, head, count;
-  size_t bytes;    /* JSON bytes of its events */
-  size_t cost;     /* what max_buffered_bytes counts for it: 0 without events */
-  size_t heap_pos; /* index + 1 in the store's by-cost heap; 0 when not in it */
+  size_t bytes;           /* JSON bytes of its events */
+  size_t cost;            /* what max_buffered_bytes counts for it: 0 without events */
+  size_t heap_pos;        /* index + 1 in the store's by-cost heap; 0 when not in it */
+  size_t max_events;      /* its buffer size (per-category rules, or the store's) */
+  int delete_after_first; /* its delete-after-first */
+  unsigned ttl_class;     /* index of its TTL in the store's expiry lists */
   lp_wait *waiters;
   size_t nwaiters;
   /* The newest event dropped by size or TTL, to tell a client it missed some. */
@@ -62,12 +65,20 @@ typedef struct sub_slot {
   uint32_t generation;
 } sub_slot;
 
+/* The events of every category with one TTL, in publish order (which is
+ * timestamp order), so the expired ones are a prefix. */
+typedef struct ttl_list {
+  int64_t ttl_ms; /* 0: never expire */
+  lp_event *oldest, *newest;
+} ttl_list;
+
 struct lp_store {
   lp_store_config cfg;
+  ttl_list ttls[LP_TTL_CLASSES]; /* [0] has the store's TTL */
+  unsigned nttls;
   lp_category **buckets;
   size_t nbuckets, ncategories;
   uint64_t hash_seed;
-  lp_event *oldest, *newest;
   lp_event *retired; /* a delivered, unbuffered event kept alive until the next call */
   sub_slot *slots;
   size_t nslots, slots_cap;
@@ -161,8 +172,25 @@ static int get_category(lp_store *s, lp_slice name, lp_category **out) {
   }
   if (s->cfg.max_categories && s->ncategories >= s->cfg.max_categories) return LP_ECATEGORIES;
   if (s->ncategories >= s->nbuckets && rehash(s, s->nbuckets * 2) != 0) return LP_ENOMEM;
+  lp_category_limits lim = {s->cfg.max_event_buffer_size, s->cfg.event_ttl_ms, s->cfg.delete_after_first};
+  if (s->cfg.category_limits) {
+    lp_category_limits asked = lim;
+    s->cfg.category_limits(s->cfg.category_limits_ctx, name, &asked);
+    if (asked.max_event_buffer_size >= 1) lim.max_event_buffer_size = asked.max_event_buffer_size;
+    if (asked.event_ttl_ms >= 0) lim.event_ttl_ms = asked.event_ttl_ms;
+    lim.delete_after_first = asked.delete_after_first != 0;
+  }
+  unsigned tc = 0;
+  while (tc < s->nttls && s->ttls[tc].ttl_ms != lim.event_ttl_ms) tc++;
+  if (tc == s->nttls) {
+    if (s->nttls == LP_TTL_CLASSES) return LP_ELIMIT;
+    s->ttls[s->nttls++].ttl_ms = lim.event_ttl_ms; /* kept for the store's life: a handful */
+  }
   c = calloc(1, sizeof *c + name.len + 1);
   if (!c) return LP_ENOMEM;
+  c->max_events = lim.max_event_buffer_size;
+  c->delete_after_first = lim.delete_after_first;
+  c->ttl_class = tc;
   c->hash = h;
   c->name_len = name.len;
   memcpy(c->name, name.ptr, name.len);
@@ -278,14 +306,15 @@ static void count_event(lp_store *s, lp_category *c, size_t json_len, int sign) 
 static lp_event *ring_at(const lp_category *c, size_t i) { return c->ring[(c->head + i) % c->ring_cap]; }
 
 static void unlink_global(lp_store *s, lp_event *e) {
+  ttl_list *l = &s->ttls[e->category->ttl_class];
   if (e->older)
     e->older->newer = e->newer;
   else
-    s->oldest = e->newer;
+    l->oldest = e->newer;
   if (e->newer)
     e->newer->older = e->older;
   else
-    s->newest = e->older;
+    l->newest = e->older;
 }
 
 /* Takes e out of the store-wide list and the byte counts, then frees it; the
@@ -312,10 +341,10 @@ static void drop_oldest(lp_store *s, lp_category *c) {
 }
 
 static int ring_push(lp_store *s, lp_category *c, lp_event *e) {
-  if (c->count == s->cfg.max_event_buffer_size) drop_oldest(s, c);
+  if (c->count == c->max_events) drop_oldest(s, c);
   if (c->count == c->ring_cap) {
     size_t cap = c->ring_cap ? c->ring_cap * 2 : 4;
-    if (cap > s->cfg.max_event_buffer_size) cap = s->cfg.max_event_buffer_size;
+    if (cap > c->max_events) cap = c->max_events;
     lp_event **r = malloc(cap * sizeof *r);
     if (!r) return LP_ENOMEM;
     for (size_t i = 0; i < c->count; i++) r[i] = ring_at(c, i);
@@ -364,12 +393,13 @@ static int buffer_event(lp_store *s, lp_category *c, lp_event *e) {
   if (rc == LP_OK) rc = ring_push(s, c, e);
   if (rc != LP_OK) return rc;
   e->category = c;
-  e->older = s->newest;
-  if (s->newest)
-    s->newest->newer = e;
+  ttl_list *l = &s->ttls[c->ttl_class];
+  e->older = l->newest;
+  if (l->newest)
+    l->newest->newer = e;
   else
-    s->oldest = e;
-  s->newest = e;
+    l->oldest = e;
+  l->newest = e;
   count_event(s, c, e->json_len, +1);
   s->stats.events++;
   heap_update(s, c);
@@ -571,15 +601,18 @@ int64_t lp_store_mark_time(lp_store *s, int64_t now_ms) {
 size_t lp_store_expire(lp_store *s, int64_t now_ms) {
   release_retired(s);
   now_ms = clamp_time(now_ms);
-  if (s->cfg.event_ttl_ms <= 0) return 0;
   size_t dropped = 0;
-  /* Publish order is timestamp order, so expired events are a prefix of the
-   * store-wide list, and each is the oldest of its category. */
-  while (s->oldest && now_ms - s->oldest->timestamp >= s->cfg.event_ttl_ms) {
-    lp_category *c = s->oldest->category;
-    drop_oldest(s, c);
-    free_category_if_unused(s, c);
-    dropped++;
+  /* Publish order is timestamp order, so the expired events of a TTL's list
+   * are a prefix of it, and each is the oldest of its category. */
+  for (unsigned i = 0; i < s->nttls; i++) {
+    ttl_list *l = &s->ttls[i];
+    if (l->ttl_ms <= 0) continue;
+    while (l->oldest && now_ms - l->oldest->timestamp >= l->ttl_ms) {
+      lp_category *c = l->oldest->category;
+      drop_oldest(s, c);
+      free_category_if_unused(s, c);
+      dropped++;
+    }
   }
   return dropped;
 }
@@ -605,7 +638,7 @@ int lp_store_publish(lp_store *s, lp_slice category, lp_slice data, int64_t now_
   e->seq = ++s->next_seq;
   e->category = c;
   size_t woken = c->nwaiters;
-  int buffered = !(s->cfg.delete_after_first && woken > 0);
+  int buffered = !(c->delete_after_first && woken > 0);
   if (buffered) {
     s->publishing = c;
     rc = make_room(s, c, e->json_len);
@@ -788,17 +821,16 @@ static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_
   }
   *count = total;
   s->stats.delivered += total;
-  if (s->cfg.delete_after_first) {
-    /* what was handed out is always the newest part of each buffer */
-    for (size_t k = 0; k < ncats; k++) {
-      lp_category *c = cats[k];
-      while (c->count > start[k]) {
-        lp_event *e = ring_at(c, c->count - 1);
-        c->count--;
-        forget_event(s, e);
-      }
-      free_category_if_unused(s, c);
+  /* delete-after-first (per category): what was handed out is always the newest part of each buffer */
+  for (size_t k = 0; k < ncats; k++) {
+    lp_category *c = cats[k];
+    if (!c->delete_after_first) continue;
+    while (c->count > start[k]) {
+      lp_event *e = ring_at(c, c->count - 1);
+      c->count--;
+      forget_event(s, e);
     }
+    free_category_if_unused(s, c);
   }
   return LP_OK;
 }
@@ -847,6 +879,8 @@ lp_store *lp_store_new(const lp_store_config *cfg) {
   lp_store *s = calloc(1, sizeof *s);
   if (!s) return NULL;
   s->cfg = *cfg;
+  s->ttls[0].ttl_ms = cfg->event_ttl_ms;
+  s->nttls = 1;
   s->nbuckets = 64;
   s->buckets = calloc(s->nbuckets, sizeof *s->buckets);
   if (!s->buckets || lp_random_bytes(&s->hash_seed, sizeof s->hash_seed) != 0) {
@@ -859,10 +893,12 @@ lp_store *lp_store_new(const lp_store_config *cfg) {
 void lp_store_free(lp_store *s) {
   if (!s) return;
   for (size_t i = 0; i < s->nslots; i++) free(s->slots[i].sub);
-  while (s->oldest) {
-    lp_event *e = s->oldest;
-    s->oldest = e->newer;
-    free(e);
+  for (unsigned i = 0; i < s->nttls; i++) {
+    while (s->ttls[i].oldest) {
+      lp_event *e = s->ttls[i].oldest;
+      s->ttls[i].oldest = e->newer;
+      free(e);
+    }
   }
   for (size_t i = 0; i < s->nbuckets; i++) {
     lp_category *c = s->buckets ? s->buckets[i] : NULL;

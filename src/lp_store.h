@@ -32,6 +32,26 @@ enum {
 /* A short message for an LP_E* code (static storage). */
 const char *lp_strerror(int code);
 
+/* The limits of one category (per-category rules): a category's buffer size,
+ * TTL and delete-after-first, chosen once when the category is made. */
+typedef struct lp_category_limits {
+  size_t max_event_buffer_size; /* >= 1 */
+  int64_t event_ttl_ms;         /* 0: its events never expire */
+  int delete_after_first;
+} lp_category_limits;
+
+/* At most this many distinct TTLs among the categories alive at once (each
+ * has its own expiry list); a category needing another one is refused with
+ * LP_ELIMIT. */
+#define LP_TTL_CLASSES 64
+
+typedef struct lp_slice lp_slice;
+
+/* Called once when a category is made, with *limits preset to the store's
+ * defaults; it may change them (a value out of range keeps the default). It
+ * must not call into the store. */
+typedef void (*lp_limits_fn)(void *ctx, lp_slice name, lp_category_limits *limits);
+
 typedef struct lp_store_config {
   size_t max_event_buffer_size;    /* events kept per category, >= 1 */
   int64_t event_ttl_ms;            /* 0: events never expire */
@@ -40,6 +60,8 @@ typedef struct lp_store_config {
   size_t max_categories;           /* 0: no cap */
   size_t max_waiting_per_category; /* 0: no cap */
   size_t max_buffered_bytes;       /* 0: no cap; over it the oldest events of the largest categories go */
+  lp_limits_fn category_limits;    /* NULL: every category has the defaults above */
+  void *category_limits_ctx;
 } lp_store_config;
 
 /* What max_buffered_bytes counts, so that the cap bounds the memory the
@@ -50,10 +72,10 @@ typedef struct lp_store_config {
 #define LP_EVENT_COST 128
 #define LP_CATEGORY_COST 256
 
-typedef struct lp_slice {
+struct lp_slice {
   const char *ptr;
   size_t len;
-} lp_slice;
+};
 
 /* What a publish produced. json points into the store and stays valid until
  * the next call on the store. */

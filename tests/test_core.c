@@ -26,7 +26,7 @@ static void report(const char *name, int ok) {
 static lp_slice S(const char *s) { return (lp_slice){s, strlen(s)}; }
 
 static lp_store *new_store(size_t size, int64_t ttl, int daf) {
-  lp_store_config cfg = {size, ttl, daf, 1024, 0, 0, 0};
+  lp_store_config cfg = {size, ttl, daf, 1024, 0, 0, 0, NULL, NULL};
   return lp_store_new(&cfg);
 }
 
@@ -270,7 +270,7 @@ static void test_multi_category_cursor(void) {
 
 static void test_bad_categories_and_limits(void) {
   int ok = 1;
-  lp_store_config cfg = {10, 0, 0, 8, 2, 1, 0};
+  lp_store_config cfg = {10, 0, 0, 8, 2, 1, 0, NULL, NULL};
   lp_store *s = lp_store_new(&cfg);
   lp_published p;
   CHECK(lp_store_publish(s, S(""), S("1"), 1, NULL, NULL, &p) == LP_EINVAL);
@@ -373,7 +373,7 @@ static void test_max_buffered_bytes(void) {
   int ok = 1;
   /* with the bookkeeping (LP_EVENT_COST, LP_CATEGORY_COST) a 200-byte event
    * costs about 400 bytes, its category 260 more */
-  lp_store_config cfg = {100, 0, 0, 1024, 0, 0, 3000};
+  lp_store_config cfg = {100, 0, 0, 1024, 0, 0, 3000, NULL, NULL};
   lp_store *s = lp_store_new(&cfg);
   char big[201];
   memset(big, 'x', 200);
@@ -454,7 +454,7 @@ static void test_take_waiters(void) {
 
 static void test_duplicate_categories_in_one_wait(void) {
   int ok = 1;
-  lp_store_config cfg = {10, 0, 0, 64, 0, 1, 0};
+  lp_store_config cfg = {10, 0, 0, 64, 0, 1, 0, NULL, NULL};
   lp_store *s = lp_store_new(&cfg);
   lp_slice twice[3] = {S("a"), S("b"), S("b")};
   uint64_t h1, h2;
@@ -554,6 +554,58 @@ static void test_top_categories(void) {
   report("categories ranked by size, a page at a time", ok);
 }
 
+/* Per-category rules: "s/..." keep 2 events for 100 ms, "f/..." forever, "d/..."
+ * delete after first, "t<N>" a TTL of N ms; others the store's defaults. */
+static int limits_calls = 0;
+static void test_limits(void *ctx, lp_slice name, lp_category_limits *lim) {
+  (void)ctx;
+  limits_calls++;
+  if (name.len >= 2 && memcmp(name.ptr, "s/", 2) == 0) lim->max_event_buffer_size = 2, lim->event_ttl_ms = 100;
+  if (name.len >= 2 && memcmp(name.ptr, "f/", 2) == 0) lim->event_ttl_ms = 0;
+  if (name.len >= 2 && memcmp(name.ptr, "d/", 2) == 0) lim->delete_after_first = 1;
+  if (name.len >= 2 && name.ptr[0] == 't') lim->event_ttl_ms = 1 + atoi(name.ptr + 1);
+}
+
+static void test_category_limits(void) {
+  int ok = 1;
+  lp_store_config cfg = {10, 1000, 0, 1024, 0, 0, 0, test_limits, NULL};
+  lp_store *s = lp_store_new(&cfg);
+  lp_buf out = LP_BUF_INIT;
+  for (int i = 0; i < 5; i++) {
+    pub(s, "s/a", "1", 10000 + i);
+    pub(s, "f/a", "1", 10000 + i);
+    pub(s, "d/a", "1", 10000 + i);
+    pub(s, "plain", "1", 10000 + i);
+  }
+  CHECK(limits_calls == 4); /* once per new category, not per publish */
+  CHECK(fetch1(s, "s/a", 0, NULL, 10010, &out, NULL) == 2);
+  CHECK(fetch1(s, "plain", 0, NULL, 10010, &out, NULL) == 5);
+  CHECK(fetch1(s, "d/a", 0, NULL, 10010, &out, NULL) == 5);
+  CHECK(fetch1(s, "d/a", 0, NULL, 10010, &out, NULL) == 0); /* deleted after the first retrieval */
+  CHECK(fetch1(s, "plain", 0, NULL, 10010, &out, NULL) == 5);
+  /* s/a expires after 100 ms, plain after 1000, f/a never */
+  CHECK(fetch1(s, "s/a", 0, NULL, 10104, &out, NULL) == 0);
+  CHECK(fetch1(s, "plain", 0, NULL, 10104, &out, NULL) == 5);
+  CHECK(lp_store_expire(s, 11004) == 5);
+  CHECK(fetch1(s, "f/a", 0, NULL, 99999999, &out, NULL) == 5);
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(st.events == 5 && st.categories == 1);
+  /* at most LP_TTL_CLASSES distinct TTLs: 3 used (1000, 100, 0) */
+  char name[16];
+  int refused = 0;
+  for (int i = 0; i < LP_TTL_CLASSES; i++) {
+    snprintf(name, sizeof name, "t%d", 5000 + i);
+    lp_published p;
+    int rc = lp_store_publish(s, S(name), S("1"), 20000, NULL, NULL, &p);
+    if (rc == LP_ELIMIT) refused++;
+  }
+  CHECK(refused == 3);
+  lp_buf_free(&out);
+  lp_store_free(s);
+  report("per-category limits: buffer size, TTL and delete-after-first chosen once per category", ok);
+}
+
 typedef struct collected {
   char ids[8][LP_UUID_LEN + 1];
   size_t n;
@@ -613,6 +665,7 @@ int main(void) {
   test_time_bounds();
   test_json_escaped_keys();
   test_top_categories();
+  test_category_limits();
   test_fetch_each();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;

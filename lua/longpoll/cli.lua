@@ -20,11 +20,19 @@ flags:
   --stats-path PATH      stats handler path, JSON or Prometheus (default /stats; empty turns it off)
   --stats-categories     let /stats?categories=1 list categories by name (default off: names can be
                          secrets), the largest first, 100 a page (&limit=N up to 1000, &offset=N)
+  --dashboard PATH       serve the live dashboard at PATH too (it is always at the stats path
+                         for browsers: Accept: text/html); needs the stats path
   --cors ORIGIN          allow cross-origin requests from ORIGIN (repeatable; "*" for any)
   --max-timeout S        largest 'timeout' a subscriber may ask for (default 110)
   --buffer-size N        events kept per category (default 250)
   --ttl S                seconds an event is kept (default: forever)
   --delete-after-first   remove an event once it has been handed out
+  --category-rule RULE   per-category limits, first match wins (repeatable), e.g.
+                         'chat/*:buffer=50,ttl=600' or 'presence/*:buffer=1,delete-after-first';
+                         PREFIX* or an exact name, then buffer=N, ttl=S|forever, delete-after-first
+  --idempotency-window S seconds an Idempotency-Key is remembered (default 86400, or the TTL
+                         when shorter): a retried publish with the key is stored once
+  --idempotency-max-keys N  keys remembered at most (default 100000; the oldest go first)
   --static DIR           serve the files of DIR under / (index.html for /)
   --js-prefix PATH       where the browser client is served (default /js/, as /js/longpoll.js)
   --persist FILE         keep events in FILE (one JSON per line), restored on start
@@ -81,6 +89,9 @@ local FLAGS = {
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
   ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
+  -- issue 17: idempotent publish, per-category rules, the dashboard
+  ["--idempotency-window"] = "number", ["--idempotency-max-keys"] = "integer",
+  ["--category-rule"] = "repeatable", ["--dashboard"] = "string",
 }
 
 local function comma_list(v)
@@ -226,7 +237,14 @@ function M.serve(flags)
   local max_memory = flags["max-memory"] or (not redis and M.default_max_memory()) or nil
   local cors_option = flags.cors and { origins = M.cors_origins(flags.cors) } or nil
   if cors_option and token then -- browsers must be allowed to send the token
-    cors_option.allow_headers = { "Content-Type", "Last-Event-ID", "Authorization" }
+    cors_option.allow_headers = { "Content-Type", "Last-Event-ID", "Idempotency-Key", "Authorization" }
+  end
+  local category_rules
+  for _, text in ipairs(flags["category-rule"] or {}) do
+    local rule, rule_err = require("longpoll.category_rules").parse_cli(text)
+    if not rule then return die(rule_err) end
+    category_rules = category_rules or {}
+    category_rules[#category_rules + 1] = rule
   end
   local manager, err = longpoll.start {
     max_longpoll_timeout_seconds = flags["max-timeout"],
@@ -241,6 +259,9 @@ function M.serve(flags)
     max_buffered_bytes = max_memory,
     max_categories = flags["max-categories"],
     stats_categories = flags["stats-categories"] or nil,
+    idempotency_window_seconds = flags["idempotency-window"],
+    idempotency_max_keys = flags["idempotency-max-keys"],
+    category_rules = category_rules,
   }
   if not manager then return die(err) end
   local srv, serr = server_mod.new {
@@ -270,6 +291,12 @@ function M.serve(flags)
   end
   if sse_path ~= "" then srv:route("GET", sse_path, manager.sse_handler) end
   if stats_path ~= "" then srv:route("GET", stats_path, manager.stats_handler) end
+  local dashboard_path = flags.dashboard
+  if dashboard_path then
+    if dashboard_path:sub(1, 1) ~= "/" then return die("--dashboard must start with '/'") end
+    if stats_path == "" then return die("--dashboard needs the stats path (it polls it)") end
+    srv:route("GET", dashboard_path, require("longpoll.dashboard").handler(stats_path))
+  end
   if flags.cors then -- preflight requests come as OPTIONS (publish is mounted for every method)
     srv:route("OPTIONS", flags["subscribe-path"] or "/events", manager.subscription_handler)
     if sse_path ~= "" then srv:route("OPTIONS", sse_path, manager.sse_handler) end

@@ -31,8 +31,12 @@ Client.__index = Client
 local KNOWN = {
   subscribe_url = true, publish_url = true, category = true, poll_timeout_seconds = true,
   reattempt_wait_seconds = true, success_wait_seconds = true, basic_auth = true, headers = true,
-  on_failure = true, on_missed = true, logger = true,
+  on_failure = true, on_missed = true, logger = true, publish_retries = true,
 }
+
+-- A publish that got a 503 or no answer is sent again with the same Idempotency-Key, after
+-- PUBLISH_RETRY_BASE_MS, then twice that, ... (the server stores it once).
+local PUBLISH_RETRY_BASE_MS = 100
 
 local function check_category(c)
   return type(c) == "string" and #c >= 1 and #c <= MAX_CATEGORY_BYTES
@@ -152,6 +156,13 @@ local function check_options(o)
   if not c.success_wait_seconds then
     return nil, err
   end
+  local retries = o.publish_retries
+  if retries == nil then
+    retries = 3
+  elseif math.type(retries) ~= "integer" or retries < 0 or retries > 10 then
+    return nil, "option 'publish_retries' must be a whole number from 0 to 10"
+  end
+  c.publish_retries = retries
   -- basic auth: both user and password, or neither (golongpoll's rule)
   local auth = o.basic_auth
   if auth ~= nil then
@@ -495,7 +506,7 @@ function Client:stop()
     end
     self.timer = nil
   end
-  if self.publish_conn and not self.publish_conn:busy() and #self.publish_queue == 0 then
+  if self.publish_conn and not self.publish_conn:busy() and #self.publish_queue == 0 and not self.publish_retry_timer then
     self.publish_conn:close(true)
     self.publish_conn = nil
   end
@@ -578,9 +589,14 @@ local function publish_error(res, err, url)
   return "Unexpected publish response: " .. res.body:sub(1, 200)
 end
 
+-- A publish worth sending again with its key: no answer (network error, timeout) or 503.
+local function publish_retryable(res)
+  return res == nil or res.status == 503
+end
+
 function Client:next_publish()
   local conn = self.publish_conn
-  if conn:busy() then
+  if conn:busy() or self.publish_retry_timer then
     return
   end
   local item = table.remove(self.publish_queue, 1)
@@ -591,7 +607,7 @@ function Client:next_publish()
     end
     return
   end
-  local headers = { { "Content-Type", "application/json" } }
+  local headers = { { "Content-Type", "application/json" }, { "Idempotency-Key", item.key } }
   for _, h in ipairs(self.request_headers) do
     headers[#headers + 1] = h
   end
@@ -599,6 +615,22 @@ function Client:next_publish()
   conn:request({ method = "POST", target = url.target, headers = headers, body = item.body,
     timeout_ms = PUBLISH_TIMEOUT_MS }, function(res, err)
     local perr = publish_error(res, err, self.options.publish_url_text)
+    if perr and publish_retryable(res) and item.attempts < self.options.publish_retries then
+      -- the same key again: stored once, whether or not the first attempt was
+      item.attempts = item.attempts + 1
+      self:log("info", "publish retried", { category = item.category, attempt = item.attempts, error = perr })
+      table.insert(self.publish_queue, 1, item)
+      local timer = uv.new_timer()
+      self.publish_retry_timer = timer
+      timer:start(PUBLISH_RETRY_BASE_MS << (item.attempts - 1), 0, function()
+        timer:close()
+        self.publish_retry_timer = nil
+        if self.publish_conn == conn then
+          self:next_publish()
+        end
+      end)
+      return
+    end
     if perr then
       self:log("warn", "publish failed", { category = item.category, error = perr })
     end
@@ -633,7 +665,8 @@ function Client:publish(category, data, callback)
       return done(false, "data cannot be encoded as JSON: " .. tostring(err))
     end
     local body = '{"category":' .. core.json_string(category) .. ',"data":' .. data_json .. "}"
-    self.publish_queue[#self.publish_queue + 1] = { category = category, body = body, callback = done }
+    self.publish_queue[#self.publish_queue + 1] = { category = category, body = body, callback = done,
+      key = core.uuid(), attempts = 0 }
     if not self.publish_conn then
       local url = self.options.publish_url
       self.publish_conn = http_client.connection { host = url.host, port = url.port }

@@ -6,7 +6,9 @@ local find, lower, concat, format = string.find, string.lower, table.concat, str
 
 local M = {}
 
-M.DEFAULT_ALLOW_HEADERS = { "Content-Type", "Last-Event-ID" }
+M.DEFAULT_ALLOW_HEADERS = { "Content-Type", "Last-Event-ID", "Idempotency-Key" }
+-- answer headers scripts of another origin may read (a publish replayed for its Idempotency-Key)
+M.EXPOSE_HEADERS = "Idempotent-Replayed"
 M.DEFAULT_MAX_AGE = 600
 
 local FIELDS = { origins = true, allow_headers = true, max_age = true, credentials = true }
@@ -107,6 +109,7 @@ function Policy:add_headers(req, res)
   end
   if allowed then
     res:set_header("Access-Control-Allow-Origin", allowed)
+    res:set_header("Access-Control-Expose-Headers", M.EXPOSE_HEADERS)
     if self.credentials then res:set_header("Access-Control-Allow-Credentials", "true") end
   end
   return allowed ~= nil

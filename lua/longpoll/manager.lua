@@ -10,6 +10,7 @@ local answers = require "longpoll.answers"
 local subscription = require "longpoll.subscription"
 local hooks = require "longpoll.hooks"
 local memory = require "longpoll.engine.memory"
+local idempotency = require "longpoll.idempotency"
 local native = require "longpoll.http.native"
 
 local send_json, send_error = answers.send_json, answers.send_error
@@ -28,8 +29,11 @@ local STATUS_OF_CODE = {
   EWAITERS = 503,
   ENOMEM = 503,
   ELIMIT = 503,
+  ERANDOM = 503,
   ECLOSED = 503,
   EUNAVAILABLE = 503,
+  EKEYMISMATCH = idempotency.STATUS.EKEYMISMATCH, -- 422
+  EKEYBUSY = idempotency.STATUS.EKEYBUSY, -- 409
 }
 
 local function status_of(code)
@@ -45,40 +49,79 @@ end
 
 -- Publishes checked JSON text through the engine. callback(event | nil, message, code).
 -- Returns the event when the engine stored it before returning (memory), true when it is on
--- its way (Redis), or nil, message, code when refused.
-local function publish_json_text(self, category, data_json, data, callback)
+-- its way (Redis), or nil, message, code when refused. key: an Idempotency-Key (checked) or
+-- nil; a replay then counts as stored, as { id =, timestamp =, category =, replayed = true }.
+local function replayed(category, prior)
+  return { id = prior.id, timestamp = prior.timestamp, category = category, replayed = true }
+end
+
+local function publish_json_text(self, category, data_json, data, callback, key)
   local stored
-  local ok, err, code = self.engine:publish(category, data_json, function(event, perr, pcode)
+  local opts = key and { idempotency_key = key, fingerprint = idempotency.fingerprint(category, data_json) }
+  local ok, err, code, prior = self.engine:publish(category, data_json, function(event, perr, pcode, pprior)
     if event then
       stored = hooks.event(event, data)
+      if callback then callback(stored) end
+    elseif pcode == idempotency.REPLAY then
+      stored = replayed(category, pprior)
       if callback then callback(stored) end
     elseif callback then
       callback(nil, perr, pcode)
     end
-  end, data)
-  if not ok then return nil, err, code end
+  end, data, opts)
+  if not ok then
+    if code ~= idempotency.REPLAY then return nil, err, code end
+    stored = replayed(category, prior)
+    if callback then callback(stored) end
+    return stored
+  end
   if self.logger then
     self.logger("debug", "published", { category = category, data = data_json })
   end
   return stored or true
 end
 
--- manager:publish(category, data[, callback]) -> event | true | nil, message
+-- The callback and the Idempotency-Key of publish's third argument: a function (the callback)
+-- or a table { callback =, idempotency_key = }. nil, message when it is neither.
+local function publish_options(arg)
+  if arg == nil or type(arg) == "function" then return arg end
+  if type(arg) ~= "table" then return nil, nil, "the third argument must be a callback or a table of options" end
+  for k in pairs(arg) do
+    if k ~= "callback" and k ~= "idempotency_key" then return nil, nil, ("unknown publish option '%s'"):format(tostring(k)) end
+  end
+  if arg.callback ~= nil and type(arg.callback) ~= "function" then return nil, nil, "option 'callback' must be a function" end
+  local key
+  if arg.idempotency_key ~= nil then
+    local kerr
+    key, kerr = idempotency.check_key(arg.idempotency_key)
+    if not key then return nil, nil, kerr end
+  end
+  return arg.callback, key
+end
+
+-- manager:publish(category, data[, callback | { callback =, idempotency_key = }])
+--   -> event | true | nil, message[, code]
 -- callback(event) once the event is stored, or callback(nil, message) when storing failed
 -- later (Redis). In memory the event is stored (and returned) before publish returns; with
--- Redis, true means it is on its way.
+-- Redis, true means it is on its way. With an idempotency_key, a repeat within the window
+-- stores nothing and gives { id =, timestamp =, category =, replayed = true } of the first
+-- event; the key with other data is refused with code EKEYMISMATCH, while the first publish
+-- is in flight with EKEYBUSY (docs/api.md).
 function Manager:publish(category, data, callback)
   if self.closed then return nil, "manager is shut down" end
   local ok, err = check_category(self, category)
   if not ok then return nil, err end
   if data == nil then return nil, "data must not be nil" end
+  local cb, key, oerr = publish_options(callback)
+  if oerr then return nil, oerr, "EINVAL" end
   local data_json, jerr = core.json_encode(data)
   if not data_json then return nil, "data cannot be encoded as JSON: " .. jerr end
-  return publish_json_text(self, category, data_json, data, callback)
+  return publish_json_text(self, category, data_json, data, cb, key)
 end
 
--- manager:publish_json(category, json_text[, callback]): publishes JSON text as given.
+-- manager:publish_json(category, json_text[, callback | options]) (options as publish's): publishes JSON text as given.
 function Manager:publish_json(category, data_json, callback)
+  local cb, key, oerr = publish_options(callback)
   if self.closed then return nil, "manager is shut down" end
   local ok, err = check_category(self, category)
   if not ok then return nil, err end
@@ -86,7 +129,8 @@ function Manager:publish_json(category, data_json, callback)
   local jok, jerr = core.json_check(data_json)
   if not jok then return nil, "data_json is not JSON: " .. jerr end
   if data_json:match("^%s*null%s*$") then return nil, "data must not be null" end
-  return publish_json_text(self, category, data_json, nil, callback)
+  if oerr then return nil, oerr, "EINVAL" end
+  return publish_json_text(self, category, data_json, nil, cb, key)
 end
 
 local function category_list(categories)
@@ -219,10 +263,20 @@ local function publish_request(self, req, res)
     return send_error(res, parse_code and status_of(parse_code) or 400, data_json) -- ENOMEM: 503
   end
   if self.closed then return send_error(res, 503, "manager is shut down") end
-  local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, pcode)
-    if event then return send_json(res, 200, '{"success":true}') end
-    return send_error(res, status_of(pcode or "EUNAVAILABLE"), perr)
-  end)
+  local key_header = req.headers[idempotency.HEADER]
+  local key
+  if key_header ~= nil then
+    local kerr
+    key, kerr = idempotency.check_key(key_header)
+    if not key then return send_error(res, 400, kerr) end
+  end
+  local ok, err, code = publish_json_text(self, category, data_json, nil, function(event, perr, scode)
+    if not event then return send_error(res, status_of(scode or "EUNAVAILABLE"), perr) end
+    if not key then return send_json(res, 200, '{"success":true}') end
+    -- with the key the answer names the event, the same for the first request and replays
+    if event.replayed then res:set_header(idempotency.REPLAYED_HEADER, "true") end
+    return send_json(res, 200, idempotency.answer_body(event.id, event.timestamp))
+  end, key)
   if not ok then return send_error(res, status_of(code), err) end
 end
 

@@ -66,6 +66,20 @@ local SPEC = {
   -- the wall clock in epoch milliseconds (tests pass a fake one; the C core takes time as an
   -- argument, so TTL and timestamps then follow it)
   clock = { nil, function(v) if type(v) ~= "function" then return "must be a function returning epoch milliseconds" end end },
+  -- idempotent publish (idempotency.lua): how long a key is remembered (bounded by the event
+  -- TTL when that is shorter) and how many keys / bytes of them at most
+  idempotency_window_seconds = { 86400, function(v)
+    if type(v) ~= "number" or v ~= v or v < 0.001 or v > 31536000 then
+      return "must be a number of seconds from 0.001 to 31536000 (a year)"
+    end
+  end },
+  idempotency_max_keys = { 100000, integer(1, 100000000) },
+  -- per-category buffer size / TTL / delete-after-first (category_rules.lua)
+  category_rules = { nil, function(v) return require("longpoll.category_rules").check_rules(v) end },
+  category_options = { nil, function(v)
+    if type(v) ~= "function" then return "must be a function(category) -> table or nil" end
+  end },
+  idempotency_max_bytes = { 16 * 1024 * 1024, integer(1024) },
 }
 
 -- Returns a complete options table, or nil, message.
@@ -90,6 +104,8 @@ function M.check(options)
     return nil, "option 'delete_event_after_first_retrieval' cannot be used with 'redis'"
       .. " (the nodes could not agree on which retrieval is the first)"
   end
+  local rules_err = require("longpoll.category_rules").check_with(out)
+  if rules_err then return nil, rules_err end
   if out.redis and out.max_buffered_bytes > 0 then
     return nil, "option 'max_buffered_bytes' cannot be used with 'redis' (events are kept in Redis: set maxmemory there)"
   end

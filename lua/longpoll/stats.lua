@@ -1,10 +1,12 @@
 -- The stats endpoint: the manager's figures as JSON, or in the Prometheus text exposition
--- format for scrapers (Accept: text/plain, or ?format=prometheus). Per-category figures are
+-- format for scrapers (Accept: text/plain, or ?format=prometheus), or the live dashboard for
+-- browsers (Accept: text/html; dashboard.lua). Per-category figures are
 -- opt-in (option stats_categories: category names can be secrets) and come a bounded page
 -- at a time, largest categories first (?categories=1&limit=N&offset=N).
 local uv = require "luv"
 local core = require "longpoll.core"
 local answers = require "longpoll.answers"
+local dashboard = require "longpoll.dashboard"
 
 local concat, format, gsub, find, lower = table.concat, string.format, string.gsub, string.find, string.lower
 
@@ -29,6 +31,18 @@ local METRICS = {
     "Bytes the buffers hold with their bookkeeping: what max_buffered_bytes caps.", "buffered_bytes" },
   { "longpoll_last_event_timestamp_milliseconds", "gauge", "Timestamp of the newest event (epoch ms).", "last_timestamp" },
   { "longpoll_uptime_seconds", "gauge", "Seconds since the manager started.", "uptime_seconds" },
+  { "longpoll_idempotency_keys", "gauge", "Idempotency-Keys remembered (in memory; in Redis mode they live in Redis).",
+    "idempotency_keys" },
+  { "longpoll_idempotency_key_bytes", "gauge", "Bytes the remembered Idempotency-Keys take (in memory).",
+    "idempotency_key_bytes" },
+  { "longpoll_idempotency_replays_total", "counter", "Publishes answered as replays of an Idempotency-Key.",
+    "idempotency_replays" },
+  { "longpoll_idempotency_conflicts_total", "counter",
+    "Publishes refused because their Idempotency-Key was used with another request (422).", "idempotency_conflicts" },
+  { "longpoll_idempotency_evicted_total", "counter",
+    "Idempotency-Keys forgotten before their window ended, to stay under the key bounds.", "idempotency_evicted" },
+  { "longpoll_idempotency_in_flight", "gauge", "Idempotent publishes of this node waiting for Redis.",
+    "idempotency_in_flight" },
 }
 
 local CATEGORY_METRICS = {
@@ -39,7 +53,8 @@ local CATEGORY_METRICS = {
 
 -- JSON keys in output order (the manager's names)
 local JSON_KEYS = { "categories", "events", "event_bytes", "buffered_bytes", "waiting", "long_polls", "sse_streams",
-  "published", "delivered", "dropped", "evicted", "last_timestamp" }
+  "published", "delivered", "dropped", "evicted", "last_timestamp", "idempotency_keys", "idempotency_key_bytes",
+  "idempotency_replays", "idempotency_conflicts", "idempotency_evicted", "idempotency_in_flight" }
 
 local function number(v)
   if math.type(v) == "integer" then return format("%d", v) end
@@ -156,6 +171,8 @@ function M.handler(manager)
     -- the answer depends on Accept (CORS may have put Origin there already)
     local vary = res:get_header("Vary")
     res:set_header("Vary", vary and (vary .. ", Accept") or "Accept")
+    -- a browser (Accept: text/html, no ?format=) gets the live dashboard, which polls this path
+    if dashboard.wants_html(req) then return dashboard.send(res, req.path) end
     local prom, err = wants_prometheus(req)
     if prom == nil then return answers.send_error(res, 400, err) end
     local page, perr, pstatus = category_page(manager, req)

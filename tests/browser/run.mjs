@@ -252,6 +252,35 @@ test('basic auth and extra headers reach the server; a 401 reaches onFailure', a
   await page.close();
 });
 
+test('publish sends an Idempotency-Key and retries a 503 with it: the event is stored once', async () => {
+  const page = await newPage('/index.html');
+  await http('/control/flaky-log');
+  await page.evaluate(() => T.start({ subscribeUrl: '/events', publishUrl: '/flaky/publish', category: 'idem',
+    sinceTime: 0, pollTimeoutSeconds: 2 }));
+  await page.evaluate(() => T.client.publish('idem', { n: 1 }));
+  await page.evaluate(() => T.client.publish('idem', { n: 2 }));
+  await page.waitForFunction(() => T.received.length === 2, null, { timeout: 5000 });
+  const keys = (await http('/control/flaky-log')).body.keys;
+  assertEqual(keys.length, 4, 'two attempts per publish');
+  assert(/^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/.test(keys[0]), 'a UUID key: ' + keys[0]);
+  assertEqual([keys[0] === keys[1], keys[2] === keys[3], keys[0] !== keys[2]], [true, true, true], 'same key on retry');
+  // a duplicate of 1 or 2 would come before 3
+  const more = await page.evaluate(() => T.client.publish('idem', { n: 3 }).then(() => 'ok'));
+  assertEqual(more, 'ok', 'third publish');
+  await page.waitForFunction(() => T.received.length === 3, null, { timeout: 5000 });
+  assertEqual(numbers(await page.evaluate(() => T.received)), [1, 2, 3], 'each event once, in order');
+  // idempotentPublish: false is golongpoll's plain publish (no key, no retry)
+  await http('/control/flaky-log');
+  const plain = await page.evaluate(() => {
+    const c = new longpoll.Client({ publishUrl: '/flaky/publish', category: 'idem', idempotentPublish: false });
+    return c.publish('idem', { n: 4 }).then(() => 'ok');
+  });
+  assertEqual(plain, 'ok', 'plain publish');
+  assertEqual((await http('/control/flaky-log')).body.keys, [null], 'no key sent');
+  await page.evaluate(() => T.client.stop());
+  await page.close();
+});
+
 // golongpoll's own browser client, unchanged, against our server.
 test("golongpoll's client.js (default options) receives events and publishes", async () => {
   const page = await newPage('/golongpoll.html');

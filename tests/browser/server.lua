@@ -50,6 +50,22 @@ local function guarded(handler)
   end
 end
 
+-- /flaky/publish: the first request of each Idempotency-Key is stored, then answered 503 (as a
+-- failing-over Redis could); later ones go to the publish handler (a replay). The keys seen
+-- are in /control/flaky-log.
+local flaky_keys, flaky_seen = {}, {}
+local function flaky_publish(req, res)
+  local key = req.headers["idempotency-key"]
+  flaky_keys[#flaky_keys + 1] = key or cjson.null
+  if key and not flaky_seen[key] then
+    flaky_seen[key] = true
+    local body = cjson.decode(req.body)
+    assert(manager:publish(body.category, body.data, { idempotency_key = key }))
+    return json(res, 503, { error = "stored, but the answer says otherwise" })
+  end
+  return manager.publish_handler(req, res)
+end
+
 local serve
 local stopping = false
 
@@ -87,6 +103,10 @@ local function control(req, res)
       restart(down_ms, req.query.category or "restart", count)
     end)
     return
+  elseif path == "/control/flaky-log" then
+    local out = flaky_keys
+    flaky_keys = {}
+    return json(res, 200, { keys = out })
   elseif path == "/control/auth-log" then
     local out = auth_log
     auth_log = {}
@@ -102,7 +122,8 @@ function serve()
   srv:route("*", "/publish", manager.publish_handler)
   srv:route("GET", "/auth/events", guarded(manager.subscription_handler))
   srv:route("*", "/auth/publish", guarded(manager.publish_handler))
-  for _, p in ipairs { "/control/waiting", "/control/restart", "/control/auth-log" } do
+  srv:route("*", "/flaky/publish", flaky_publish)
+  for _, p in ipairs { "/control/waiting", "/control/restart", "/control/auth-log", "/control/flaky-log" } do
     srv:route("*", p, control)
   end
   srv:static("/js/", root .. "/lua/longpoll/js")

@@ -114,7 +114,7 @@ test("EventSource receives events, reconnects after the stream ends and resumes 
     let server = await serve(["--persist", persist, "--flush-ms", "50"]);
     servers.push(server);
     const port = server.port;
-    await page.goto(`http://127.0.0.1:${port}/stats`);
+    await page.goto(`http://127.0.0.1:${port}/stats?format=json`);
     await openSource("live", "/sse?category=a&category=b");
     await openSource("quiet", "/sse?category=q"); // sees no event before the restart
     await waitFor("live", (l) => l.opens === 1, "open");
@@ -158,7 +158,7 @@ test("EventSource hears event: missed before what is still buffered",
     const server = await serve(["--buffer-size", "2"]);
     servers.push(server);
     for (let i = 1; i <= 4; i++) await publish(server.port, "m", i);
-    await page.goto(`http://127.0.0.1:${server.port}/stats`);
+    await page.goto(`http://127.0.0.1:${server.port}/stats?format=json`);
     await openSource("missed", "/sse?category=m&since_time=0");
     const log = await waitFor("missed", (l) => l.messages.length === 2, "the buffered events");
     assert.equal(log.missed, 1);
@@ -175,7 +175,7 @@ test("a cross-origin stream and publish work only where --cors allows the page's
     const open = await serve(["--cors", origin]);
     const closed = await serve([]);
     servers.push(open, closed);
-    await page.goto(`${origin}/stats`);
+    await page.goto(`${origin}/stats?format=json`); // a same-origin page without a CSP (the dashboard has one)
     await openSource("cors", `http://127.0.0.1:${open.port}/sse?category=x`);
     await openSource("nocors", `http://127.0.0.1:${closed.port}/sse?category=x`);
     await waitFor("cors", (l) => l.opens === 1, "the allowed stream to open");

@@ -5,6 +5,8 @@
 local uv = require "luv"
 local core = require "longpoll.core"
 local Timeouts = require "longpoll.timeouts"
+local idempotency = require "longpoll.idempotency"
+local category_rules = require "longpoll.category_rules"
 
 local pcall, type = pcall, type
 
@@ -35,12 +37,16 @@ function M.new(options, host)
       max_categories = options.max_categories,
       max_waiting_per_category = options.max_waiting_per_category,
       max_buffered_bytes = options.max_buffered_bytes,
+      -- per-category rules: asked by the store once per new category, never per publish
+      category_limits = category_rules.resolver(options, host.log),
     },
     waiters = {}, -- store handle -> on_answer (a long poll) or a follow (a table)
     queue = {}, -- events stored but not yet handed to waiters and host, oldest first
     queue_head = 1,
     fanning_out = false,
     closed = false,
+    keys = idempotency.new_keys { max_keys = options.idempotency_max_keys, max_bytes = options.idempotency_max_bytes,
+      window_ms = options.idempotency_window_ms or idempotency.window_ms(options, options.ttl_ms) },
   }, Memory)
   if options.ttl_ms > 0 then
     -- expiry also happens on every publish and fetch; this timer returns the memory of idle
@@ -107,15 +113,28 @@ local function deliver(self, event, woken, answer)
   self.queue, self.queue_head, self.fanning_out = {}, 1, false
 end
 
--- engine:publish(category, data_json, callback[, data]) -> true | nil, message, code
+-- engine:publish(category, data_json, callback[, data[, opts]]) -> true | nil, message, code[, prior]
 -- data: the publisher's Lua value, handed to in-process consumers as event.data.
-function Memory:publish(category, data_json, callback, data)
+-- opts.idempotency_key (with opts.fingerprint): a key seen before is refused with EREPLAY and
+-- prior = { id =, timestamp = } of its event, EKEYMISMATCH or EKEYBUSY (idempotency.lua).
+function Memory:publish(category, data_json, callback, data, opts)
   if self.closed then return nil, "manager is shut down", "ECLOSED" end
+  local key = opts and opts.idempotency_key
+  local record
+  if key then
+    local code, prior
+    record, code, prior = self.keys:begin(key, opts.fingerprint, self.now())
+    if not record then return nil, idempotency.message(code), code, prior end
+  end
   local json, id, timestamp, woken, _, answer = self.store:publish(category, data_json, self.now())
-  if not json then return nil, id, timestamp end -- message, code
+  if not json then
+    if record then self.keys:abort(record, key) end
+    return nil, id, timestamp -- message, code
+  end
   local event = { id = id, timestamp = timestamp, category = category, data_json = data_json, json = json,
     data = data }
   deliver(self, event, woken, answer)
+  if record then self.keys:commit(record, key, id, timestamp) end
   if callback then callback(event) end
   return true
 end
@@ -189,7 +208,9 @@ function Memory:core_store()
 end
 
 function Memory:stats(with_categories)
-  return self.store:stats(with_categories)
+  local s = self.store:stats(with_categories)
+  for k, v in pairs(self.keys:stats(self.now())) do s[k] = v end
+  return s
 end
 
 -- Puts back an event kept by an add-on (oldest first, before anyone is served).

@@ -10,6 +10,8 @@ local core = require "longpoll.core"
 local config = require "longpoll.engine.redis.config"
 local Position = require "longpoll.engine.redis.position"
 local Shard = require "longpoll.engine.redis.shard"
+local idempotency = require "longpoll.idempotency"
+local category_rules = require "longpoll.category_rules"
 
 local Engine = {}
 Engine.__index = Engine
@@ -18,6 +20,27 @@ local M = {}
 
 local function noop() end
 
+-- Per-category rules: the limits of this many categories are kept; past it the cache starts
+-- afresh (category_options is then asked again).
+local LIMITS_CACHE_SIZE = 10000
+
+-- The per-category limits function of the shards (nil without rules): the resolver's answer,
+-- cached per category, so rules are matched once per category and not per publish.
+local function cached_limits(options, log)
+  local resolve = category_rules.resolver(options, log)
+  if not resolve then return nil end
+  local cache, cached = {}, 0
+  return function(category)
+    local l = cache[category]
+    if l then return l end
+    if cached >= LIMITS_CACHE_SIZE then cache, cached = {}, 0 end
+    l = resolve(category)
+    cache[category] = l
+    cached = cached + 1
+    return l
+  end
+end
+
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
 -- host = { log = function(level, message, fields), on_event = function(event) }.
@@ -25,7 +48,14 @@ local function noop() end
 function M.new(options, host)
   local log = host.log or noop
   local on_event = host.on_event or noop
-  local self = setmetatable({ log = log, closed = false, shards = {} }, Engine)
+  local self = setmetatable({ log = log, closed = false, shards = {},
+    -- idempotent publish: the keys live in Redis (the publish script); this node only knows
+    -- which of its own publishes are in flight
+    idempotency = { window_ms = idempotency.window_ms(options, options.ttl_ms),
+      max_keys = options.idempotency_max_keys or idempotency.DEFAULT_MAX_KEYS,
+      in_flight = {}, in_flight_count = 0, replays = 0, conflicts = 0 },
+    published = 0, -- this node's events Redis stored (stats, the dashboard)
+  }, Engine)
   self.store = core.new_store {
     max_event_buffer_size = 1,
     max_category_bytes = options.max_category_bytes,
@@ -37,13 +67,14 @@ function M.new(options, host)
     local ok, herr = pcall(on_event, event)
     if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
   end
+  local limits_of = cached_limits(options, log)
   local node_id = Position.epoch_candidate()
   for i, cfg in ipairs(config.resolve(options.redis)) do
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
       max_event_buffer_size = options.max_event_buffer_size, max_category_bytes = options.max_category_bytes,
       max_categories = options.max_categories,
-      log = log, on_event = host_event,
+      limits_of = limits_of, log = log, on_event = host_event,
     }
     if not shard then
       for _, s in ipairs(self.shards) do s:close(noop) end
@@ -96,24 +127,53 @@ function Engine:_shard_of_all(categories)
   return shard
 end
 
--- engine:publish(category, data_json, callback[, data]) -> true | nil, message, code
+-- engine:publish(category, data_json, callback[, data[, opts]]) -> true | nil, message, code
 -- data: the publisher's Lua value, handed back as event.data.
-function Engine:publish(category, data_json, callback, data)
+-- opts.idempotency_key (with opts.fingerprint): the key is looked up and set in the publish
+-- script, atomically with the event (any node sees it); callback(nil, message, code, prior)
+-- for a key seen before (EREPLAY with prior = { id =, timestamp = }, EKEYMISMATCH), and
+-- EKEYBUSY at once while this node's own publish with the key is in flight.
+function Engine:publish(category, data_json, callback, data, opts)
   if self.closed then return nil, "manager is shut down", "ECLOSED" end
   if not core.utf8_valid(category) then return nil, "category is not valid UTF-8", "EINVAL" end
   local shard = self:_shard_of(category)
   if not shard:can_publish() then return nil, "Redis is unavailable", "EUNAVAILABLE" end
+  local idem = self.idempotency
+  local key = opts and opts.idempotency_key
+  local key_args
+  if key then
+    if idem.in_flight[key] then return nil, idempotency.BUSY_MESSAGE, idempotency.BUSY end
+    key_args = { key = key, fingerprint = opts.fingerprint, window_ms = idem.window_ms, max_keys = idem.max_keys }
+    idem.in_flight[key] = true
+    idem.in_flight_count = idem.in_flight_count + 1
+  end
   local id = core.uuid()
   local ok, err = shard:publish(category, data_json, id, function(epoch, ts, seq)
+    if key then
+      idem.in_flight[key] = nil
+      idem.in_flight_count = idem.in_flight_count - 1
+    end
+    if epoch == nil and type(seq) == "table" then -- the key was seen before
+      local code = seq.code
+      if code == idempotency.REPLAY then idem.replays = idem.replays + 1 else idem.conflicts = idem.conflicts + 1 end
+      return callback(nil, idempotency.message(code), code, seq)
+    end
     if not epoch then
       self.log("warn", "publish failed", { category = category, error = ts })
       return callback(nil, "publish failed: " .. ts, "EUNAVAILABLE")
     end
     self.log("debug", "published", { category = category, id = id, seq = seq, epoch = epoch })
+    self.published = self.published + 1
     callback({ id = id, timestamp = ts, category = category, data_json = data_json,
       json = core.event_json(ts, category, data_json, id), data = data })
-  end)
-  if not ok then return nil, err, "EUNAVAILABLE" end
+  end, key_args)
+  if not ok then
+    if key then
+      idem.in_flight[key] = nil
+      idem.in_flight_count = idem.in_flight_count - 1
+    end
+    return nil, err, "EUNAVAILABLE"
+  end
   return true
 end
 
@@ -238,12 +298,23 @@ function Engine:stats(with_categories)
   local s = self.store_closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
+  local delivered, keys = 0, 0
   for i, shard in ipairs(self.shards) do
     shards[i] = shard:stats()
     online = online and shards[i].online
+    delivered = delivered + shards[i].delivered
+    keys = keys + shards[i].idempotency_keys
+    if not self.closed then shard:refresh_key_count() end
   end
+  -- this node's figures: its own stored publishes, the events it handed to its subscribers
+  s.published, s.delivered = self.published, delivered
   s.redis = #shards == 1 and shards[1] or shards
   s.redis_online = online
+  local idem = self.idempotency
+  s.idempotency_in_flight, s.idempotency_replays, s.idempotency_conflicts =
+    idem.in_flight_count, idem.replays, idem.conflicts
+  -- the keys live in Redis: their count as Redis answered the previous stats call
+  s.idempotency_keys = keys
   return s
 end
 

@@ -49,8 +49,22 @@
     'subscribeUrl', 'publishUrl', 'category', 'sinceTime', 'lastId', 'onEvent', 'onFailure',
     'onMissed', 'pollTimeoutSeconds', 'reattemptWaitSeconds', 'successWaitSeconds',
     'sucessWaitSeconds', 'basicAuthUsername', 'basicAuthPassword', 'extraRequestHeaders',
-    'headers', 'loggingEnabled', 'resume',
+    'headers', 'loggingEnabled', 'resume', 'publishRetries', 'idempotentPublish',
   ];
+
+  // A publish that got a 503 or no answer is sent again with the same Idempotency-Key after
+  // PUBLISH_RETRY_BASE_MS, then twice that, ... (the server stores it once).
+  var PUBLISH_RETRY_BASE_MS = 100;
+
+  // A random (version 4) UUID: the Idempotency-Key of one publish.
+  function uuid4() {
+    var b = new Uint8Array(16);
+    crypto.getRandomValues(b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    var h = Array.prototype.map.call(b, function (x) { return (x + 0x100).toString(16).slice(1); }).join('');
+    return h.slice(0, 8) + '-' + h.slice(8, 12) + '-' + h.slice(12, 16) + '-' + h.slice(16, 20) + '-' + h.slice(20);
+  }
 
   // Returns the checked options with defaults, or throws a TypeError naming the option.
   function checkOptions(o) {
@@ -121,6 +135,13 @@
       c.headers.push([name, headers[name]]);
     });
     c.loggingEnabled = o.loggingEnabled === true;
+    // publishes carry an Idempotency-Key and are retried with it (false: golongpoll's plain publish)
+    c.idempotentPublish = o.idempotentPublish !== false;
+    var retries = o.publishRetries === undefined || o.publishRetries === null ? 3 : o.publishRetries;
+    if (!Number.isInteger(retries) || retries < 0 || retries > 10) {
+      throw new TypeError("option 'publishRetries' must be a whole number from 0 to 10");
+    }
+    c.publishRetries = c.idempotentPublish ? retries : 0;
     if (o.resume && o.resume !== true && typeof o.resume !== 'string') {
       throw new TypeError("option 'resume' must be true or a storage key");
     }
@@ -345,18 +366,20 @@
 
   // publish(category, data[, onSuccess, onFail]) -> Promise: resolves when the server took the
   // event, rejects with an Error otherwise. The callbacks are golongpoll's: onFail(status, body).
+  // Each publish carries a fresh Idempotency-Key; a 503 or a network error is retried with it
+  // (publishRetries times, the delay doubling from 100 ms), so the event is stored once.
   Client.prototype.publish = function (category, data, onSuccess, onFail) {
     var self = this;
     var status = 0, body = '';
-    var p = Promise.resolve().then(function () {
-      if (!self.options.publishUrl) throw new Error("cannot publish: option 'publishUrl' was not given");
-      if (!isCategory(category)) throw new Error('category must be 1-1024 bytes long');
-      if (data === undefined || data === null) throw new Error('data must not be undefined or null');
+    var key = null;
+    function attempt(n) {
       var controller = new AbortController();
       var guard = setTimeout(function () { controller.abort(); }, PUBLISH_TIMEOUT_MS);
+      var extra = { 'Content-Type': 'application/json', Accept: 'application/json' };
+      if (key) extra['Idempotency-Key'] = key;
       return fetch(self.options.publishUrl, {
         method: 'POST',
-        headers: self._headers({ 'Content-Type': 'application/json', Accept: 'application/json' }),
+        headers: self._headers(extra),
         body: JSON.stringify({ category: category, data: data }),
         cache: 'no-store',
         credentials: 'same-origin',
@@ -364,7 +387,26 @@
       }).then(function (res) {
         status = res.status;
         return res.text();
-      }).finally(function () { clearTimeout(guard); });
+      }, function (e) {
+        status = 0;
+        return { networkError: e };
+      }).finally(function () { clearTimeout(guard); }).then(function (text) {
+        var retryable = typeof text !== 'string' || status === 503;
+        if (retryable && n < self.options.publishRetries) {
+          self._log('publish retried (' + (n + 1) + ') with the same Idempotency-Key');
+          return new Promise(function (resolve) { setTimeout(resolve, PUBLISH_RETRY_BASE_MS * Math.pow(2, n)); })
+            .then(function () { return attempt(n + 1); });
+        }
+        if (typeof text !== 'string') throw text.networkError;
+        return text;
+      });
+    }
+    var p = Promise.resolve().then(function () {
+      if (!self.options.publishUrl) throw new Error("cannot publish: option 'publishUrl' was not given");
+      if (!isCategory(category)) throw new Error('category must be 1-1024 bytes long');
+      if (data === undefined || data === null) throw new Error('data must not be undefined or null');
+      if (self.options.idempotentPublish) key = uuid4();
+      return attempt(0);
     }).then(function (text) {
       body = text;
       var answer = null;

@@ -12,6 +12,10 @@
 --                   JSON itself is built by each node's C core (core.event_json)
 --   P.."d:"..C      "<entry ID> <event id>" of the newest event C dropped
 --                   (buffer size or TTL), for the "missed" flag
+--   P.."k:"..K      "<fingerprint> <event id> <timestamp>" of the publish made
+--                   with Idempotency-Key K (expires after the window)
+--   P.."keys"       sorted set of those keys by expiry time, so at most
+--                   max_keys of them live
 -- Channels: P.."events" carries every event to every node:
 --   "E <epoch> <seq> <timestamp> <category length>\n<category><event id><data JSON>"
 -- and P.."node:"..N carries a node's own markers:
@@ -59,12 +63,24 @@ local function remember_dropped(dropped, entry)
 end
 ]]
 
--- KEYS: clock, stream, dropped
+-- KEYS: clock, stream, dropped[, key record, key index]
 -- ARGV: category, data JSON, event id, buffer size, ttl_ms (0: forever),
---       channel, epoch candidate, floor
--- Returns { epoch, timestamp, seq }.
+--       channel, epoch candidate, floor[, idempotency key, fingerprint,
+--       window_ms, max_keys, key record prefix]
+-- Returns { epoch, timestamp, seq }; with a key already set, publishes
+-- nothing and returns { "replay", event id, timestamp } (same fingerprint) or
+-- { "mismatch" }.
 M.publish = PROLOGUE .. [[
 local clock_key, stream, dropped = KEYS[1], KEYS[2], KEYS[3]
+local idem = #KEYS == 5
+if idem then
+  local record = redis.call('GET', KEYS[4])
+  if record then
+    local fp, rid, rts = string.match(record, '^(%S+) (%S+) (%S+)$')
+    if fp ~= ARGV[10] then return { 'mismatch' } end
+    return { 'replay', rid, rts }
+  end
+end
 local last, min_next, seq, epoch, now = clock(clock_key, ARGV[7])
 local ts = now
 if ts < last then ts = last end
@@ -89,6 +105,18 @@ if type(added) == 'table' and added.err then return added end
 redis.call('HSET', clock_key, 'last', tss, 'seq', seqs)
 if gone then remember_dropped(dropped, gone) end
 if old then redis.call('XTRIM', stream, 'MINID', minid) end
+if idem then
+  local window = tonumber(ARGV[11])
+  redis.call('SET', KEYS[4], ARGV[10] .. ' ' .. ARGV[3] .. ' ' .. tss, 'PX', window)
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', int(now))
+  redis.call('ZADD', KEYS[5], int(now + window), ARGV[9])
+  redis.call('PEXPIRE', KEYS[5], window)
+  local extra = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[12])
+  if extra > 0 then -- over max_keys: the oldest keys go
+    local gone_keys = redis.call('ZPOPMIN', KEYS[5], extra)
+    for i = 1, #gone_keys, 2 do redis.call('DEL', ARGV[13] .. gone_keys[i]) end
+  end
+end
 if ttl > 0 then
   -- the keys outlive their newest event by nothing: an idle category frees itself
   local keep = int(ttl + ts - now)
@@ -101,7 +129,8 @@ return { epoch, tss, seqs }
 ]]
 
 -- KEYS: clock, then stream and dropped key of each category
--- ARGV: mode, a, b, c, ttl_ms, epoch candidate, where mode is
+-- ARGV: mode, a, b, c, ttl_ms, epoch candidate[, ttl_ms of each category (per-category
+--       rules; ttl_ms for all otherwise)], where mode is
 --   "all"    every buffered event (a cursor older than everything)
 --   "since"  a = since_time, b = since_time + 1, c = last_id or "" (the
 --            wire contract's cursor)
@@ -117,7 +146,7 @@ local ncat = (#KEYS - 1) / 2
 -- TTL first: an expired event is never served
 for i = 1, ncat do
   local stream, dropped = KEYS[2 * i], KEYS[2 * i + 1]
-  local old, minid = expired(stream, ttl, now)
+  local old, minid = expired(stream, tonumber(ARGV[6 + i]) or ttl, now)
   if old then
     remember_dropped(dropped, old)
     local pttl = redis.call('PTTL', stream)

@@ -24,6 +24,7 @@ local function int(s) return tointeger(tonumber(s)) end
 -- opts = {
 --   cfg = the resolved `redis` option for this Redis, prefix = its key prefix (with any hash tag),
 --   node_id, store (the waiter index, shared by shards), ttl_ms, max_event_buffer_size,
+--   limits_of = nil or function(category) -> { max_event_buffer_size =, event_ttl_ms = } (rules),
 --   log = function(level, message, fields), on_event = function(ev) (every event, Redis's order),
 -- }
 -- Checks Redis once (blocking); returns the shard, or nil, message.
@@ -31,7 +32,7 @@ function M.new(opts)
   local prefix, cfg, log = opts.prefix, opts.cfg, opts.log
   local self = setmetatable({
     cfg = cfg, log = log, on_event = opts.on_event, ttl_ms = opts.ttl_ms,
-    max_event_buffer_size = opts.max_event_buffer_size,
+    max_event_buffer_size = opts.max_event_buffer_size, limits_of = opts.limits_of,
     clock_key = prefix .. "clock", channel = prefix .. "events", node_channel = prefix .. "node:" .. opts.node_id,
     gaps = 0, unreplicated = 0,
   }, Shard)
@@ -39,8 +40,12 @@ function M.new(opts)
     clock = self.clock_key,
     stream = function(category) return prefix .. "s:" .. category end,
     dropped = function(category) return prefix .. "d:" .. category end,
+    -- idempotent publish: a key's record, and the index of keys by expiry (bounds their count)
+    idempotency = function(key) return prefix .. "k:" .. key end,
+    idempotency_index = prefix .. "keys",
   }
-  if opts.ttl_ms == 0 and cfg.cache then
+  -- the local cache keeps one buffer size and no TTL: off with a TTL or per-category rules
+  if opts.ttl_ms == 0 and cfg.cache and not opts.limits_of then
     self.cache = Cache.new({ max_event_buffer_size = opts.max_event_buffer_size,
       max_category_bytes = opts.max_category_bytes }, log, opts.max_categories)
   end
@@ -73,7 +78,7 @@ function M.new(opts)
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
-    cache = self.cache, keys = self.keys, ttl_ms = opts.ttl_ms, log = log }
+    cache = self.cache, keys = self.keys, ttl_ms = opts.ttl_ms, limits_of = opts.limits_of, log = log }
   self.link:start()
   return self
 end
@@ -154,14 +159,32 @@ end
 
 -- Stores one event: callback(epoch, ts, seq) or callback(nil, message). With wait_replicas, only
 -- once WAIT confirmed that many replicas have it. Returns true, or nil, message when Redis cannot
--- be asked now (callback never called).
-function Shard:publish(category, data_json, id, callback)
-  local args = { category, data_json, id, self.max_event_buffer_size, self.ttl_ms, self.channel,
+-- be asked now (callback never called). idem: nil, or { key =, fingerprint =, window_ms =,
+-- max_keys = } of an idempotent publish; a key Redis knows gives callback(nil, nil, outcome)
+-- with outcome = { code = "EREPLAY", id =, timestamp = } or { code = "EKEYMISMATCH" }.
+function Shard:publish(category, data_json, id, callback, idem)
+  local size, ttl = self.max_event_buffer_size, self.ttl_ms
+  if self.limits_of then -- per-category rules: XADD MAXLEN and the MINID trim take the category's
+    local limits = self.limits_of(category)
+    size, ttl = limits.max_event_buffer_size, limits.event_ttl_ms
+  end
+  local args = { category, data_json, id, size, ttl, self.channel,
     Position.epoch_candidate(), self.position:floor_arg() }
+  local keys = { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }
+  if idem then
+    keys[4], keys[5] = self.keys.idempotency(idem.key), self.keys.idempotency_index
+    args[9], args[10], args[11], args[12], args[13] = idem.key, idem.fingerprint, ("%d"):format(idem.window_ms),
+      ("%d"):format(idem.max_keys), self.keys.idempotency("")
+  end
   local replicas, wait_ms = self.cfg.wait_replicas, self.cfg.wait_timeout_ms
-  return self.link:script("publish", { self.clock_key, self.keys.stream(category), self.keys.dropped(category) }, args,
+  return self.link:script("publish", keys, args,
     function(reply, err)
       if err then return callback(nil, err) end
+      if reply[1] == "replay" then
+        return callback(nil, nil, { code = "EREPLAY", id = reply[2], timestamp = int(reply[3]) })
+      elseif reply[1] == "mismatch" then
+        return callback(nil, nil, { code = "EKEYMISMATCH" })
+      end
       local ts, seq = int(reply[2]), int(reply[3])
       self.position:observe(reply[1], ts, seq)
       if replicas == 0 then return callback(reply[1], ts, seq) end
@@ -211,14 +234,27 @@ end
 function Shard:stats()
   local s = self.link:stats()
   local w = self.waiters:stats()
-  s.waiters, s.fetches_in_flight = w.waiters, w.fetches_in_flight
+  s.waiters, s.fetches_in_flight, s.delivered = w.waiters, w.fetches_in_flight, w.delivered
   s.epoch, s.seq, s.last_timestamp, s.gaps = self.position.epoch, self.position.seq, self.position.ts, self.gaps
   s.pubsub_seq = self.msg_seq
   if self.cache then
     for k, v in pairs(self.cache:stats()) do s[k] = v end
   end
   s.unreplicated = self.unreplicated
+  s.idempotency_keys = self.idempotency_keys or 0
   return s
+end
+
+-- Asks Redis how many Idempotency-Keys it keeps (ZCARD of their index), for the next stats:
+-- stats are synchronous, so they report the count of the previous ask.
+function Shard:refresh_key_count()
+  if self.counting_keys or not self.link:can_send() then return end
+  self.counting_keys = true
+  local ok = self.link:command({ "ZCARD", self.keys.idempotency_index }, function(n)
+    self.counting_keys = false
+    if math.type(n) == "integer" then self.idempotency_keys = n end
+  end)
+  if not ok then self.counting_keys = false end
 end
 
 -- Waits (briefly) for reads and marks in flight, ends the waiters left, closes the link, then

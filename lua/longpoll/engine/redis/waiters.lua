@@ -23,12 +23,14 @@ local M = {}
 --   link = the Redis link, position = its Position, marks = its Marks, cache = its Cache or nil,
 --   keys = { clock = "...", stream = f(category), dropped = f(category) },
 --   ttl_ms = event TTL (0: forever), log = function(level, message, fields),
+--   limits_of = nil or function(category) -> { event_ttl_ms =, ... } (per-category rules),
 -- }
 function M.new(parts)
   return setmetatable({
     store = parts.store, link = parts.link, position = parts.position, marks = parts.marks, cache = parts.cache,
-    keys = parts.keys, ttl_ms = parts.ttl_ms, log = parts.log,
+    keys = parts.keys, ttl_ms = parts.ttl_ms, limits_of = parts.limits_of, log = parts.log,
     by_handle = {}, by_id = {}, next_id = 0, count = 0, fetches = 0,
+    delivered = 0, -- events handed out, once per subscriber (stats, the dashboard)
   }, Waiters)
 end
 
@@ -163,6 +165,7 @@ function Waiters:_deliver_follow(w, events, missed)
   if last.seq then w.cursor = { epoch = last.epoch, ts = last.ts, seq = last.seq } end
   local list = {}
   for i = 1, #events do list[i] = stream_item(events[i]) end
+  self.delivered = self.delivered + #events
   call(self.log, w.on_events, list, missed == true)
   if not w.done and not w.handle then self:_rewait(w) end
 end
@@ -182,6 +185,7 @@ function Waiters:_deliver(w, events, missed)
     for i = 1, #events do parts[i] = events[i].json end
     body = events_answer(parts, missed == true)
   end
+  self.delivered = self.delivered + #events
   -- a timeout asked for meanwhile is settled by this answer
   w.timeout_cb, w.expired, w.mark_T = nil, nil, nil
   call(self.log, w.on_answer, body)
@@ -231,6 +235,14 @@ function Waiters:_fetch(group)
   local args = cursor_args(w1)
   args[5] = ("%d"):format(self.ttl_ms)
   args[6] = Position.epoch_candidate()
+  if self.limits_of then -- per-category rules: each category's TTL (ARGV[7..]), in the keys' order
+    for _, c in ipairs(w1.categories) do
+      if seen[c] == true then
+        seen[c] = "ttl given"
+        args[#args + 1] = ("%d"):format(self.limits_of(c).event_ttl_ms)
+      end
+    end
+  end
   for _, w in ipairs(group) do
     w.fetching, w.needs_fetch = true, false
     w.pending = w.pending or {}
@@ -424,7 +436,7 @@ function Waiters:close(why)
 end
 
 function Waiters:stats()
-  return { waiters = self.count, fetches_in_flight = self.fetches }
+  return { waiters = self.count, fetches_in_flight = self.fetches, delivered = self.delivered }
 end
 
 return M
