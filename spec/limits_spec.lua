@@ -93,4 +93,39 @@ describe("out of memory", function()
       assert.equals(0, (child:stop("sigterm")))
     end, 60000)
   end)
+  it("max_answer_bytes cuts one huge answer between events; the cursor gets the rest, none lost", function()
+    -- the attack of issue 16: one small request asking for 16 categories x 20 events of 20 KB
+    fixture.with_server({ max_answer_bytes = 100000 }, function(t)
+      local query = { { "timeout", "1" } }
+      local published = {}
+      for c = 1, 16 do
+        query[#query + 1] = { "category", "c" .. c }
+        for i = 1, 20 do
+          local e = assert(t.manager:publish("c" .. c, ("z"):rep(20000) .. c .. "/" .. i))
+          published[#published + 1] = e.id
+        end
+      end
+      local seen, answers, since, last_id = {}, 0, "0", nil
+      while #seen < #published and answers < 400 do -- bounded: 320 events, at least one per answer
+        local q = { table.unpack(query) }
+        q[#q + 1] = { "since_time", since }
+        if last_id then q[#q + 1] = { "last_id", last_id } end
+        local status, body, _ = t.get(q)
+        assert.equals(200, status)
+        assert.is_table(body.events, "no events in answer " .. answers)
+        answers = answers + 1
+        local bytes = 0
+        for _, e in ipairs(body.events) do
+          seen[#seen + 1] = e.id
+          bytes = bytes + #cjson.encode(e)
+        end
+        -- under the cap (one event always goes; each is ~20 KB)
+        assert.is_true(#body.events == 1 or bytes <= 100000 + 1000, "answer of " .. bytes .. " bytes")
+        local last = body.events[#body.events]
+        since, last_id = ("%d"):format(last.timestamp), last.id
+      end
+      assert.same(published, seen) -- every event once, in publish order
+      assert.is_true(answers >= 64, "answers: " .. answers) -- 6.4 MB in answers of ~100 KB
+    end, { timeout_ms = 60000 })
+  end)
 end)

@@ -133,6 +133,7 @@ static int l_new_store(lua_State *L) {
   cfg.max_categories = (size_t)opt_int_field(L, 1, "max_categories", 0, 0);
   cfg.max_waiting_per_category = (size_t)opt_int_field(L, 1, "max_waiting_per_category", 0, 0);
   cfg.max_buffered_bytes = (size_t)opt_int_field(L, 1, "max_buffered_bytes", 0, 0);
+  cfg.max_answer_bytes = (size_t)opt_int_field(L, 1, "max_answer_bytes", 0, 0);
   lua_getfield(L, 1, "delete_after_first");
   cfg.delete_after_first = lua_toboolean(L, -1);
   lua_pop(L, 1);

@@ -758,7 +758,8 @@ typedef int (*emit_fn)(void *ctx, const lp_event *e, size_t index);
 typedef int (*finish_fn)(void *ctx, int missed);
 
 static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
-                       int64_t now_ms, emit_fn emit, finish_fn finish, void *ctx, size_t *count, int *missed) {
+                       int64_t now_ms, size_t max_bytes, emit_fn emit, finish_fn finish, void *ctx, size_t *count,
+                       int *missed) {
   *count = 0;
   *missed = 0;
   lp_store_expire(s, now_ms);
@@ -800,6 +801,11 @@ static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_
   }
   if (total == 0) return LP_OK;
   *missed = any_missed;
+  /* delete-after-first removes the newest part of each buffer: an answer cut short would
+   * leave a hole, so those fetches are never cut */
+  for (size_t k = 0; k < ncats; k++)
+    if (cats[k]->delete_after_first) max_bytes = 0;
+  size_t bytes = 0, handed = 0;
   for (size_t done = 0; done < total; done++) {
     /* merge by sequence number; the number of categories is small */
     size_t best = SIZE_MAX;
@@ -810,17 +816,22 @@ static int fetch_merge(lp_store *s, const lp_slice *categories, size_t n, int64_
         best_seq = ring_at(cats[k], pos[k])->seq;
       }
     }
-    if (emit(ctx, ring_at(cats[best], pos[best]++), done)) {
+    lp_event *e = ring_at(cats[best], pos[best]);
+    if (max_bytes && done > 0 && bytes + e->json_len > max_bytes) break; /* sizes are in memory: no overflow */
+    pos[best]++;
+    bytes += e->json_len + 1; /* and its comma */
+    if (emit(ctx, e, done)) {
       *missed = 0;
       return LP_ENOMEM;
     }
+    handed++;
   }
   if (finish && finish(ctx, any_missed)) {
     *missed = 0;
     return LP_ENOMEM;
   }
-  *count = total;
-  s->stats.delivered += total;
+  *count = handed;
+  s->stats.delivered += handed;
   /* delete-after-first (per category): what was handed out is always the newest part of each buffer */
   for (size_t k = 0; k < ncats; k++) {
     lp_category *c = cats[k];
@@ -846,7 +857,8 @@ static int finish_buf(void *ctx, int missed) { return lp_buf_append_str(ctx, mis
 int lp_store_fetch(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
                    int64_t now_ms, lp_buf *out, size_t *count, int *missed) {
   size_t mark = out->len;
-  int rc = fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_buf, finish_buf, out, count, missed);
+  int rc = fetch_merge(s, categories, n, since_ms, last_id, now_ms, s->cfg.max_answer_bytes, emit_to_buf, finish_buf,
+                       out, count, missed);
   if (rc != LP_OK) {
     out->len = mark;
     *missed = 0;
@@ -869,7 +881,7 @@ static int emit_to_fn(void *ctx, const lp_event *e, size_t index) {
 int lp_store_fetch_each(lp_store *s, const lp_slice *categories, size_t n, int64_t since_ms, const char *last_id,
                         int64_t now_ms, lp_event_fn fn, void *ctx, size_t *count, int *missed) {
   each_ctx c = {fn, ctx};
-  return fetch_merge(s, categories, n, since_ms, last_id, now_ms, emit_to_fn, NULL, &c, count, missed);
+  return fetch_merge(s, categories, n, since_ms, last_id, now_ms, 0, emit_to_fn, NULL, &c, count, missed);
 }
 
 /* ---- life cycle and stats ---- */

@@ -62,6 +62,9 @@ typedef struct lp_store_config {
   size_t max_buffered_bytes;       /* 0: no cap; over it the oldest events of the largest categories go */
   lp_limits_fn category_limits;    /* NULL: every category has the defaults above */
   void *category_limits_ctx;
+  size_t max_answer_bytes; /* 0: no cap; a fetch answer stops before the event that would
+                            * take it past this (at least one event always goes): the
+                            * client's cursor gets the rest on its next request */
 } lp_store_config;
 
 /* What max_buffered_bytes counts, so that the cap bounds the memory the
@@ -141,7 +144,8 @@ typedef struct lp_event_view {
 typedef int (*lp_event_fn)(void *ctx, const lp_event_view *event);
 
 /* Like lp_store_fetch, but hands each event to fn(ctx, event) instead of
- * building an answer (for streams, which frame events their own way). When fn
+ * building an answer (for streams, which frame events their own way), and
+ * never cut by max_answer_bytes (a stream's catch-up is one read). When fn
  * stops the fetch, LP_ENOMEM is returned and nothing counts as delivered. fn
  * must not call into the store. */
 int lp_store_fetch_each(lp_store *s, const lp_slice *categories, size_t ncategories, int64_t since_ms,

@@ -49,6 +49,8 @@ flags:
                          (counted as "evicted" in /stats). Not with --redis (set maxmemory)
   --max-categories N     categories at most; a publish to a new one over it gets 503
                          (default 0: no cap, --max-memory bounds them)
+  --max-answer-bytes N   bytes of events in one long-poll answer (default 4194304); the rest
+                         comes on the client's next poll, from its cursor
   --max-body-bytes N     largest publish body (default 2097152: an event of 1.5 MiB fits,
                          JSON escapes included)
   --publish-token TOKEN  publishes need the header 'Authorization: Bearer TOKEN' (also
@@ -87,7 +89,7 @@ local FLAGS = {
   ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
   ["--redis-no-cache"] = "boolean",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
-  ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-body-bytes"] = "integer",
+  ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-answer-bytes"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
   -- issue 17: idempotent publish, per-category rules, the dashboard
   ["--idempotency-window"] = "number", ["--idempotency-max-keys"] = "integer",
@@ -258,6 +260,7 @@ function M.serve(flags)
     cors = cors_option,
     max_buffered_bytes = max_memory,
     max_categories = flags["max-categories"],
+    max_answer_bytes = flags["max-answer-bytes"],
     stats_categories = flags["stats-categories"] or nil,
     idempotency_window_seconds = flags["idempotency-window"],
     idempotency_max_keys = flags["idempotency-max-keys"],

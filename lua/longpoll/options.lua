@@ -56,6 +56,9 @@ local SPEC = {
   max_categories = { 0, integer(0) },                       -- 0: no cap
   max_waiting_per_category = { 0, integer(0) },             -- 0: no cap
   max_buffered_bytes = { 0, integer(0) },                   -- 0: no cap
+  -- one long-poll answer stops before the event that would take it past this (at least one
+  -- event always goes; the cursor gets the rest on the next poll): 0, no cap
+  max_answer_bytes = { 4194304, integer(0) },
   max_categories_per_subscription = { 16, integer(1, 64) },
   purge_interval_seconds = { nil, function(v) if type(v) ~= "number" or v <= 0 then return "must be a positive number" end end },
   cors = { nil, function(v) return require("longpoll.cors").check(v) end },

@@ -21,13 +21,18 @@ M.parse_cursor = subscription.parse_cursor
 
 -- One SSE message for an event ({json=, timestamp=, id=} from the engine). JSON whitespace may
 -- hold line breaks (data is kept as published); each line becomes its own data: field, which
--- the client joins with "\n".
+-- the client joins with "\n". Built once per event: the engines hand every stream the same
+-- item table, so the message is kept on it and 10,000 streams write one string.
 local function event_message(e)
+  local message = e.sse_message
+  if message then return message end
   local data = e.json
   if find(data, "[\r\n]") then
     data = gsub(gsub(gsub(data, "\r\n", "\n"), "\r", "\n"), "\n", "\ndata: ")
   end
-  return "id: " .. e.timestamp .. "_" .. e.id .. "\ndata: " .. data .. "\n\n"
+  message = "id: " .. e.timestamp .. "_" .. e.id .. "\ndata: " .. data .. "\n\n"
+  e.sse_message = message
+  return message
 end
 
 ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ function M.new(options, host)
       max_categories = options.max_categories,
       max_waiting_per_category = options.max_waiting_per_category,
       max_buffered_bytes = options.max_buffered_bytes,
+      max_answer_bytes = options.max_answer_bytes,
       -- per-category rules: asked by the store once per new category, never per publish
       category_limits = category_rules.resolver(options, host.log),
     },
