@@ -89,7 +89,8 @@ local FLAGS = {
   ["--redis-master"] = "string", ["--redis-wait"] = "integer", ["--redis-shards"] = "string",
   ["--redis-no-cache"] = "boolean",
   ["--sse-path"] = "string", ["--stats-path"] = "string", ["--cors"] = "repeatable",
-  ["--max-memory"] = "size", ["--max-categories"] = "integer", ["--max-answer-bytes"] = "integer", ["--max-body-bytes"] = "integer",
+  ["--max-memory"] = "size", ["--max-categories"] = "integer",
+  ["--max-answer-bytes"] = "integer", ["--max-body-bytes"] = "integer",
   ["--publish-token"] = "string", ["--stats-categories"] = "boolean",
   -- issue 17: idempotent publish, per-category rules, the dashboard
   ["--idempotency-window"] = "number", ["--idempotency-max-keys"] = "integer",
