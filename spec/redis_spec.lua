@@ -243,6 +243,7 @@ describe("Redis engine", function()
       for i = 1, 4 do e[i] = assert(nodes[1].publish("c", i)) end
       for i = 1, 4 do assert.equals(ahead, e[i].timestamp) end -- max(now, last issued)
       local B = nodes[2]
+      caught_up(B, nodes[1])
       local _, body = B.get(q("c", { { "since_time", ahead }, { "last_id", e[2].id } }))
       assert.same({ e[3].id, e[4].id }, ids(body))
       _, body = B.get(q("c", { { "since_time", ahead }, { "last_id", e[2].id:upper() } }))
@@ -266,6 +267,7 @@ describe("Redis engine", function()
       assert.same({ e5.id }, ids(got))
       -- several categories: one order for all, last_id from either of them
       local o1 = assert(nodes[1].publish("other", "x"))
+      caught_up(B, nodes[1])
       _, body = B.get({ { "category", "c" }, { "category", "other" }, { "timeout", "5" },
         { "since_time", ahead }, { "last_id", e[3].id } })
       assert.same({ e[4].id, e5.id, o1.id }, ids(body))

@@ -7,6 +7,13 @@ local async = {}
 local find, sub, lower, concat = string.find, string.sub, string.lower, table.concat
 
 local owned = {} -- uv handles created here, until their close callback ran
+
+-- The loop's time brought up to date: a deadline counts from now, not from when the loop last
+-- polled (synchronous work in between, slow under ASan, would eat it).
+local function fresh_now()
+  uv.update_time()
+  return uv.now()
+end
 local tasks = {} -- coroutine -> task
 local run_tasks -- tasks spawned during the current async.run
 
@@ -60,6 +67,9 @@ end
 
 local function wait(w, timeout_ms)
   if timeout_ms then
+    -- the deadline counts from now, not from the loop's cached time: synchronous work since the
+    -- loop last polled (a slow start under ASan, thousands of publishes) must not eat it
+    uv.update_time()
     local t = new_handle(uv.new_timer())
     w.timer = t
     t:start(math.max(0, timeout_ms), 0, function()
@@ -133,7 +143,7 @@ end
 -- Polls pred() every 10 ms until it is true (returns true) or timeout_ms
 -- passes (returns false): for conditions a busy machine reaches late.
 function async.wait_for(pred, timeout_ms)
-  local deadline = uv.now() + (timeout_ms or 2000)
+  local deadline = fresh_now() + (timeout_ms or 2000)
   while not pred() do
     if uv.now() >= deadline then
       return false
@@ -281,7 +291,7 @@ end
 
 -- True once the peer closed the connection (within timeout_ms).
 function Conn:closed_by_peer(timeout_ms)
-  local deadline = uv.now() + (timeout_ms or 2000)
+  local deadline = fresh_now() + (timeout_ms or 2000)
   -- Every pass waits for an event or gives up at the deadline.
   while not self.eof do
     local left = deadline - uv.now()
@@ -321,7 +331,7 @@ end
 -- opts.head: the request was HEAD (no body follows). opts.timeout_ms: default 5000.
 function Conn:read_response(opts)
   opts = opts or {}
-  local deadline = uv.now() + (opts.timeout_ms or 5000)
+  local deadline = fresh_now() + (opts.timeout_ms or 5000)
   local _, he = need_text(self, "\r\n\r\n", deadline)
   if not he then
     return nil, "no complete response head (got " .. #self.buf .. " bytes)"
