@@ -15,8 +15,8 @@
 enum { K_METHOD = 1, K_TARGET, K_VERSION, K_HEADERS, K_KEEP_ALIVE, K_EXPECT, K_PATH, K_RAW_PATH, K_RAW_QUERY };
 enum { K_QUERY = K_RAW_QUERY + 1, K_QUERY_COUNT, K_TARGET_ERROR, K_BODY, K_HTTP_11, K_HTTP_10, K_COMMA, K_COUNT };
 static const char *const key_names[] = {
-    NULL,   "method",   "target",    "version", "headers",     "keep_alive",    "expect_continue",
-    "path", "raw_path", "raw_query", "query",   "query_count", "_target_error", "body",
+    NULL,   "method",   "target",    "version", "headers",     "keep_alive",   "expect_continue",
+    "path", "raw_path", "raw_query", "query",   "query_count", "target_error", "body",
     "1.1",  "1.0",      ", "};
 
 static void push_key(lua_State *L, int keys, int k) { lua_rawgeti(L, keys, k); }
@@ -148,7 +148,7 @@ static const char *set_target(lua_State *L, int keys, lp_slice target) {
 }
 
 /* Pushes the request table for a parsed head (see longpoll.http.parser). A target that cannot
- * be decoded leaves its reason in _target_error: that request gets a 400 and the connection
+ * be decoded leaves its reason in target_error: that request gets a 400 and the connection
  * may stay open. */
 static void push_head(lua_State *L, int keys, const lp_http_event *ev) {
   lua_createtable(L, 0, 14);

@@ -128,7 +128,7 @@ local function dispatch(srv, conn, parsed)
       log(srv, "error", "handler error", { method = req.method, path = req.path, error = herr })
       if not res.sent then
         res:send(500, { error = "internal server error" })
-      elseif not res._done then
+      elseif not res:is_finished() then
         conn:abort() -- a stream broken halfway cannot be completed
       end
     end
@@ -142,12 +142,9 @@ end
 
 -- The client of a pending response left (or was cut off): its on_close runs once.
 local function gone(srv, res)
-  local fn = res._on_close
-  if fn and not res._done then
-    local ok, err = xpcall(fn, traceback)
-    if not ok then
-      log(srv, "error", "on_close callback failed", { error = err })
-    end
+  local ok, err = res:client_gone()
+  if not ok then
+    log(srv, "error", "on_close callback failed", { error = err })
   end
 end
 

@@ -57,7 +57,7 @@ end
 -- its target could not be decoded (the caller answers 400). remote_addr: "ip:port" of the client,
 -- when the table does not carry it already.
 function request.new(parsed, remote_addr)
-  local err = parsed._target_error
+  local err = parsed.target_error
   if err then
     return nil, err
   end

@@ -73,6 +73,20 @@ function Response:is_open()
   return self._conn:is_open()
 end
 
+-- True once the whole response was written (send, send_block, send_shared or finish).
+function Response:is_finished()
+  return self._done == true
+end
+
+-- Called by the server when the client of this response went away: the on_close function
+-- runs, once, unless the response was already complete.
+function Response:client_gone()
+  local fn = self._on_close
+  if not fn or self._done then return true end
+  self._on_close = nil
+  return xpcall(fn, debug.traceback)
+end
+
 local status_lines = setmetatable({}, {
   __index = function(t, status)
     local line = "HTTP/1.1 " .. status .. " " .. (status_text[status] or "Unknown") .. "\r\n"
