@@ -295,14 +295,10 @@ static int l_fetch(lua_State *L) {
   store_ud *u = check_store(L, 1);
   fetch_args a;
   if (!check_fetch_args(L, &a)) return fail(L, "last_id is not a UUID");
-  lp_slice *cats = a.cats;
-  size_t n = a.n;
-  lua_Integer since = a.since, now = a.now;
-  const char *last_id = a.last_id;
   size_t count;
   int missed;
   lp_buf_reset(&u->out);
-  int rc = lp_store_fetch(u->store, cats, n, (int64_t)since, last_id, (int64_t)now, &u->out, &count, &missed);
+  int rc = lp_store_fetch(u->store, a.cats, a.n, (int64_t)a.since, a.last_id, (int64_t)a.now, &u->out, &count, &missed);
   if (rc != LP_OK) return fail_store(L, rc);
   if (count == 0) {
     lua_pushnil(L);
@@ -337,15 +333,11 @@ static int l_fetch_events(lua_State *L) {
   store_ud *u = check_store(L, 1);
   fetch_args a;
   if (!check_fetch_args(L, &a)) return fail(L, "last_id is not a UUID");
-  lp_slice *cats = a.cats;
-  size_t n = a.n;
-  lua_Integer since = a.since, now = a.now;
-  const char *last_id = a.last_id;
   size_t count;
   int missed;
   lua_newtable(L);
-  int rc = lp_store_fetch_each(u->store, cats, n, (int64_t)since, last_id, (int64_t)now, push_event_view, L, &count,
-                               &missed);
+  int rc = lp_store_fetch_each(u->store, a.cats, a.n, (int64_t)a.since, a.last_id, (int64_t)a.now, push_event_view, L,
+                               &count, &missed);
   if (rc != LP_OK) return fail_store(L, rc);
   if (count == 0) {
     lua_pop(L, 1);

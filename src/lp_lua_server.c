@@ -134,6 +134,21 @@ static int traceback(lua_State *L) {
 
 static void log_line(server *srv, const char *level, const char *message, const char *key, lua_Integer value);
 
+/* Logs the error message on top of the stack ("server callback failed") through the server's
+ * logger, when it has one; the message stays on the stack. */
+static void log_callback_error(server *srv) {
+  lua_State *L = srv->L;
+  if (srv->log_ref == LUA_NOREF) return;
+  const char *err = lua_tostring(L, -1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->log_ref);
+  lua_pushliteral(L, "error");
+  lua_pushliteral(L, "server callback failed");
+  lua_createtable(L, 0, 1);
+  lua_pushstring(L, err ? err : "?");
+  lua_setfield(L, -2, "error");
+  if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
+}
+
 /* Calls the function below nargs arguments on the stack, dropping results. */
 static void call_lua(server *srv, int nargs) {
   lua_State *L = srv->L;
@@ -141,16 +156,7 @@ static void call_lua(server *srv, int nargs) {
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
   if (lua_pcall(L, nargs, 0, base) != LUA_OK) {
-    const char *err = lua_tostring(L, -1);
-    if (srv->log_ref != LUA_NOREF) {
-      lua_rawgeti(L, LUA_REGISTRYINDEX, srv->log_ref);
-      lua_pushliteral(L, "error");
-      lua_pushliteral(L, "server callback failed");
-      lua_createtable(L, 0, 1);
-      lua_pushstring(L, err ? err : "?");
-      lua_setfield(L, -2, "error");
-      if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
-    }
+    log_callback_error(srv);
     lua_pop(L, 1);
   }
   lua_remove(L, base);
@@ -421,16 +427,7 @@ static int protected_c(server *srv, lua_CFunction fn, void *ud) {
   lua_pushlightuserdata(L, ud);
   int status = lua_pcall(L, 1, 0, base);
   if (status != LUA_OK) {
-    if (status != LUA_ERRMEM && srv->log_ref != LUA_NOREF) {
-      const char *err = lua_tostring(L, -1);
-      lua_rawgeti(L, LUA_REGISTRYINDEX, srv->log_ref);
-      lua_pushliteral(L, "error");
-      lua_pushliteral(L, "server callback failed");
-      lua_createtable(L, 0, 1);
-      lua_pushstring(L, err ? err : "?");
-      lua_setfield(L, -2, "error");
-      if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
-    }
+    if (status != LUA_ERRMEM) log_callback_error(srv);
     lua_pop(L, 1);
   }
   lua_pop(L, 1); /* traceback */

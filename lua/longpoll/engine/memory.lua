@@ -111,7 +111,7 @@ local function deliver(self, event, woken, answer)
     self.queue_head = self.queue_head + 1
     fan_out(self, item)
   end
-  self.queue, self.queue_head, self.fanning_out = {}, 1, false
+  self.queue_head, self.fanning_out = 1, false -- every entry was taken out: the queue is empty
 end
 
 -- engine:publish(category, data_json, callback[, data[, opts]]) -> true | nil, message, code[, prior]
