@@ -14,6 +14,7 @@
 #include <time.h>
 #include <uv.h>
 
+#include "lp_cache.h"
 #include "lp_conn.h"
 #include "lp_fast.h"
 #include "lp_json.h"
@@ -25,6 +26,7 @@
 
 void lp_lua_http_push_request(lua_State *L, const lp_http_event *head, lp_slice body, const char *remote_addr);
 lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
+lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
 
 #define SERVER_MT "longpoll.HttpServer"
 #define CONN_MT "longpoll.HttpConn"
@@ -32,8 +34,9 @@ lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
 #define NATIVE_MT "longpoll.NativeHandler"
 
 /* A handler the engine can run itself (core.native_subscription): the manager's long-poll
- * handler, for the polls it answers at once from the buffers. User value 1: the store. */
-enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH };
+ * handler, for the polls it answers at once from the buffers. User value 1: the store (the
+ * Redis engine's cache for NATIVE_CACHED: core.native_cached_subscription). */
+enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED };
 
 typedef struct native_handler {
   int kind;
@@ -484,6 +487,15 @@ static lp_store *route_store(server *srv, native_route *r) {
   return store;
 }
 
+static lp_cache *route_cache(server *srv, native_route *r) {
+  lua_State *L = srv->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
+  lua_getiuservalue(L, -1, 1);
+  lp_cache *cache = lp_lua_cache_of(L, -1);
+  lua_pop(L, 2);
+  return cache;
+}
+
 /* Writes a 200 with the handler's header block and body; the response is done. */
 static void answer_200(sconn *s, const native_handler *nh, const lp_http_event *head, const char *body, size_t len) {
   server *srv = s->srv;
@@ -565,6 +577,24 @@ static int fast_subscription(sconn *s, const native_handler *nh, lp_store *store
   return 1;
 }
 
+/* A catch-up long poll to the manager's handler in Redis mode, answered here when the engine's
+ * node-local cache (lp_cache) holds its events: 1 when answered, 0 when the Lua handler must run
+ * (the cache cannot tell, nothing after the cursor yet, an error, anything unusual). */
+static int fast_cached(sconn *s, const native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query) {
+  server *srv = s->srv;
+  lp_fast_sub sub;
+  if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
+  lp_buf *body = &srv->fast_body;
+  lp_buf_reset(body);
+  lp_cache_pos cursor;
+  if (lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, body,
+                      &cursor) != LP_CACHE_EVENTS)
+    return 0; /* waiting, or a read from Redis: the engine's, in Lua */
+  answer_200(s, nh, head, body->data, body->len);
+  if (body->cap > (1u << 20)) lp_buf_free(body);
+  return 1;
+}
+
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   sconn *s = ud;
   server *srv = s->srv;
@@ -577,9 +607,12 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
     if ((get || post) && lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
       native_route *r = find_route(srv, post, path);
       if (r && r->h->enabled) {
-        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query)
-                                              : fast_publish(s, r, head, body))
+        if (r->h->kind == NATIVE_CACHED) {
+          if (fast_cached(s, r->h, route_cache(srv, r), head, query)) return;
+        } else if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query)
+                                                     : fast_publish(s, r, head, body)) {
           return;
+        }
         s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
       }
     }
@@ -1066,16 +1099,19 @@ static int conn_native(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 2, NATIVE_MT);
   sconn *s = box->s;
   int answered = 0;
-  if (s && h->enabled && h->kind == NATIVE_SUBSCRIPTION && !s->native_declined && s->srv->current == s &&
+  if (s && h->enabled && h->kind != NATIVE_PUBLISH && !s->native_declined && s->srv->current == s &&
       s->srv->current_head && s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
     const lp_http_event *head = s->srv->current_head;
     lp_slice path, query;
     if (head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0 &&
         lp_http_split_target(head->target, &path, &query) == 0) {
       lua_getiuservalue(L, 2, 1);
-      lp_store *store = lp_lua_store_of(L, -1);
+      if (h->kind == NATIVE_CACHED) {
+        answered = fast_cached(s, h, lp_lua_cache_of(L, -1), head, query);
+      } else {
+        answered = fast_subscription(s, h, lp_lua_store_of(L, -1), head, query);
+      }
       lua_pop(L, 1);
-      answered = fast_subscription(s, h, store, head, query);
     }
   }
   lua_pushboolean(L, answered);
@@ -1123,14 +1159,17 @@ static size_t opt_size_at(lua_State *L, int t, const char *k) {
  * manager's catch-up long polls itself (see longpoll.http.native). handler:disable() sends
  * every later request to the Lua handler (the manager shutting down). */
 static int make_native(lua_State *L, int kind) {
-  luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
+  if (kind == NATIVE_CACHED)
+    luaL_argcheck(L, lp_lua_cache_of(L, 1) != NULL, 1, "a cache expected");
+  else
+    luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
   luaL_checktype(L, 2, LUA_TTABLE);
   native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
   memset(h, 0, sizeof *h);
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
   h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind == NATIVE_SUBSCRIPTION) {
+  if (h->kind != NATIVE_PUBLISH) {
     h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
     h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
   }
@@ -1149,6 +1188,11 @@ static int make_native(lua_State *L, int kind) {
 }
 
 static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SUBSCRIPTION); }
+
+/* core.native_cached_subscription(cache, { as native_subscription }) -> handler: the manager's
+ * long-poll handler in Redis mode, for the catch-ups the engine's node-local cache (core.new_cache)
+ * answers with events; everything else goes to Lua. */
+static int l_native_cached_subscription(lua_State *L) { return make_native(L, NATIVE_CACHED); }
 
 /* core.native_publish(store, { max_category_bytes, header_block }) -> handler: the manager's
  * publish handler, for publishes that wake nobody (the manager registers it only when it has no
@@ -1185,7 +1229,7 @@ static int server_native_route(lua_State *L) {
   size_t len;
   const char *path = luaL_checklstring(L, 3, &len);
   native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
-  if (h && h->kind != (post ? NATIVE_PUBLISH : NATIVE_SUBSCRIPTION)) h = NULL; /* not for this method */
+  if (h && post != (h->kind == NATIVE_PUBLISH)) h = NULL; /* not for this method */
   lp_slice p = {path, len};
   native_route *r = find_route(srv, post, p);
   if (r) drop_route(L, srv, (size_t)(r - srv->routes));
@@ -1282,6 +1326,7 @@ static const luaL_Reg functions[] = {{"http_server", l_http_server},
                                      {"raise_nofile_limit", l_raise_nofile},
                                      {"native_subscription", l_native_subscription},
                                      {"native_publish", l_native_publish},
+                                     {"native_cached_subscription", l_native_cached_subscription},
                                      {NULL, NULL}};
 
 /* Adds core.http_server to the module table on top of the stack (from luaopen_longpoll_core). */

@@ -422,6 +422,19 @@ function M.start(options)
       })
       native.register(handlers.publish, manager.native_publish)
     end
+  elseif not o.cors and not o.clock and engine.core_cache then
+    -- Redis mode: catch-up polls the engine's node-local cache answers with events, in C from
+    -- that cache (the same rule as engine/redis/cache.lua's answer); the rest go to Lua
+    local cache = engine:core_cache()
+    if cache then
+      manager.native = core.native_cached_subscription(cache, {
+        max_category_bytes = o.max_category_bytes,
+        max_categories_per_subscription = o.max_categories_per_subscription,
+        max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
+        header_block = answers.JSON.text,
+      })
+      native.register(handlers.subscription, manager.native)
+    end
   end
   manager.subscription_handler = handlers.subscription
   manager.publish_handler = handlers.publish

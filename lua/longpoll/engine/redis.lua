@@ -293,6 +293,16 @@ function Engine:unfollow(handle)
   return self:cancel(handle)
 end
 
+-- The node-local cache (a core.new_cache) for the HTTP engine's native handler
+-- (core.native_cached_subscription), which answers from it the catch-ups subscribe would answer
+-- from it with events; nil without a cache, or with several Redis shards (a category's shard is
+-- chosen here, in Lua).
+function Engine:core_cache()
+  local shards = self.shards
+  if #shards ~= 1 then return nil end
+  return shards[1]:core_cache()
+end
+
 -- engine:stats(with_categories) -> table: the waiter index's figures and each Redis's.
 function Engine:stats(with_categories)
   local s = self.store_closed and { closed = true } or self.store:stats(with_categories)

@@ -227,6 +227,11 @@ function Shard:raise_floor(T)
   self.position:handed_out(T)
 end
 
+-- The C cache of this Redis's stream (Cache:core_cache), or nil without a cache.
+function Shard:core_cache()
+  return self.cache and self.cache:core_cache()
+end
+
 function Shard:can_publish()
   return self.link:can_send()
 end
