@@ -71,8 +71,16 @@ $(BUILD)/test_conn_plain: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_conn.c $(CORE_SRC) -o $@
 
+$(BUILD)/test_cache: tests/test_cache.c tests/cache_model.h $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_cache.c $(CORE_SRC) -o $@
+
+$(BUILD)/test_cache_plain: tests/test_cache.c tests/cache_model.h $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g -Isrc tests/test_cache.c $(CORE_SRC) -o $@
+
 C_TESTS := $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain \
-           $(BUILD)/test_conn $(BUILD)/test_conn_plain
+           $(BUILD)/test_conn $(BUILD)/test_conn_plain $(BUILD)/test_cache $(BUILD)/test_cache_plain
 
 test-c: $(C_TESTS)
 	@scripts/run-tests c

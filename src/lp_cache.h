@@ -86,6 +86,8 @@ enum {
 
 /* The answer to a catch-up (categories 1..64, cursor since / last_id, lowercase or NULL). out is
  * appended to only for LP_CACHE_EVENTS (a MISS may leave bytes appended: the caller resets it).
+ * For EVENTS and WAIT, *cursor is the position up to which the cache knows every event of these
+ * categories: the answer is Redis's answer as of that position, and a wait goes on from there.
  * Counts a hit, a wait or a miss (a failed store fetch is a miss not counted). */
 int lp_cache_answer(lp_cache *c, const lp_slice *categories, size_t n, int64_t since, const char *last_id, lp_buf *out,
                     lp_cache_pos *cursor);

@@ -66,7 +66,7 @@ function M.new(opts)
     message = function(payload) self:_on_message(payload) end,
     ready = function() self:_sync() end,
     pubsub_lost = function(why)
-      self.msg_seq = nil
+      self.msg_seq, self.sync_seq = nil, nil
       if self.cache then
         self.cache:reset("pub/sub lost")
         self.cache_from_next_message = false -- the next sync starts it
@@ -96,8 +96,11 @@ function Shard:_sync()
       self.position:handed_out(int(reply[4]))
       self.link:set_online()
       if not self.link:is_online() then return end
-      -- pub/sub was subscribed before this mark ran: every later event reaches the cache
-      if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = int(reply[3]) }) end
+      -- pub/sub was subscribed before this mark ran: every later event reaches the cache, and
+      -- the next message's seq follows the mark's (a lost first message is a gap too)
+      local seq = int(reply[3])
+      self.sync_epoch, self.sync_seq = reply[1], seq
+      if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = seq }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
       self.waiters:fetch_owed()
     end)
@@ -108,9 +111,12 @@ end
 -- Pub/sub
 
 function Shard:_on_event_message(ev)
-  -- a gap in the one sequence: this node missed messages, so every waiter reads
-  if self.msg_epoch == ev.epoch and self.msg_seq and ev.seq > self.msg_seq + 1 then
-    self.log("warn", "pub/sub gap: reading missed events from Redis", { expected = self.msg_seq + 1, got = ev.seq })
+  -- a gap in the one sequence: this node missed messages, so every waiter reads (the sequence
+  -- goes on from the last message, or from the sync's mark when that is later)
+  local prev = self.msg_epoch == ev.epoch and self.msg_seq or nil
+  if self.sync_epoch == ev.epoch and self.sync_seq and (not prev or self.sync_seq > prev) then prev = self.sync_seq end
+  if prev and ev.seq > prev + 1 then
+    self.log("warn", "pub/sub gap: reading missed events from Redis", { expected = prev + 1, got = ev.seq })
     self.gaps = self.gaps + 1
     if self.cache then
       self.cache:reset("pub/sub gap")
