@@ -312,7 +312,8 @@ static void check_stats(const model *m) {
   CHECK(w.seen == m->ncats);
 }
 
-static void on_wake(void *ctx, uint64_t handle) {
+static void on_wake(void *ctx, uint64_t handle, void *owner) {
+  (void)owner;
   model *m = ctx;
   int armed = alloc_armed;
   alloc_armed = 0;

@@ -190,17 +190,41 @@ describe("the engine's native long-poll path", function()
       local events = cjson.decode(body).events
       assert.same({ 1, 2 }, { events[1].data.n, events[2].data.n })
       assert.equals(2, t.manager:stats().published)
-      -- a publish that wakes a waiting subscriber is Lua's (the engine hands it out)
-      local waiting = async.connect(t.port)
-      waiting:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      -- a poll waiting in C (parked) is woken by a publish stored in C: publish and answer in C
+      local parked = async.connect(t.port)
+      parked:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
       assert(async.wait_for(function() return t.manager:stats().waiting == 1 end, 5000))
+      assert.equals(1, t.manager:stats().timeouts_pending) -- a long poll, counted
       before = t.srv:fast_answers()
       assert.equals(200, (post(t.port, "/publish", '{"category":"w","data":"hi"}')))
-      assert.equals(before, t.srv:fast_answers())
-      local status, _, wbody = waiting:read_response()
+      assert.equals(before + 2, t.srv:fast_answers())
+      local status, ph, pbody = parked:read_response()
       assert.equals(200, status)
-      assert.equals("hi", cjson.decode(wbody).events[1].data)
+      assert.equals("hi", cjson.decode(pbody).events[1].data)
+      parked:close()
+      -- a Lua waiter on the category (a changed request waits in Lua): the publish is Lua's, and
+      -- the parked poll beside it gets the same bytes as the Lua one
+      parked = async.connect(t.port)
+      parked:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      local waiting = async.connect(t.port)
+      waiting:send("GET /lua?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      assert(async.wait_for(function() return t.manager:stats().waiting == 2 end, 5000))
+      before = t.srv:fast_answers()
+      assert.equals(200, (post(t.port, "/publish", '{"category":"w","data":"again"}')))
+      assert.equals(before + 1, t.srv:fast_answers()) -- the parked poll's answer, written in C
+      local cs, ch, cb = parked:read_response()
+      local lws, lh, lwb = waiting:read_response()
+      assert.same({ 200, 200 }, { cs, lws })
+      assert.equals("again", cjson.decode(cb).events[1].data)
+      assert.equals(lwb, cb)
+      check_no_cache(ch)
+      ch.date, lh.date, ph.date = nil, nil, nil
+      assert.same(lh, ch)
+      ph["content-length"], ch["content-length"] = nil, nil -- another event
+      assert.same(ph, ch)
+      parked:close()
       waiting:close()
+      before = t.srv:fast_answers()
       -- bad bodies get the Lua handler's messages
       for _, bad in ipairs { "{", '{"data":1}', '{"category":"p"}', '{"category":"","data":1}', '{"category":"p","data":null}' } do
         local bs, _, bb = post(t.port, "/publish", bad)
@@ -250,15 +274,25 @@ describe("the engine's native long-poll path", function()
           assert.same(h2, h1)
         end
       end
-      -- the cursor: after the last event of "a", nothing: the poll waits (Lua) and times out
+      -- the cursor: after the last event of "a", nothing: the poll waits, parked in C, and times
+      -- out with the bytes of the Lua handler's timeout answer
       local list = cjson.decode((select(3, exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))).events
       local last = list[#list]
       local before = t.srv:fast_answers()
-      local status, _, body = exchange(t.port, ("GET /events?category=a&timeout=1&since_time=%d&last_id=%s HTTP/1.1\r\n\r\n")
-        :format(last.timestamp, last.id:upper()))
+      local q = ("?category=a&timeout=1&since_time=%d&last_id=%s"):format(last.timestamp, last.id:upper())
+      local status, h1, body = exchange(t.port, "GET /events" .. q .. " HTTP/1.1\r\n\r\n")
       assert.equals(200, status)
-      assert.equals("no events before timeout", cjson.decode(body).timeout)
-      assert.equals(before, t.srv:fast_answers())
+      local answer = cjson.decode(body)
+      assert.equals("no events before timeout", answer.timeout)
+      assert.is_true(answer.timestamp >= last.timestamp)
+      assert.equals(before + 1, t.srv:fast_answers())
+      local ls, h2, lbody = exchange(t.port, "GET /lua" .. q .. " HTTP/1.1\r\n\r\n")
+      assert.equals(200, ls)
+      assert.equals(body:gsub("%d+}$", ""), lbody:gsub("%d+}$", ""))
+      assert.is_true(cjson.decode(lbody).timestamp >= answer.timestamp)
+      h1.date, h2.date = nil, nil
+      assert.same(h2, h1)
+      assert.equals(0, t.manager:stats().waiting)
     end, { setup = native_setup })
   end)
 

@@ -15,8 +15,10 @@
 #include <uv.h>
 
 #include "lp_conn.h"
+#include "lp_deadlines.h"
 #include "lp_fast.h"
 #include "lp_json.h"
+#include "lp_waiter.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wstrict-prototypes"
@@ -32,8 +34,11 @@ lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
 #define NATIVE_MT "longpoll.NativeHandler"
 
 /* A handler the engine can run itself (core.native_subscription): the manager's long-poll
- * handler, for the polls it answers at once from the buffers. User value 1: the store. */
+ * handler, for the polls it answers at once from the buffers and those it parks here, in C, until
+ * a publish wakes them or their timeout passes. User value 1: the store. */
 enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH };
+
+struct sconn;
 
 typedef struct native_handler {
   int kind;
@@ -41,6 +46,8 @@ typedef struct native_handler {
   lp_fast_limits limits;
   char *block; /* the answer's header lines (the manager's JSON block) */
   size_t block_len;
+  struct sconn *parked; /* the long polls parked on it (any server's), newest first */
+  size_t nparked;
 } native_handler;
 
 /* GET or POST path -> native handler, mirrored from server:route (longpoll.server). */
@@ -73,6 +80,16 @@ typedef struct sconn {
   struct sconn *prev, *next;             /* every connection whose handle is open */
   struct sconn *sched_prev, *sched_next; /* waiting for lp_conn_resume */
   int in_sched;
+  /* A long poll parked here, in C, on its store subscription (see park): woken by a publish
+   * (waiter), timed out (deadline, in the server's set) or gone with its client. */
+  native_handler *parked_by; /* NULL when no long poll is parked */
+  lp_store *parked_store;    /* valid while parked: closing the store ends the wait first */
+  uint64_t parked_handle;
+  lp_waiter waiter;
+  lp_deadline deadline;
+  struct sconn *park_prev, *park_next; /* parked_by's list */
+  unsigned parked_keep : 1;            /* the request allows keep-alive */
+  unsigned parked_http10 : 1;
   char remote[64];
 } sconn;
 
@@ -90,7 +107,10 @@ struct server {
   uv_loop_t *loop;
   uv_tcp_t listener;
   uv_timer_t sweep;
-  uv_idle_t turn; /* runs the scheduled connections */
+  uv_idle_t turn;         /* runs the scheduled connections */
+  uv_timer_t poll_timer;  /* the next timeout of a parked long poll */
+  lp_deadlines deadlines; /* the parked long polls' timeouts */
+  uint64_t poll_timer_at; /* when poll_timer fires, 0 when stopped */
   lp_conn_config config;
   int dispatch_ref, gone_ref, log_ref, close_ref, self_ref;
   sconn *conns;
@@ -108,6 +128,7 @@ struct server {
   native_route *routes;
   size_t nroutes;
   lp_buf fast_scratch, fast_body, fast_head;
+  lp_woken fast_woken;               /* the parked polls a fast publish woke */
   uint64_t fast_answers;             /* requests answered without entering Lua */
   struct sconn *current;             /* the connection whose request a Lua handler runs now */
   const lp_http_event *current_head; /* its head, valid while it runs */
@@ -195,6 +216,7 @@ static void log_line(server *srv, const char *level, const char *message, const 
 
 static void maybe_closed(server *srv);
 static void free_native(lua_State *L, server *srv);
+static void unpark(struct sconn *s, int cancel);
 
 static void sched_remove(sconn *s) {
   if (!s->in_sched) return;
@@ -358,6 +380,7 @@ static void detach(lua_State *L, sconn *s) {
 static void host_close(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
+  unpark(s, 1);
   if (s->handle_closing) return;
   s->handle_closing = 1;
   if (s->in_sched == 2)
@@ -389,6 +412,7 @@ static void host_gone(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
   lua_State *L = srv->L;
+  unpark(s, 1); /* a parked poll's client left: its wait ends, nothing is answered */
   if (s->box_ref == LUA_NOREF) return;
   if (s->counted && s->conn.phase == LP_CONN_CLOSED) { /* gone for good: the count says so already */
     s->counted = 0;
@@ -484,11 +508,15 @@ static lp_store *route_store(server *srv, native_route *r) {
   return store;
 }
 
-/* Writes a 200 with the handler's header block and body; the response is done. */
-static void answer_200(sconn *s, const native_handler *nh, const lp_http_event *head, const char *body, size_t len) {
+/* Writes a 200 with the handler's header block and the body pieces (at most 7); the response is
+ * done. keep_alive, http10: what the request asked for. */
+static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, const lp_slice *body,
+                       size_t nbody) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
-  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
+  size_t len = 0;
+  for (size_t i = 0; i < nbody; i++) len += body[i].len;
   char length[48];
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
   lp_buf_reset(h);
@@ -497,26 +525,136 @@ static void answer_200(sconn *s, const native_handler *nh, const lp_http_event *
   if (rc == 0) rc = lp_buf_append_str(h, length);
   if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
   if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0 && keep && http10) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
   if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
   if (rc != 0) {
     lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
     return;
   }
-  lp_slice bufs[2] = {{h->data, h->len}, {body, len}};
-  lp_conn_write(&s->conn, bufs, 2);
+  lp_slice bufs[8] = {{h->data, h->len}};
+  for (size_t i = 0; i < nbody && i < 7; i++) bufs[i + 1] = body[i];
+  lp_conn_write(&s->conn, bufs, 1 + (nbody < 7 ? nbody : 7));
   srv->fast_answers++;
   lp_conn_response_done(&s->conn, keep, now_ms(srv));
 }
 
-static void wake_none(void *ctx, uint64_t handle) {
-  (void)handle;
-  (*(size_t *)ctx)++;
+/* ---------------------------------------------------------------------------------------------
+ * Long polls parked in C: a poll with nothing to answer yet waits on its store subscription
+ * (lp_store_wait_owned, the connection's lp_waiter is the owner) with its timeout in the
+ * server's lp_deadlines, until a publish wakes it (parked_woken, called by whoever published:
+ * the store's Lua binding or fast_publish), its time is up (time_out) or its client leaves
+ * (unpark from host_gone / host_close). No Lua runs on any of these paths. */
+
+#define CONTAINER(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
+
+static void poll_timer_arm(server *srv);
+
+/* Takes s out of its handler's list and the timeouts; cancel: the store subscription is still
+ * there (the client left, the time is up). */
+static void unpark(sconn *s, int cancel) {
+  native_handler *nh = s->parked_by;
+  if (!nh) return;
+  if (cancel) lp_store_cancel(s->parked_store, s->parked_handle);
+  if (s->park_prev)
+    s->park_prev->park_next = s->park_next;
+  else
+    nh->parked = s->park_next;
+  if (s->park_next) s->park_next->park_prev = s->park_prev;
+  s->park_prev = s->park_next = NULL;
+  nh->nparked--;
+  lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
+  s->parked_by = NULL;
+  s->parked_store = NULL;
+}
+
+static void parked_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  native_handler *nh = s->parked_by;
+  if (!nh) return;
+  unpark(s, 0); /* the publish ended the subscription */
+  answer_200(s, nh, s->parked_keep, s->parked_http10, answer, n);
+}
+
+/* The store closed under the poll (the manager answers its polls before it closes the store;
+ * this is the backstop): the manager's 503. */
+static void parked_ended(lp_waiter *w) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  if (!s->parked_by) return;
+  unpark(s, 0);
+  lp_conn_fail(&s->conn, 503, "manager is shut down", now_ms(s->srv));
+}
+
+static const lp_waiter_ops PARKED_OPS = {parked_woken, parked_ended};
+
+/* The golongpoll timeout answer, with a timestamp no later event reaches (the store's mark). */
+static void answer_timeout(sconn *s) {
+  native_handler *nh = s->parked_by;
+  lp_store *store = s->parked_store;
+  unpark(s, 1);
+  char body[96];
+  int len = snprintf(body, sizeof body, "{\"timeout\":\"no events before timeout\",\"timestamp\":%lld}",
+                     (long long)lp_store_mark_time(store, wall_clock_ms()));
+  lp_slice piece = {body, (size_t)len};
+  answer_200(s, nh, s->parked_keep, s->parked_http10, &piece, 1);
+}
+
+static void on_poll_timer(uv_timer_t *t) {
+  server *srv = SERVER_OF(t, poll_timer);
+  srv->poll_timer_at = 0;
+  uint64_t now = now_ms(srv);
+  lp_deadline *e;
+  while ((e = lp_deadlines_pop_expired(&srv->deadlines, now)) != NULL) {
+    sconn *s = CONTAINER(e, sconn, deadline);
+    if (s->parked_by) answer_timeout(s);
+  }
+  poll_timer_arm(srv);
+}
+
+/* Sets the timer for the earliest timeout, unless it fires before that already. */
+static void poll_timer_arm(server *srv) {
+  uint64_t at;
+  if (!lp_deadlines_next(&srv->deadlines, &at)) return;
+  if (srv->poll_timer_at != 0 && srv->poll_timer_at <= at) return;
+  uint64_t now = now_ms(srv);
+  srv->poll_timer_at = at > 0 ? at : 1;
+  uv_timer_start(&srv->poll_timer, on_poll_timer, at > now ? at - now : 0, 0);
+}
+
+/* Parks the poll of s: 1 when it waits now, 0 when the Lua handler must take it (a connection
+ * above the cap may not wait; the store refused, e.g. max_waiting_per_category: Lua says why). */
+static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, const lp_fast_sub *sub) {
+  server *srv = s->srv;
+  if (s->reserve || srv->closing || s->parked_by) return 0;
+  s->waiter.ops = &PARKED_OPS;
+  uint64_t handle;
+  if (lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle) != LP_OK) return 0;
+  if (lp_deadlines_add(&srv->deadlines, &s->deadline, (uint64_t)sub->timeout_s * 1000, now_ms(srv)) != 0) {
+    lp_store_cancel(store, handle);
+    return 0;
+  }
+  s->parked_by = nh;
+  s->parked_store = store;
+  s->parked_handle = handle;
+  s->parked_keep = head->keep_alive != 0;
+  s->parked_http10 = head->minor == 0;
+  s->park_prev = NULL;
+  s->park_next = nh->parked;
+  if (nh->parked) nh->parked->park_prev = s;
+  nh->parked = s;
+  nh->nparked++;
+  poll_timer_arm(srv);
+  return 1;
+}
+
+/* Every poll parked on nh gets the timeout answer now (the manager shuts down). */
+static void answer_parked(native_handler *nh) {
+  while (nh->parked) answer_timeout(nh->parked);
 }
 
 /* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
- * run (always with an Idempotency-Key). Only publishes that wake nobody (no long poll, stream or watcher waits on the
- * category) are taken: the manager registers this handler only when it has no add-on to tell. */
+ * run (always with an Idempotency-Key). Only publishes that wake no Lua waiter (no Lua long poll,
+ * stream or watcher waits on the category; the polls parked here are answered here) are taken:
+ * the manager registers this handler only when it has no add-on to tell. */
 static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
   /* an idempotent publish (Idempotency-Key, issue 17) is the Lua handler's: it looks the key up */
@@ -530,39 +668,49 @@ static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp
   int ok = pb.has_category && pb.category.len >= 1 && pb.category.len <= r->h->limits.max_category_bytes && pb.has_data;
   lp_store *store = ok ? route_store(srv, r) : NULL;
   lp_slice category = {pb.category.data, pb.category.len};
-  if (!store || lp_store_waiting_in(store, category) > 0) {
+  lp_store_stats st;
+  if (store) lp_store_get_stats(store, &st);
+  if (!store || lp_store_unowned_waiting_in(store, category) > 0 ||
+      lp_woken_reserve(&srv->fast_woken, st.waiting) != LP_OK) {
     lp_buf_free(&pb.category);
     return 0;
   }
   lp_slice data = {pb.data, pb.data_len};
   lp_published out;
-  size_t woken = 0;
-  int rc = lp_store_publish(store, category, data, wall_clock_ms(), wake_none, &woken, &out);
+  int rc = lp_store_publish(store, category, data, wall_clock_ms(), lp_woken_add, &srv->fast_woken, &out);
   lp_buf_free(&pb.category);
   if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
-  static const char SUCCESS[] = "{\"success\":true}";
-  answer_200(s, r->h, head, SUCCESS, sizeof SUCCESS - 1);
+  lp_woken_answer(&srv->fast_woken, &out);
+  static const lp_slice SUCCESS = {"{\"success\":true}", 16};
+  answer_200(s, r->h, head->keep_alive, head->minor == 0, &SUCCESS, 1);
   return 1;
 }
 
-/* A catch-up long poll to the manager's handler, answered from the store here: 1 when answered,
- * 0 when the Lua handler must run (no events yet, an error, anything unusual). */
-static int fast_subscription(sconn *s, const native_handler *nh, lp_store *store, const lp_http_event *head,
-                             lp_slice query) {
+/* A long poll to the manager's handler, served here: answered from the store when events after
+ * its cursor exist, else parked (when may_park) until one is published. 1 when served, 0 when
+ * the Lua handler must run (an error, anything unusual, a poll that may not be parked). */
+static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice query,
+                             int may_park) {
   server *srv = s->srv;
   lp_fast_sub sub;
   if (!store || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
-  lp_buf *body = &srv->fast_body;
-  lp_buf_reset(body);
-  size_t count = 0;
-  int missed = 0;
-  int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
-                          wall_clock_ms(), body, &count, &missed);
-  if (rc != LP_OK || count == 0) return 0;
-  answer_200(s, nh, head, body->data, body->len);
-  /* one huge answer should not pin its memory */
-  if (body->cap > (1u << 20)) lp_buf_free(body);
-  return 1;
+  if (sub.has_since) {
+    lp_buf *body = &srv->fast_body;
+    lp_buf_reset(body);
+    size_t count = 0;
+    int missed = 0;
+    int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
+                            wall_clock_ms(), body, &count, &missed);
+    if (rc != LP_OK) return 0;
+    if (count > 0) {
+      lp_slice answer = {body->data, body->len};
+      answer_200(s, nh, head->keep_alive, head->minor == 0, &answer, 1);
+      /* one huge answer should not pin its memory */
+      if (body->cap > (1u << 20)) lp_buf_free(body);
+      return 1;
+    }
+  }
+  return may_park && park(s, nh, store, head, &sub);
 }
 
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
@@ -577,7 +725,7 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
     if ((get || post) && lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
       native_route *r = find_route(srv, post, path);
       if (r && r->h->enabled) {
-        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query)
+        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
                                               : fast_publish(s, r, head, body))
           return;
         s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
@@ -723,6 +871,7 @@ static void server_handle_closed(server *srv) {
 static void on_listener_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, listener)); }
 static void on_sweep_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, sweep)); }
 static void on_turn_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, turn)); }
+static void on_poll_timer_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, poll_timer)); }
 
 static void finish_close(server *srv) {
   lua_State *L = srv->L;
@@ -756,6 +905,7 @@ static void maybe_closed(server *srv) {
     srv->listening = 0;
     uv_close((uv_handle_t *)&srv->sweep, on_sweep_closed);
     uv_close((uv_handle_t *)&srv->turn, on_turn_closed);
+    uv_close((uv_handle_t *)&srv->poll_timer, on_poll_timer_closed);
     return;
   }
   if (srv->handles == 0) finish_close(srv);
@@ -886,7 +1036,10 @@ static int server_listen(lua_State *L) {
   uv_unref((uv_handle_t *)&srv->sweep);
   uv_idle_init(srv->loop, &srv->turn);
   srv->turn.data = &srv->walk;
-  srv->handles += 2;
+  uv_timer_init(srv->loop, &srv->poll_timer);
+  srv->poll_timer.data = &srv->walk;
+  uv_unref((uv_handle_t *)&srv->poll_timer); /* the parked connections keep the loop alive */
+  srv->handles += 3;
   lua_pushvalue(L, 1);
   srv->self_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* kept while handles are open */
   server **shadow = lua_newuserdatauv(L, sizeof *shadow, 0);
@@ -1075,7 +1228,11 @@ static int conn_native(lua_State *L) {
       lua_getiuservalue(L, 2, 1);
       lp_store *store = lp_lua_store_of(L, -1);
       lua_pop(L, 1);
-      answered = fast_subscription(s, h, store, head, query);
+      /* a poll whose response Lua watches (res:on_close) is not parked: Lua must hear it end */
+      push_attached(L, s);
+      int watched = !lua_isnil(L, -1);
+      lua_pop(L, 1);
+      answered = fast_subscription(s, h, store, head, query, !watched);
     }
   }
   lua_pushboolean(L, answered);
@@ -1155,14 +1312,25 @@ static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SU
  * add-on to tell). */
 static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
 
+/* handler:disable(): every later request goes to the Lua handler, and the polls parked on the
+ * handler get the timeout answer now (the manager shutting down). */
 static int native_disable(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   h->enabled = 0;
+  answer_parked(h);
   return 0;
+}
+
+/* handler:parked() -> how many long polls wait parked on it. */
+static int native_parked(lua_State *L) {
+  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  lua_pushinteger(L, (lua_Integer)h->nparked);
+  return 1;
 }
 
 static int native_gc(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  answer_parked(h);
   free(h->block);
   h->block = NULL;
   h->enabled = 0;
@@ -1219,6 +1387,8 @@ static void free_native(lua_State *L, server *srv) {
   lp_buf_free(&srv->fast_scratch);
   lp_buf_free(&srv->fast_body);
   lp_buf_free(&srv->fast_head);
+  lp_woken_free(&srv->fast_woken);
+  lp_deadlines_free(&srv->deadlines);
 }
 
 /* What uv.walk hands to Lua for each of the server's handles: one object per server that says
@@ -1294,9 +1464,11 @@ void lp_lua_server_open(lua_State *L) {
   }
   lua_pop(L, 1);
   if (luaL_newmetatable(L, NATIVE_MT)) {
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 2);
     lua_pushcfunction(L, native_disable);
     lua_setfield(L, -2, "disable");
+    lua_pushcfunction(L, native_parked);
+    lua_setfield(L, -2, "parked");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, native_gc);
     lua_setfield(L, -2, "__gc");

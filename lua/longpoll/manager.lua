@@ -289,7 +289,7 @@ end
 function Manager:stats(with_categories)
   if self.closed then return { closed = true } end
   local s = self.engine:stats(with_categories)
-  s.timeouts_pending = self.timeouts.count
+  s.timeouts_pending = self.timeouts.count + (self.native and self.native:parked() or 0) -- Lua and C long polls
   s.sse_streams = self.sse and self.sse.count or 0
   return s
 end
