@@ -402,8 +402,9 @@ function M.start(options)
     handlers.sse = cors.wrap(policy, handlers.sse, "GET, HEAD")
     handlers.stats = cors.wrap(policy, handlers.stats, "GET, HEAD")
   end
-  -- the HTTP engine answers catch-up polls to the unwrapped handler in C (longpoll.http.native),
-  -- from the same store and with the same rules (lp_fast.c mirrors subscription.lua)
+  -- the HTTP engine serves long polls to the unwrapped handler in C (longpoll.http.native), from
+  -- the same store and with the same rules (lp_fast.c mirrors subscription.lua): catch-ups are
+  -- answered, the others wait parked in C until a publish or their timeout answers them
   if not o.cors and not o.clock and engine.core_store then
     manager.native = core.native_subscription(engine:core_store(), {
       max_category_bytes = o.max_category_bytes,
@@ -413,7 +414,7 @@ function M.start(options)
     })
     native.register(handlers.subscription, manager.native)
     -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
-    -- that takes the debug line of each publish (a publish that wakes a subscriber stays Lua's)
+    -- that takes the debug line of each publish (a publish that wakes a Lua waiter stays Lua's)
     local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
     if #manager.add_ons == 0 and not debug_logged then
       manager.native_publish = core.native_publish(engine:core_store(), {
