@@ -40,19 +40,31 @@ enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH };
 
 struct sconn;
 
+/* The manager's CORS policy (option `cors`, longpoll.cors), for the handlers it wraps: the
+ * headers of answers to allowed origins, and the answer to a preflight. */
+typedef struct native_cors {
+  int on, any, credentials;
+  char **origins; /* lower-cased */
+  size_t norigins;
+  char *preflight; /* the Access-Control-Allow-Methods/-Headers and -Max-Age lines */
+  size_t preflight_len;
+} native_cors;
+
 typedef struct native_handler {
   int kind;
   int enabled; /* the manager turns it off when it shuts down */
   lp_fast_limits limits;
   char *block; /* the answer's header lines (the manager's JSON block) */
   size_t block_len;
+  native_cors cors;
   struct sconn *parked; /* the long polls parked on it (any server's), newest first */
   size_t nparked;
 } native_handler;
 
-/* GET or POST path -> native handler, mirrored from server:route (longpoll.server). */
+/* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
+enum { ROUTE_GET = 0, ROUTE_POST, ROUTE_OPTIONS };
 typedef struct native_route {
-  int post; /* 0: GET, 1: POST */
+  int post; /* ROUTE_GET, ROUTE_POST or ROUTE_OPTIONS */
   char *path;
   size_t path_len;
   int ref; /* registry ref of the native_handler's userdata */
@@ -90,6 +102,8 @@ typedef struct sconn {
   struct sconn *park_prev, *park_next; /* parked_by's list */
   unsigned parked_keep : 1;            /* the request allows keep-alive */
   unsigned parked_http10 : 1;
+  char *parked_extra; /* the answer's own header lines (CORS), owned; NULL when none */
+  size_t parked_extra_len;
   char remote[64];
 } sconn;
 
@@ -127,7 +141,7 @@ struct server {
   uint64_t refused, refused_logged_at, refused_unlogged;
   native_route *routes;
   size_t nroutes;
-  lp_buf fast_scratch, fast_body, fast_head;
+  lp_buf fast_scratch, fast_body, fast_head, fast_extra;
   lp_woken fast_woken;               /* the parked polls a fast publish woke */
   uint64_t fast_answers;             /* requests answered without entering Lua */
   struct sconn *current;             /* the connection whose request a Lua handler runs now */
@@ -510,8 +524,8 @@ static lp_store *route_store(server *srv, native_route *r) {
 
 /* Writes a 200 with the handler's header block and the body pieces (at most 7); the response is
  * done. keep_alive, http10: what the request asked for. */
-static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, const lp_slice *body,
-                       size_t nbody) {
+static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
+                       const lp_slice *body, size_t nbody) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
   int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
@@ -521,6 +535,7 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
   lp_buf_reset(h);
   int rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
+  if (rc == 0 && extra.len) rc = lp_buf_append(h, extra.ptr, extra.len);
   if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
   if (rc == 0) rc = lp_buf_append_str(h, length);
   if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
@@ -565,14 +580,28 @@ static void unpark(sconn *s, int cancel) {
   lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
   s->parked_by = NULL;
   s->parked_store = NULL;
+  free(s->parked_extra); /* unless taken before (take_extra) */
+  s->parked_extra = NULL;
+  s->parked_extra_len = 0;
+}
+
+/* The parked poll's own header lines, handed over to the caller (free them after the answer);
+ * taken before unpark, which frees what is left. */
+static lp_slice take_extra(sconn *s) {
+  lp_slice extra = {s->parked_extra, s->parked_extra_len};
+  s->parked_extra = NULL;
+  s->parked_extra_len = 0;
+  return extra;
 }
 
 static void parked_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
   sconn *s = CONTAINER(w, sconn, waiter);
   native_handler *nh = s->parked_by;
   if (!nh) return;
+  lp_slice extra = take_extra(s);
   unpark(s, 0); /* the publish ended the subscription */
-  answer_200(s, nh, s->parked_keep, s->parked_http10, answer, n);
+  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, answer, n);
+  free((char *)extra.ptr);
 }
 
 /* The store closed under the poll (the manager answers its polls before it closes the store;
@@ -590,12 +619,14 @@ static const lp_waiter_ops PARKED_OPS = {parked_woken, parked_ended};
 static void answer_timeout(sconn *s) {
   native_handler *nh = s->parked_by;
   lp_store *store = s->parked_store;
+  lp_slice extra = take_extra(s);
   unpark(s, 1);
   char body[96];
   int len = snprintf(body, sizeof body, "{\"timeout\":\"no events before timeout\",\"timestamp\":%lld}",
                      (long long)lp_store_mark_time(store, wall_clock_ms()));
   lp_slice piece = {body, (size_t)len};
-  answer_200(s, nh, s->parked_keep, s->parked_http10, &piece, 1);
+  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, &piece, 1);
+  free((char *)extra.ptr);
 }
 
 static void on_poll_timer(uv_timer_t *t) {
@@ -622,16 +653,29 @@ static void poll_timer_arm(server *srv) {
 
 /* Parks the poll of s: 1 when it waits now, 0 when the Lua handler must take it (a connection
  * above the cap may not wait; the store refused, e.g. max_waiting_per_category: Lua says why). */
-static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, const lp_fast_sub *sub) {
+static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice extra,
+                const lp_fast_sub *sub) {
   server *srv = s->srv;
   if (s->reserve || srv->closing || s->parked_by) return 0;
+  char *extra_copy = NULL;
+  if (extra.len) {
+    extra_copy = malloc(extra.len);
+    if (!extra_copy) return 0;
+    memcpy(extra_copy, extra.ptr, extra.len);
+  }
   s->waiter.ops = &PARKED_OPS;
   uint64_t handle;
-  if (lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle) != LP_OK) return 0;
-  if (lp_deadlines_add(&srv->deadlines, &s->deadline, (uint64_t)sub->timeout_s * 1000, now_ms(srv)) != 0) {
-    lp_store_cancel(store, handle);
+  if (lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle) != LP_OK) {
+    free(extra_copy);
     return 0;
   }
+  if (lp_deadlines_add(&srv->deadlines, &s->deadline, (uint64_t)sub->timeout_s * 1000, now_ms(srv)) != 0) {
+    lp_store_cancel(store, handle);
+    free(extra_copy);
+    return 0;
+  }
+  s->parked_extra = extra_copy;
+  s->parked_extra_len = extra.len;
   s->parked_by = nh;
   s->parked_store = store;
   s->parked_handle = handle;
@@ -649,6 +693,83 @@ static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_eve
 /* Every poll parked on nh gets the timeout answer now (the manager shuts down). */
 static void answer_parked(native_handler *nh) {
   while (nh->parked) answer_timeout(nh->parked);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * CORS, as longpoll.cors wraps the manager's handlers */
+
+/* The value of request header name (lower-case), or an empty slice with ptr NULL. */
+static lp_slice header_value(const lp_http_event *head, const char *name) {
+  size_t len = strlen(name);
+  for (size_t i = 0; i < head->nheaders; i++) {
+    lp_slice n = head->headers[i].name;
+    if (n.len == len && memcmp(n.ptr, name, len) == 0) return head->headers[i].value;
+  }
+  return (lp_slice){NULL, 0};
+}
+
+static int origin_listed(const native_cors *c, lp_slice origin) {
+  for (size_t i = 0; i < c->norigins; i++) {
+    const char *o = c->origins[i];
+    if (strlen(o) != origin.len) continue;
+    size_t k = 0;
+    while (k < origin.len) {
+      char ch = origin.ptr[k];
+      if (ch >= 'A' && ch <= 'Z') ch = (char)(ch - 'A' + 'a');
+      if (ch != o[k]) break;
+      k++;
+    }
+    if (k == origin.len) return 1;
+  }
+  return 0;
+}
+
+/* The CORS header lines of an answer to this request into out (emptied first), as
+ * longpoll.cors Policy:add_headers sets them; *allowed: whether its Origin is allowed. 0, or -1
+ * when memory ran out. Nothing for a handler without the policy. */
+static int cors_lines(const native_handler *nh, const lp_http_event *head, lp_buf *out, int *allowed) {
+  lp_buf_reset(out);
+  *allowed = 1;
+  const native_cors *c = &nh->cors;
+  if (!c->on) return 0;
+  lp_slice origin = header_value(head, "origin");
+  *allowed = c->any || (origin.ptr && origin_listed(c, origin));
+  int rc = 0;
+  if (!c->any) rc = lp_buf_append_str(out, "Vary: Origin\r\n"); /* answers differ by Origin */
+  if (*allowed) {
+    if (rc == 0) rc = lp_buf_append_str(out, "Access-Control-Allow-Origin: ");
+    if (rc == 0) rc = c->any ? lp_buf_append_str(out, "*") : lp_buf_append(out, origin.ptr, origin.len);
+    if (rc == 0) rc = lp_buf_append_str(out, "\r\nAccess-Control-Expose-Headers: Idempotent-Replayed\r\n");
+    if (rc == 0 && c->credentials) rc = lp_buf_append_str(out, "Access-Control-Allow-Credentials: true\r\n");
+  }
+  return rc;
+}
+
+/* An allowed preflight (OPTIONS with Origin and Access-Control-Request-Method) to a route of a
+ * handler under the policy: 204 with the policy's headers. 1 when answered, 0 when the Lua
+ * handler decides (not allowed, not a preflight). */
+static int fast_preflight(sconn *s, const native_handler *nh, const lp_http_event *head) {
+  server *srv = s->srv;
+  int allowed;
+  if (!nh->cors.on || !header_value(head, "origin").ptr || !header_value(head, "access-control-request-method").ptr)
+    return 0;
+  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0 || !allowed) return 0;
+  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  lp_buf *h = &srv->fast_head;
+  lp_buf_reset(h);
+  int rc = lp_buf_append_str(h, "HTTP/1.1 204 No Content\r\n");
+  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
+  if (rc == 0) rc = lp_buf_append(h, nh->cors.preflight, nh->cors.preflight_len);
+  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
+  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
+  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  if (rc != 0) return 0;
+  lp_slice bufs[1] = {{h->data, h->len}};
+  lp_conn_write(&s->conn, bufs, 1);
+  srv->fast_answers++;
+  lp_conn_response_done(&s->conn, keep, now_ms(srv));
+  return 1;
 }
 
 /* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
@@ -675,6 +796,11 @@ static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp
     lp_buf_free(&pb.category);
     return 0;
   }
+  int allowed;
+  if (cors_lines(r->h, head, &srv->fast_extra, &allowed) != 0) {
+    lp_buf_free(&pb.category);
+    return 0;
+  }
   lp_slice data = {pb.data, pb.data_len};
   lp_published out;
   int rc = lp_store_publish(store, category, data, wall_clock_ms(), lp_woken_add, &srv->fast_woken, &out);
@@ -682,7 +808,8 @@ static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp
   if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
   lp_woken_answer(&srv->fast_woken, &out);
   static const lp_slice SUCCESS = {"{\"success\":true}", 16};
-  answer_200(s, r->h, head->keep_alive, head->minor == 0, &SUCCESS, 1);
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  answer_200(s, r->h, head->keep_alive, head->minor == 0, extra, &SUCCESS, 1);
   return 1;
 }
 
@@ -694,6 +821,9 @@ static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, cons
   server *srv = s->srv;
   lp_fast_sub sub;
   if (!store || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
+  int allowed;
+  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
   if (sub.has_since) {
     lp_buf *body = &srv->fast_body;
     lp_buf_reset(body);
@@ -704,13 +834,13 @@ static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, cons
     if (rc != LP_OK) return 0;
     if (count > 0) {
       lp_slice answer = {body->data, body->len};
-      answer_200(s, nh, head->keep_alive, head->minor == 0, &answer, 1);
+      answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
       /* one huge answer should not pin its memory */
       if (body->cap > (1u << 20)) lp_buf_free(body);
       return 1;
     }
   }
-  return may_park && park(s, nh, store, head, &sub);
+  return may_park && park(s, nh, store, head, extra, &sub);
 }
 
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
@@ -721,13 +851,17 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   if (srv->nroutes > 0) {
     int get = head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0;
     int post = head->method.len == 4 && memcmp(head->method.ptr, "POST", 4) == 0;
+    int options = head->method.len == 7 && memcmp(head->method.ptr, "OPTIONS", 7) == 0;
     lp_slice path, query;
-    if ((get || post) && lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
-      native_route *r = find_route(srv, post, path);
+    if ((get || post || options) && lp_http_split_target(head->target, &path, &query) == 0 &&
+        !memchr(path.ptr, '%', path.len)) {
+      native_route *r = find_route(srv, options ? ROUTE_OPTIONS : post ? ROUTE_POST : ROUTE_GET, path);
       if (r && r->h->enabled) {
-        if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
-                                              : fast_publish(s, r, head, body))
-          return;
+        int served = options ? fast_preflight(s, r->h, head)
+                     : r->h->kind == NATIVE_SUBSCRIPTION
+                         ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
+                         : fast_publish(s, r, head, body);
+        if (served) return;
         s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
       }
     }
@@ -1275,8 +1409,51 @@ static size_t opt_size_at(lua_State *L, int t, const char *k) {
   return (size_t)v;
 }
 
+static char *dup_string(lua_State *L, int idx, size_t *len) {
+  size_t n;
+  const char *v = luaL_checklstring(L, idx, &n);
+  char *copy = malloc(n + 1);
+  if (!copy) luaL_error(L, "out of memory");
+  memcpy(copy, v, n + 1);
+  if (len) *len = n;
+  return copy;
+}
+
+static void free_cors(native_cors *c) {
+  for (size_t i = 0; i < c->norigins; i++) free(c->origins[i]);
+  free(c->origins);
+  free(c->preflight);
+  memset(c, 0, sizeof *c);
+}
+
+/* cors = { any = bool, origins = { lower-cased origin, ... }, credentials = bool,
+ *   preflight = "header lines" } (made by longpoll.cors Policy:native). The handler's userdata
+ * owns what is read here from the moment it is set (its __gc frees it), even on an error. */
+static void read_cors(lua_State *L, int t, native_cors *c) {
+  luaL_checktype(L, t, LUA_TTABLE);
+  c->on = 1;
+  lua_getfield(L, t, "any");
+  c->any = lua_toboolean(L, -1);
+  lua_getfield(L, t, "credentials");
+  c->credentials = lua_toboolean(L, -1);
+  lua_getfield(L, t, "preflight");
+  c->preflight = dup_string(L, -1, &c->preflight_len);
+  lua_getfield(L, t, "origins");
+  luaL_checktype(L, -1, LUA_TTABLE);
+  size_t n = (size_t)lua_rawlen(L, -1);
+  c->origins = calloc(n ? n : 1, sizeof *c->origins);
+  if (!c->origins) luaL_error(L, "out of memory");
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, -1, (lua_Integer)i + 1);
+    c->origins[i] = dup_string(L, -1, NULL);
+    c->norigins = i + 1;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 4);
+}
+
 /* core.native_subscription(store, { max_category_bytes, max_categories_per_subscription,
- *   max_longpoll_timeout_seconds, header_block }) -> handler: what a server needs to answer the
+ *   max_longpoll_timeout_seconds, header_block[, cors] }) -> handler: what a server needs to answer the
  * manager's catch-up long polls itself (see longpoll.http.native). handler:disable() sends
  * every later request to the Lua handler (the manager shutting down). */
 static int make_native(lua_State *L, int kind) {
@@ -1298,6 +1475,9 @@ static int make_native(lua_State *L, int kind) {
   if (!h->block) return luaL_error(L, "out of memory");
   memcpy(h->block, block, len + 1);
   h->block_len = len;
+  lua_pop(L, 1);
+  lua_getfield(L, 2, "cors");
+  if (!lua_isnil(L, -1)) read_cors(L, lua_gettop(L), &h->cors);
   lua_pop(L, 1);
   lua_pushvalue(L, 1);
   lua_setiuservalue(L, -2, 1);
@@ -1331,6 +1511,7 @@ static int native_parked(lua_State *L) {
 static int native_gc(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   answer_parked(h);
+  free_cors(&h->cors);
   free(h->block);
   h->block = NULL;
   h->enabled = 0;
@@ -1344,16 +1525,19 @@ static void drop_route(lua_State *L, server *srv, size_t i) {
 }
 
 /* server:native_route(method, path, handler | nil): a GET (a subscription handler) or POST (a
- * publish handler) to path is answered by the native handler when it can (nil: never). */
+ * publish handler) to path is answered by the native handler when it can, and an OPTIONS
+ * preflight by a handler under a CORS policy (nil: never). */
 static int server_native_route(lua_State *L) {
   server *srv = check_server(L);
   const char *method = luaL_checkstring(L, 2);
-  int post = strcmp(method, "POST") == 0;
-  luaL_argcheck(L, post || strcmp(method, "GET") == 0, 2, "GET or POST");
+  int post = strcmp(method, "POST") == 0 ? ROUTE_POST : strcmp(method, "OPTIONS") == 0 ? ROUTE_OPTIONS : ROUTE_GET;
+  luaL_argcheck(L, post != ROUTE_GET || strcmp(method, "GET") == 0, 2, "GET, POST or OPTIONS");
   size_t len;
   const char *path = luaL_checklstring(L, 3, &len);
   native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
-  if (h && h->kind != (post ? NATIVE_PUBLISH : NATIVE_SUBSCRIPTION)) h = NULL; /* not for this method */
+  if (h && post == ROUTE_OPTIONS && !h->cors.on) h = NULL; /* only preflights are answered */
+  if (h && post != ROUTE_OPTIONS && h->kind != (post == ROUTE_POST ? NATIVE_PUBLISH : NATIVE_SUBSCRIPTION))
+    h = NULL; /* not for this method */
   lp_slice p = {path, len};
   native_route *r = find_route(srv, post, p);
   if (r) drop_route(L, srv, (size_t)(r - srv->routes));
@@ -1387,6 +1571,7 @@ static void free_native(lua_State *L, server *srv) {
   lp_buf_free(&srv->fast_scratch);
   lp_buf_free(&srv->fast_body);
   lp_buf_free(&srv->fast_head);
+  lp_buf_free(&srv->fast_extra);
   lp_woken_free(&srv->fast_woken);
   lp_deadlines_free(&srv->deadlines);
 }

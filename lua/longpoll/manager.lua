@@ -404,13 +404,15 @@ function M.start(options)
   end
   -- the HTTP engine serves long polls to the unwrapped handler in C (longpoll.http.native), from
   -- the same store and with the same rules (lp_fast.c mirrors subscription.lua): catch-ups are
-  -- answered, the others wait parked in C until a publish or their timeout answers them
-  if not o.cors and not o.clock and engine.core_store then
+  -- answered, the others wait parked in C until a publish or their timeout answers them; with
+  -- the `cors` option the C path writes the policy's headers and answers its preflights too
+  if not o.clock and engine.core_store then
     manager.native = core.native_subscription(engine:core_store(), {
       max_category_bytes = o.max_category_bytes,
       max_categories_per_subscription = o.max_categories_per_subscription,
       max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
       header_block = answers.JSON.text,
+      cors = manager.cors and manager.cors:native("GET, HEAD"),
     })
     native.register(handlers.subscription, manager.native)
     -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
@@ -420,6 +422,7 @@ function M.start(options)
       manager.native_publish = core.native_publish(engine:core_store(), {
         max_category_bytes = o.max_category_bytes,
         header_block = answers.JSON.text,
+        cors = manager.cors and manager.cors:native("POST"),
       })
       native.register(handlers.publish, manager.native_publish)
     end
