@@ -39,7 +39,8 @@ typedef struct wake_ctx {
   uint64_t last;
 } wake_ctx;
 
-static void on_wake(void *ctx, uint64_t handle) {
+static void on_wake(void *ctx, uint64_t handle, void *owner) {
+  (void)owner;
   wake_ctx *w = ctx;
   w->woken++;
   w->last = handle;

@@ -142,6 +142,7 @@ typedef struct mcat {
 
 typedef struct msub {
   uint64_t handle;
+  uintptr_t owner; /* lp_store_wait_owned's owner (a made-up pointer), 0 for lp_store_wait */
   int live;
   int woken;
   size_t n;
@@ -167,7 +168,9 @@ typedef struct model {
   int limits_on; /* per-category limits (name_limits) through cfg.category_limits */
   /* filled by the wake callback during one publish */
   uint64_t *woken;
+  uintptr_t *woken_owner; /* what the wake callback was given with each handle */
   size_t nwoken, wokencap;
+  uintptr_t next_owner;
 } model;
 
 /* Per-category limits, a function of the name only (so the store, asking once
@@ -291,6 +294,14 @@ static void on_category(void *ctx, lp_slice name, size_t events, size_t bytes, s
   CHECK(c->exists);
   CHECK(events > 0 || waiting > 0); /* an unused category is freed at once */
   CHECK(events == c->count && bytes == c->bytes && waiting == c->links);
+  /* owned waiters are counted apart */
+  size_t unowned = 0;
+  for (size_t i = 0; i < w->m->nsubs; i++) {
+    const msub *sub = &w->m->subs[i];
+    for (size_t k = 0; sub->live && !sub->owner && k < sub->n; k++) unowned += sub->cat[k] == found;
+  }
+  CHECK(lp_store_waiting_in(w->m->s, name) == c->links);
+  CHECK(lp_store_unowned_waiting_in(w->m->s, name) == unowned);
   w->seen++;
 }
 
@@ -312,7 +323,7 @@ static void check_stats(const model *m) {
   CHECK(w.seen == m->ncats);
 }
 
-static void on_wake(void *ctx, uint64_t handle) {
+static void on_wake(void *ctx, uint64_t handle, void *owner) {
   model *m = ctx;
   int armed = alloc_armed;
   alloc_armed = 0;
@@ -321,8 +332,10 @@ static void on_wake(void *ctx, uint64_t handle) {
   if (m->nwoken == m->wokencap) {
     m->wokencap = m->wokencap ? 2 * m->wokencap : 16;
     m->woken = realloc(m->woken, m->wokencap * sizeof *m->woken);
-    CHECK(m->woken);
+    m->woken_owner = realloc(m->woken_owner, m->wokencap * sizeof *m->woken_owner);
+    CHECK(m->woken && m->woken_owner);
   }
+  m->woken_owner[m->nwoken] = (uintptr_t)owner;
   m->woken[m->nwoken++] = handle;
   alloc_armed = armed;
 }
@@ -341,7 +354,10 @@ static size_t model_wake(model *m, int name) {
     n++;
     sub->woken = 0;
     for (size_t w = 0; w < m->nwoken; w++)
-      if (m->woken[w] == sub->handle) sub->woken++;
+      if (m->woken[w] == sub->handle) {
+        sub->woken++;
+        CHECK(m->woken_owner[w] == sub->owner); /* the owner comes back with its handle */
+      }
     CHECK(sub->woken == 1);
     sub->live = 0;
     for (size_t k = 0; k < sub->n; k++) m->cats[sub->cat[k]].links--;
@@ -576,8 +592,9 @@ static void op_wait(model *m, input *in) {
     }
   }
   uint64_t handle = 0;
+  uintptr_t owner = (b & 0x80) ? ++m->next_owner : 0; /* half the waits have an owner */
   alloc_armed = 1;
-  int rc = lp_store_wait(m->s, sl, nall, &handle);
+  int rc = lp_store_wait_owned(m->s, sl, nall, (void *)owner, &handle);
   alloc_armed = 0;
   CHECK(rc != LP_ENOMEM || alloc_failed);
   if (rc != LP_ENOMEM) CHECK(rc == want); /* out of memory: rolled back like any failure */
@@ -595,6 +612,7 @@ static void op_wait(model *m, input *in) {
   msub *sub = &m->subs[m->nsubs++];
   memset(sub, 0, sizeof *sub);
   sub->handle = handle;
+  sub->owner = owner;
   sub->live = 1;
   sub->n = n;
   memcpy(sub->cat, cat, n * sizeof cat[0]);
@@ -832,6 +850,29 @@ static void op_take_waiters(model *m, input *in) {
   sweep(m);
 }
 
+/* The store closing under owned waiters: each ends, with its owner, once; the others stay. */
+static void op_end_owned(model *m) {
+  m->nwoken = 0;
+  alloc_armed = 1;
+  size_t n = lp_store_end_owned(m->s, on_wake, m);
+  alloc_armed = 0;
+  size_t want = 0;
+  for (size_t i = 0; i < m->nsubs; i++) {
+    msub *sub = &m->subs[i];
+    if (!sub->live || !sub->owner) continue;
+    want++;
+    int seen = 0;
+    for (size_t w = 0; w < m->nwoken; w++)
+      if (m->woken[w] == sub->handle) {
+        seen++;
+        CHECK(m->woken_owner[w] == sub->owner);
+      }
+    CHECK(seen == 1);
+    cancel_sub(m, sub);
+  }
+  CHECK(n == want && m->nwoken == want);
+}
+
 static void op_mark_time(model *m) {
   alloc_armed = 1;
   int64_t t = lp_store_mark_time(m->s, m->now);
@@ -928,7 +969,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   check_stats(m);
 
   while (in.left > 0 && !m->degraded) {
-    switch (take(&in) % 12) {
+    switch (take(&in) % 13) {
       case 0:
       case 1: op_publish(m, &in); break;
       case 2: op_wait(m, &in); break;
@@ -947,6 +988,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         break;
       }
       case 10: op_take_waiters(m, &in); break;
+      case 11: op_end_owned(m); break;
       default:
         /* the k-th allocation in store calls from now on fails */
         alloc_countdown = take(&in) % 16;
@@ -997,6 +1039,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   free(m->ev);
   free(m->subs);
   free(m->woken);
+  free(m->woken_owner);
   free(m);
   return 0;
 }

@@ -190,17 +190,41 @@ describe("the engine's native long-poll path", function()
       local events = cjson.decode(body).events
       assert.same({ 1, 2 }, { events[1].data.n, events[2].data.n })
       assert.equals(2, t.manager:stats().published)
-      -- a publish that wakes a waiting subscriber is Lua's (the engine hands it out)
-      local waiting = async.connect(t.port)
-      waiting:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      -- a poll waiting in C (parked) is woken by a publish stored in C: publish and answer in C
+      local parked = async.connect(t.port)
+      parked:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
       assert(async.wait_for(function() return t.manager:stats().waiting == 1 end, 5000))
+      assert.equals(1, t.manager:stats().timeouts_pending) -- a long poll, counted
       before = t.srv:fast_answers()
       assert.equals(200, (post(t.port, "/publish", '{"category":"w","data":"hi"}')))
-      assert.equals(before, t.srv:fast_answers())
-      local status, _, wbody = waiting:read_response()
+      assert.equals(before + 2, t.srv:fast_answers())
+      local status, ph, pbody = parked:read_response()
       assert.equals(200, status)
-      assert.equals("hi", cjson.decode(wbody).events[1].data)
+      assert.equals("hi", cjson.decode(pbody).events[1].data)
+      parked:close()
+      -- a Lua waiter on the category (a changed request waits in Lua): the publish is Lua's, and
+      -- the parked poll beside it gets the same bytes as the Lua one
+      parked = async.connect(t.port)
+      parked:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      local waiting = async.connect(t.port)
+      waiting:send("GET /lua?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      assert(async.wait_for(function() return t.manager:stats().waiting == 2 end, 5000))
+      before = t.srv:fast_answers()
+      assert.equals(200, (post(t.port, "/publish", '{"category":"w","data":"again"}')))
+      assert.equals(before + 1, t.srv:fast_answers()) -- the parked poll's answer, written in C
+      local cs, ch, cb = parked:read_response()
+      local lws, lh, lwb = waiting:read_response()
+      assert.same({ 200, 200 }, { cs, lws })
+      assert.equals("again", cjson.decode(cb).events[1].data)
+      assert.equals(lwb, cb)
+      check_no_cache(ch)
+      ch.date, lh.date, ph.date = nil, nil, nil
+      assert.same(lh, ch)
+      ph["content-length"], ch["content-length"] = nil, nil -- another event
+      assert.same(ph, ch)
+      parked:close()
       waiting:close()
+      before = t.srv:fast_answers()
       -- bad bodies get the Lua handler's messages
       for _, bad in ipairs { "{", '{"data":1}', '{"category":"p"}', '{"category":"","data":1}', '{"category":"p","data":null}' } do
         local bs, _, bb = post(t.port, "/publish", bad)
@@ -250,15 +274,25 @@ describe("the engine's native long-poll path", function()
           assert.same(h2, h1)
         end
       end
-      -- the cursor: after the last event of "a", nothing: the poll waits (Lua) and times out
+      -- the cursor: after the last event of "a", nothing: the poll waits, parked in C, and times
+      -- out with the bytes of the Lua handler's timeout answer
       local list = cjson.decode((select(3, exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\n\r\n")))).events
       local last = list[#list]
       local before = t.srv:fast_answers()
-      local status, _, body = exchange(t.port, ("GET /events?category=a&timeout=1&since_time=%d&last_id=%s HTTP/1.1\r\n\r\n")
-        :format(last.timestamp, last.id:upper()))
+      local q = ("?category=a&timeout=1&since_time=%d&last_id=%s"):format(last.timestamp, last.id:upper())
+      local status, h1, body = exchange(t.port, "GET /events" .. q .. " HTTP/1.1\r\n\r\n")
       assert.equals(200, status)
-      assert.equals("no events before timeout", cjson.decode(body).timeout)
-      assert.equals(before, t.srv:fast_answers())
+      local answer = cjson.decode(body)
+      assert.equals("no events before timeout", answer.timeout)
+      assert.is_true(answer.timestamp >= last.timestamp)
+      assert.equals(before + 1, t.srv:fast_answers())
+      local ls, h2, lbody = exchange(t.port, "GET /lua" .. q .. " HTTP/1.1\r\n\r\n")
+      assert.equals(200, ls)
+      assert.equals(body:gsub("%d+}$", ""), lbody:gsub("%d+}$", ""))
+      assert.is_true(cjson.decode(lbody).timestamp >= answer.timestamp)
+      h1.date, h2.date = nil, nil
+      assert.same(h2, h1)
+      assert.equals(0, t.manager:stats().waiting)
     end, { setup = native_setup })
   end)
 
@@ -313,14 +347,7 @@ describe("the engine's native long-poll path", function()
     end, { setup = native_setup })
   end)
 
-  it("is not used for a handler wrapped by CORS or a manager with its own clock", function()
-    with_server({ cors = { origins = "*" } }, function(t)
-      assert(t.manager:publish("a", 1))
-      local status, h = exchange(t.port, "GET /events?category=a&timeout=5&since_time=0 HTTP/1.1\r\nOrigin: http://x\r\n\r\n")
-      assert.equals(200, status)
-      assert.equals("*", h["access-control-allow-origin"])
-      assert.equals(0, t.srv:fast_answers())
-    end, { setup = native_setup })
+  it("is not used by a manager with its own clock", function()
     local now = 1000000
     with_server({ clock = function() return now end }, function(t)
       assert(t.manager:publish("a", 1))
@@ -328,4 +355,79 @@ describe("the engine's native long-poll path", function()
       assert.equals(0, t.srv:fast_answers()) -- the C path reads the wall clock: not for an injected one
     end, { setup = native_setup })
   end)
+
+  -- With the `cors` option the handlers are wrapped by the policy; the C path writes the same
+  -- headers (longpoll.cors Policy:native) and answers allowed preflights.
+  local function cors_setup(manager, srv)
+    for _, m in ipairs { "GET", "OPTIONS" } do
+      srv:route(m, "/events", manager.subscription_handler)
+      srv:route(m, "/lua", function(req, res) return manager.subscription_handler(req, res) end)
+    end
+    srv:route("*", "/publish", manager.publish_handler)
+    srv:route("*", "/lua-publish", function(req, res) return manager.publish_handler(req, res) end)
+  end
+
+  local function same_answers(t, request_of, want_status, fast)
+    local before = t.srv:fast_answers()
+    local s1, h1, b1 = exchange(t.port, request_of("/events", "/publish"))
+    assert.equals(before + (fast and 1 or 0), t.srv:fast_answers(), request_of("/events", "/publish"))
+    local s2, h2, b2 = exchange(t.port, request_of("/lua", "/lua-publish"))
+    assert.equals(before + (fast and 1 or 0), t.srv:fast_answers())
+    assert.equals(want_status, s1)
+    assert.same({ s2, b2 }, { s1, b1 })
+    h1.date, h2.date = nil, nil
+    assert.same(h2, h1)
+    return h1
+  end
+
+  for _, policy in ipairs {
+    { origins = "*" },
+    { origins = { "https://a.example", "http://B.example:8080" }, credentials = true, max_age = 60 },
+  } do
+    it("writes the CORS policy's headers in C: origins " .. tostring(policy.origins[1] or policy.origins), function()
+      with_server({ cors = policy }, function(t)
+        for i = 1, 3 do assert(t.manager:publish("a", i)) end
+        for _, origin in ipairs { "https://a.example", "http://b.EXAMPLE:8080", "https://evil.example", false } do
+          local o = origin and ("Origin: " .. origin .. "\r\n") or ""
+          local h = same_answers(t, function(path)
+            return "GET " .. path .. "?category=a&timeout=5&since_time=0 HTTP/1.1\r\nHost: x\r\n" .. o .. "\r\n"
+          end, 200, true)
+          local listed = origin and origin ~= "https://evil.example"
+          if policy.origins == "*" then
+            assert.equals("*", h["access-control-allow-origin"])
+          else
+            assert.equals("Origin", h.vary)
+            assert.equals(listed and origin or nil, h["access-control-allow-origin"])
+            assert.equals(listed and "true" or nil, h["access-control-allow-credentials"])
+          end
+          -- preflights: allowed ones are answered in C, the others by the Lua wrapper
+          local allowed = origin and (policy.origins == "*" or listed)
+          h = same_answers(t, function(path)
+            return "OPTIONS " .. path .. " HTTP/1.1\r\nHost: x\r\n" .. o
+              .. "Access-Control-Request-Method: GET\r\n\r\n"
+          end, allowed and 204 or 405, allowed)
+          if allowed then
+            assert.equals("GET, HEAD, OPTIONS", h["access-control-allow-methods"])
+            assert.equals(tostring(policy.max_age or 600), h["access-control-max-age"])
+          end
+          h = same_answers(t, function(_, publish)
+            local body = '{"category":"p","data":1}'
+            return ("POST %s HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"):format(publish, o, #body, body)
+          end, 200, true)
+          assert.equals(policy.origins == "*" and "*" or (listed and origin or nil), h["access-control-allow-origin"])
+        end
+        -- a poll parked in C keeps its request's headers for the answer a publish gives it
+        local parked = async.connect(t.port)
+        parked:send("GET /events?category=w&timeout=20 HTTP/1.1\r\nOrigin: https://a.example\r\n\r\n")
+        assert(async.wait_for(function() return t.manager.native:parked() == 1 end, 5000))
+        assert(t.manager:publish("w", "x"))
+        local status, h, body = parked:read_response()
+        parked:close()
+        assert.equals(200, status)
+        assert.equals("x", cjson.decode(body).events[1].data)
+        assert.equals(policy.origins == "*" and "*" or "https://a.example", h["access-control-allow-origin"])
+        assert.equals("Idempotent-Replayed", h["access-control-expose-headers"])
+      end, { setup = cors_setup })
+    end)
+  end
 end)

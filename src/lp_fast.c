@@ -58,8 +58,9 @@ int lp_fast_parse_subscription(lp_slice query, const lp_fast_limits *lim, lp_buf
       if (!parse_int(value, 0, &out->timeout_s) || out->timeout_s < 1 || out->timeout_s > lim->max_timeout_s) return 0;
     } else if (eq(key, "since_time") && !have_since) {
       have_since = 1;
-      if (value.len == 0) return 0; /* absent: the poll waits, which is Lua's */
+      if (value.len == 0) continue; /* empty means absent: the poll waits for the next event */
       if (!parse_int(value, 1, &out->since)) return 0;
+      out->has_since = 1;
     } else if (eq(key, "last_id") && !have_last_id) {
       have_last_id = 1;
       if (value.len == 0) continue;
@@ -72,7 +73,8 @@ int lp_fast_parse_subscription(lp_slice query, const lp_fast_limits *lim, lp_buf
       out->has_last_id = 1;
     }
   }
-  if (!have_timeout || !have_since) return 0;
+  if (!have_timeout) return 0;
+  if (out->has_last_id && !out->has_since) return 0; /* the Lua handler's 400 */
   if (out->ncategories == 0 || out->ncategories > lim->max_categories) return 0;
   for (size_t i = 0; i < out->ncategories; i++) {
     lp_slice c = out->categories[i];

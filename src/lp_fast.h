@@ -1,7 +1,7 @@
-/* lp_fast: what the HTTP engine needs to answer a catch-up long poll without entering Lua: the
+/* lp_fast: what the HTTP engine needs to serve a long poll without entering Lua: the
  * subscription read from a raw query string exactly as the manager reads it (longpoll.
- * subscription), but only in the case the fast path serves: a valid query with a since_time
- * cursor. Anything else (errors, no cursor, something unusual) is left to the Lua handler, which
+ * subscription), but only in the case the fast path serves: a valid query, with or without a
+ * since_time cursor. Anything else (errors, something unusual) is left to the Lua handler, which
  * answers it with its own messages. Sans-I/O, no allocation beyond the caller's buffer. */
 #ifndef LP_FAST_H
 #define LP_FAST_H
@@ -24,6 +24,7 @@ typedef struct lp_fast_limits {
 typedef struct lp_fast_sub {
   lp_slice categories[LP_FAST_MAX_CATEGORIES]; /* decoded, in query order, into the scratch buffer */
   size_t ncategories;
+  int has_since; /* 0: no cursor, the poll waits for the next event */
   int64_t since;
   int has_last_id;
   char last_id[LP_UUID_LEN + 1]; /* lower-cased */
@@ -32,8 +33,8 @@ typedef struct lp_fast_sub {
 
 /* Reads a long poll's subscription from a raw query (undecoded). scratch is emptied and holds
  * the decoded categories afterwards (out's slices point into it until it is next changed).
- * Returns 1 when the query is valid and has a since_time; 0 when the Lua handler must decide;
- * -1 when memory ran out. */
+ * Returns 1 when the query is valid; 0 when the Lua handler must decide (an error, a last_id
+ * without since_time); -1 when memory ran out. */
 int lp_fast_parse_subscription(lp_slice query, const lp_fast_limits *lim, lp_buf *scratch, lp_fast_sub *out);
 
 #endif

@@ -9,6 +9,7 @@
 
 #include "lp_json.h"
 #include "lp_store.h"
+#include "lp_waiter.h"
 
 int lp_lua_json_encode(lua_State *L);  /* lp_lua_json.c */
 void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
@@ -22,9 +23,8 @@ int lp_lua_fingerprint(lua_State *L);  /* lp_lua_fingerprint.c */
 
 typedef struct store_ud {
   lp_store *store; /* NULL once closed */
-  uint64_t *woken; /* handles woken by the last publish */
-  size_t nwoken, woken_cap;
-  lp_buf out; /* reused answer buffer */
+  lp_woken woken;  /* what the last publish woke */
+  lp_buf out;      /* reused answer buffer */
   /* per-category rules: a Lua function (registry ref) asked once per new category */
   int limits_ref; /* LUA_NOREF without one */
   lua_State *L;   /* the thread of the store call in progress, for limits_ref */
@@ -159,13 +159,13 @@ static int l_new_store(lua_State *L) {
 
 static int store_close(lua_State *L) {
   store_ud *u = luaL_checkudata(L, 1, STORE_MT);
+  /* long polls parked in C on this store (lp_waiter.h) learn that their wait is over */
+  if (u->store) lp_store_end_owned(u->store, lp_waiter_end, NULL);
   lp_store_free(u->store);
   u->store = NULL;
   luaL_unref(L, LUA_REGISTRYINDEX, u->limits_ref);
   u->limits_ref = LUA_NOREF;
-  free(u->woken);
-  u->woken = NULL;
-  u->nwoken = u->woken_cap = 0;
+  lp_woken_free(&u->woken);
   lp_buf_free(&u->out);
   return 0;
 }
@@ -181,20 +181,16 @@ static lp_slice check_slice(lua_State *L, int i) {
 static int reserve_woken(store_ud *u) {
   lp_store_stats st;
   lp_store_get_stats(u->store, &st);
-  u->nwoken = 0;
-  if (st.waiting <= u->woken_cap) return LP_OK;
-  size_t cap = u->woken_cap ? u->woken_cap : 16;
-  while (cap < st.waiting) cap *= 2;
-  uint64_t *w = realloc(u->woken, cap * sizeof *w);
-  if (!w) return LP_ENOMEM;
-  u->woken = w;
-  u->woken_cap = cap;
-  return LP_OK;
+  return lp_woken_reserve(&u->woken, st.waiting);
 }
 
-static void on_wake(void *ctx, uint64_t handle) {
-  store_ud *u = ctx;
-  u->woken[u->nwoken++] = handle; /* reserve_woken made room */
+/* The handles woken without an owner, as a Lua array. */
+static void push_woken(lua_State *L, const lp_woken *w) {
+  lua_createtable(L, (int)w->nhandles, 0);
+  for (size_t i = 0; i < w->nhandles; i++) {
+    lua_pushinteger(L, (lua_Integer)w->handles[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
 }
 
 static void push_event(lua_State *L, const lp_published *p) {
@@ -205,7 +201,8 @@ static void push_event(lua_State *L, const lp_published *p) {
 
 /* store:publish(category, data_json, now_ms) -> json, id, timestamp, woken, buffered[, answer]
  * woken is an array of subscription handles (possibly empty); answer, present
- * when woken is not empty, is the long-poll answer {"events":[json]} for them. */
+ * when woken is not empty, is the long-poll answer {"events":[json]} for them. Long polls
+ * parked in C (lp_waiter.h) are answered here, before this returns, and are not in woken. */
 static int l_publish(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lp_slice cat = check_slice(L, 2);
@@ -213,16 +210,13 @@ static int l_publish(lua_State *L) {
   lua_Integer now = luaL_checkinteger(L, 4);
   lp_published p;
   int rc = reserve_woken(u);
-  if (rc == LP_OK) rc = lp_store_publish(u->store, cat, data, (int64_t)now, on_wake, u, &p);
+  if (rc == LP_OK) rc = lp_store_publish(u->store, cat, data, (int64_t)now, lp_woken_add, &u->woken, &p);
   if (rc != LP_OK) return fail_store(L, rc);
+  lp_woken_answer(&u->woken, &p);
   push_event(L, &p);
-  lua_createtable(L, (int)u->nwoken, 0);
-  for (size_t i = 0; i < u->nwoken; i++) {
-    lua_pushinteger(L, (lua_Integer)u->woken[i]);
-    lua_rawseti(L, -2, (lua_Integer)i + 1);
-  }
+  push_woken(L, &u->woken);
   lua_pushboolean(L, p.buffered);
-  if (u->nwoken == 0) return 5;
+  if (u->woken.nhandles == 0) return 5;
   /* the answer every woken long poll gets, built here once */
   luaL_Buffer b;
   luaL_buffinit(L, &b);
@@ -375,13 +369,11 @@ static int l_take_waiters(lua_State *L) {
   lp_slice cat = check_slice(L, 2);
   size_t count;
   int rc = reserve_woken(u);
-  if (rc == LP_OK) rc = lp_store_take_waiters(u->store, cat, on_wake, u, &count);
+  if (rc == LP_OK) rc = lp_store_take_waiters(u->store, cat, lp_woken_add, &u->woken, &count);
   if (rc != LP_OK) return fail_store(L, rc);
-  lua_createtable(L, (int)u->nwoken, 0);
-  for (size_t i = 0; i < u->nwoken; i++) {
-    lua_pushinteger(L, (lua_Integer)u->woken[i]);
-    lua_rawseti(L, -2, (lua_Integer)i + 1);
-  }
+  /* no event here to answer with: an owned waiter's wait just ends (none in Redis mode) */
+  for (size_t i = 0; i < u->woken.nowned; i++) u->woken.owned[i]->ops->ended(u->woken.owned[i]);
+  push_woken(L, &u->woken);
   return 1;
 }
 

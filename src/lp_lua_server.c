@@ -16,8 +16,10 @@
 
 #include "lp_cache.h"
 #include "lp_conn.h"
+#include "lp_deadlines.h"
 #include "lp_fast.h"
 #include "lp_json.h"
+#include "lp_waiter.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wstrict-prototypes"
@@ -34,9 +36,23 @@ lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
 #define NATIVE_MT "longpoll.NativeHandler"
 
 /* A handler the engine can run itself (core.native_subscription): the manager's long-poll
- * handler, for the polls it answers at once from the buffers. User value 1: the store (the
- * Redis engine's cache for NATIVE_CACHED: core.native_cached_subscription). */
+ * handler, for the polls it answers at once from the buffers and those it parks here, in C, until
+ * a publish wakes them or their timeout passes. User value 1: the store. NATIVE_CACHED
+ * (core.native_cached_subscription): that handler in Redis mode, for the catch-ups the engine's
+ * node-local cache (lp_cache) answers with events; user value 1: the cache. */
 enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED };
+
+struct sconn;
+
+/* The manager's CORS policy (option `cors`, longpoll.cors), for the handlers it wraps: the
+ * headers of answers to allowed origins, and the answer to a preflight. */
+typedef struct native_cors {
+  int on, any, credentials;
+  char **origins; /* lower-cased */
+  size_t norigins;
+  char *preflight; /* the Access-Control-Allow-Methods/-Headers and -Max-Age lines */
+  size_t preflight_len;
+} native_cors;
 
 typedef struct native_handler {
   int kind;
@@ -44,11 +60,15 @@ typedef struct native_handler {
   lp_fast_limits limits;
   char *block; /* the answer's header lines (the manager's JSON block) */
   size_t block_len;
+  native_cors cors;
+  struct sconn *parked; /* the long polls parked on it (any server's), newest first */
+  size_t nparked;
 } native_handler;
 
-/* GET or POST path -> native handler, mirrored from server:route (longpoll.server). */
+/* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
+enum { ROUTE_GET = 0, ROUTE_POST, ROUTE_OPTIONS };
 typedef struct native_route {
-  int post; /* 0: GET, 1: POST */
+  int post; /* ROUTE_GET, ROUTE_POST or ROUTE_OPTIONS */
   char *path;
   size_t path_len;
   int ref; /* registry ref of the native_handler's userdata */
@@ -76,6 +96,18 @@ typedef struct sconn {
   struct sconn *prev, *next;             /* every connection whose handle is open */
   struct sconn *sched_prev, *sched_next; /* waiting for lp_conn_resume */
   int in_sched;
+  /* A long poll parked here, in C, on its store subscription (see park): woken by a publish
+   * (waiter), timed out (deadline, in the server's set) or gone with its client. */
+  native_handler *parked_by; /* NULL when no long poll is parked */
+  lp_store *parked_store;    /* valid while parked: closing the store ends the wait first */
+  uint64_t parked_handle;
+  lp_waiter waiter;
+  lp_deadline deadline;
+  struct sconn *park_prev, *park_next; /* parked_by's list */
+  unsigned parked_keep : 1;            /* the request allows keep-alive */
+  unsigned parked_http10 : 1;
+  char *parked_extra; /* the answer's own header lines (CORS), owned; NULL when none */
+  size_t parked_extra_len;
   char remote[64];
 } sconn;
 
@@ -93,7 +125,10 @@ struct server {
   uv_loop_t *loop;
   uv_tcp_t listener;
   uv_timer_t sweep;
-  uv_idle_t turn; /* runs the scheduled connections */
+  uv_idle_t turn;         /* runs the scheduled connections */
+  uv_timer_t poll_timer;  /* the next timeout of a parked long poll */
+  lp_deadlines deadlines; /* the parked long polls' timeouts */
+  uint64_t poll_timer_at; /* when poll_timer fires, 0 when stopped */
   lp_conn_config config;
   int dispatch_ref, gone_ref, log_ref, close_ref, self_ref;
   sconn *conns;
@@ -110,7 +145,8 @@ struct server {
   uint64_t refused, refused_logged_at, refused_unlogged;
   native_route *routes;
   size_t nroutes;
-  lp_buf fast_scratch, fast_body, fast_head;
+  lp_buf fast_scratch, fast_body, fast_head, fast_extra;
+  lp_woken fast_woken;               /* the parked polls a fast publish woke */
   uint64_t fast_answers;             /* requests answered without entering Lua */
   struct sconn *current;             /* the connection whose request a Lua handler runs now */
   const lp_http_event *current_head; /* its head, valid while it runs */
@@ -198,6 +234,7 @@ static void log_line(server *srv, const char *level, const char *message, const 
 
 static void maybe_closed(server *srv);
 static void free_native(lua_State *L, server *srv);
+static void unpark(struct sconn *s, int cancel);
 
 static void sched_remove(sconn *s) {
   if (!s->in_sched) return;
@@ -361,6 +398,7 @@ static void detach(lua_State *L, sconn *s) {
 static void host_close(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
+  unpark(s, 1);
   if (s->handle_closing) return;
   s->handle_closing = 1;
   if (s->in_sched == 2)
@@ -392,6 +430,7 @@ static void host_gone(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
   lua_State *L = srv->L;
+  unpark(s, 1); /* a parked poll's client left: its wait ends, nothing is answered */
   if (s->box_ref == LUA_NOREF) return;
   if (s->counted && s->conn.phase == LP_CONN_CLOSED) { /* gone for good: the count says so already */
     s->counted = 0;
@@ -496,39 +535,260 @@ static lp_cache *route_cache(server *srv, native_route *r) {
   return cache;
 }
 
-/* Writes a 200 with the handler's header block and body; the response is done. */
-static void answer_200(sconn *s, const native_handler *nh, const lp_http_event *head, const char *body, size_t len) {
+/* Writes a 200 with the handler's header block and the body pieces (at most 7); the response is
+ * done. keep_alive, http10: what the request asked for. */
+static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
+                       const lp_slice *body, size_t nbody) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
-  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
+  size_t len = 0;
+  for (size_t i = 0; i < nbody; i++) len += body[i].len;
   char length[48];
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
   lp_buf_reset(h);
   int rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
+  if (rc == 0 && extra.len) rc = lp_buf_append(h, extra.ptr, extra.len);
   if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
   if (rc == 0) rc = lp_buf_append_str(h, length);
   if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
   if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0 && keep && http10) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
   if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
   if (rc != 0) {
     lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
     return;
   }
-  lp_slice bufs[2] = {{h->data, h->len}, {body, len}};
-  lp_conn_write(&s->conn, bufs, 2);
+  lp_slice bufs[8] = {{h->data, h->len}};
+  for (size_t i = 0; i < nbody && i < 7; i++) bufs[i + 1] = body[i];
+  lp_conn_write(&s->conn, bufs, 1 + (nbody < 7 ? nbody : 7));
   srv->fast_answers++;
   lp_conn_response_done(&s->conn, keep, now_ms(srv));
 }
 
-static void wake_none(void *ctx, uint64_t handle) {
-  (void)handle;
-  (*(size_t *)ctx)++;
+/* ---------------------------------------------------------------------------------------------
+ * Long polls parked in C: a poll with nothing to answer yet waits on its store subscription
+ * (lp_store_wait_owned, the connection's lp_waiter is the owner) with its timeout in the
+ * server's lp_deadlines, until a publish wakes it (parked_woken, called by whoever published:
+ * the store's Lua binding or fast_publish), its time is up (time_out) or its client leaves
+ * (unpark from host_gone / host_close). No Lua runs on any of these paths. */
+
+#define CONTAINER(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
+
+static void poll_timer_arm(server *srv);
+
+/* Takes s out of its handler's list and the timeouts; cancel: the store subscription is still
+ * there (the client left, the time is up). */
+static void unpark(sconn *s, int cancel) {
+  native_handler *nh = s->parked_by;
+  if (!nh) return;
+  if (cancel) lp_store_cancel(s->parked_store, s->parked_handle);
+  if (s->park_prev)
+    s->park_prev->park_next = s->park_next;
+  else
+    nh->parked = s->park_next;
+  if (s->park_next) s->park_next->park_prev = s->park_prev;
+  s->park_prev = s->park_next = NULL;
+  nh->nparked--;
+  lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
+  s->parked_by = NULL;
+  s->parked_store = NULL;
+  free(s->parked_extra); /* unless taken before (take_extra) */
+  s->parked_extra = NULL;
+  s->parked_extra_len = 0;
+}
+
+/* The parked poll's own header lines, handed over to the caller (free them after the answer);
+ * taken before unpark, which frees what is left. */
+static lp_slice take_extra(sconn *s) {
+  lp_slice extra = {s->parked_extra, s->parked_extra_len};
+  s->parked_extra = NULL;
+  s->parked_extra_len = 0;
+  return extra;
+}
+
+static void parked_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  native_handler *nh = s->parked_by;
+  if (!nh) return;
+  lp_slice extra = take_extra(s);
+  unpark(s, 0); /* the publish ended the subscription */
+  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, answer, n);
+  free((char *)extra.ptr);
+}
+
+/* The store closed under the poll (the manager answers its polls before it closes the store;
+ * this is the backstop): the manager's 503. */
+static void parked_ended(lp_waiter *w) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  if (!s->parked_by) return;
+  unpark(s, 0);
+  lp_conn_fail(&s->conn, 503, "manager is shut down", now_ms(s->srv));
+}
+
+static const lp_waiter_ops PARKED_OPS = {parked_woken, parked_ended};
+
+/* The golongpoll timeout answer, with a timestamp no later event reaches (the store's mark). */
+static void answer_timeout(sconn *s) {
+  native_handler *nh = s->parked_by;
+  lp_store *store = s->parked_store;
+  lp_slice extra = take_extra(s);
+  unpark(s, 1);
+  char body[96];
+  int len = snprintf(body, sizeof body, "{\"timeout\":\"no events before timeout\",\"timestamp\":%lld}",
+                     (long long)lp_store_mark_time(store, wall_clock_ms()));
+  lp_slice piece = {body, (size_t)len};
+  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, &piece, 1);
+  free((char *)extra.ptr);
+}
+
+static void on_poll_timer(uv_timer_t *t) {
+  server *srv = SERVER_OF(t, poll_timer);
+  srv->poll_timer_at = 0;
+  uint64_t now = now_ms(srv);
+  lp_deadline *e;
+  while ((e = lp_deadlines_pop_expired(&srv->deadlines, now)) != NULL) {
+    sconn *s = CONTAINER(e, sconn, deadline);
+    if (s->parked_by) answer_timeout(s);
+  }
+  poll_timer_arm(srv);
+}
+
+/* Sets the timer for the earliest timeout, unless it fires before that already. */
+static void poll_timer_arm(server *srv) {
+  uint64_t at;
+  if (!lp_deadlines_next(&srv->deadlines, &at)) return;
+  if (srv->poll_timer_at != 0 && srv->poll_timer_at <= at) return;
+  uint64_t now = now_ms(srv);
+  srv->poll_timer_at = at > 0 ? at : 1;
+  uv_timer_start(&srv->poll_timer, on_poll_timer, at > now ? at - now : 0, 0);
+}
+
+/* Parks the poll of s: 1 when it waits now, 0 when the Lua handler must take it (a connection
+ * above the cap may not wait; the store refused, e.g. max_waiting_per_category: Lua says why). */
+static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice extra,
+                const lp_fast_sub *sub) {
+  server *srv = s->srv;
+  if (s->reserve || srv->closing || s->parked_by) return 0;
+  char *extra_copy = NULL;
+  if (extra.len) {
+    extra_copy = malloc(extra.len);
+    if (!extra_copy) return 0;
+    memcpy(extra_copy, extra.ptr, extra.len);
+  }
+  s->waiter.ops = &PARKED_OPS;
+  uint64_t handle;
+  if (lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle) != LP_OK) {
+    free(extra_copy);
+    return 0;
+  }
+  if (lp_deadlines_add(&srv->deadlines, &s->deadline, (uint64_t)sub->timeout_s * 1000, now_ms(srv)) != 0) {
+    lp_store_cancel(store, handle);
+    free(extra_copy);
+    return 0;
+  }
+  s->parked_extra = extra_copy;
+  s->parked_extra_len = extra.len;
+  s->parked_by = nh;
+  s->parked_store = store;
+  s->parked_handle = handle;
+  s->parked_keep = head->keep_alive != 0;
+  s->parked_http10 = head->minor == 0;
+  s->park_prev = NULL;
+  s->park_next = nh->parked;
+  if (nh->parked) nh->parked->park_prev = s;
+  nh->parked = s;
+  nh->nparked++;
+  poll_timer_arm(srv);
+  return 1;
+}
+
+/* Every poll parked on nh gets the timeout answer now (the manager shuts down). */
+static void answer_parked(native_handler *nh) {
+  while (nh->parked) answer_timeout(nh->parked);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * CORS, as longpoll.cors wraps the manager's handlers */
+
+/* The value of request header name (lower-case), or an empty slice with ptr NULL. */
+static lp_slice header_value(const lp_http_event *head, const char *name) {
+  size_t len = strlen(name);
+  for (size_t i = 0; i < head->nheaders; i++) {
+    lp_slice n = head->headers[i].name;
+    if (n.len == len && memcmp(n.ptr, name, len) == 0) return head->headers[i].value;
+  }
+  return (lp_slice){NULL, 0};
+}
+
+static int origin_listed(const native_cors *c, lp_slice origin) {
+  for (size_t i = 0; i < c->norigins; i++) {
+    const char *o = c->origins[i];
+    if (strlen(o) != origin.len) continue;
+    size_t k = 0;
+    while (k < origin.len) {
+      char ch = origin.ptr[k];
+      if (ch >= 'A' && ch <= 'Z') ch = (char)(ch - 'A' + 'a');
+      if (ch != o[k]) break;
+      k++;
+    }
+    if (k == origin.len) return 1;
+  }
+  return 0;
+}
+
+/* The CORS header lines of an answer to this request into out (emptied first), as
+ * longpoll.cors Policy:add_headers sets them; *allowed: whether its Origin is allowed. 0, or -1
+ * when memory ran out. Nothing for a handler without the policy. */
+static int cors_lines(const native_handler *nh, const lp_http_event *head, lp_buf *out, int *allowed) {
+  lp_buf_reset(out);
+  *allowed = 1;
+  const native_cors *c = &nh->cors;
+  if (!c->on) return 0;
+  lp_slice origin = header_value(head, "origin");
+  *allowed = c->any || (origin.ptr && origin_listed(c, origin));
+  int rc = 0;
+  if (!c->any) rc = lp_buf_append_str(out, "Vary: Origin\r\n"); /* answers differ by Origin */
+  if (*allowed) {
+    if (rc == 0) rc = lp_buf_append_str(out, "Access-Control-Allow-Origin: ");
+    if (rc == 0) rc = c->any ? lp_buf_append_str(out, "*") : lp_buf_append(out, origin.ptr, origin.len);
+    if (rc == 0) rc = lp_buf_append_str(out, "\r\nAccess-Control-Expose-Headers: Idempotent-Replayed\r\n");
+    if (rc == 0 && c->credentials) rc = lp_buf_append_str(out, "Access-Control-Allow-Credentials: true\r\n");
+  }
+  return rc;
+}
+
+/* An allowed preflight (OPTIONS with Origin and Access-Control-Request-Method) to a route of a
+ * handler under the policy: 204 with the policy's headers. 1 when answered, 0 when the Lua
+ * handler decides (not allowed, not a preflight). */
+static int fast_preflight(sconn *s, const native_handler *nh, const lp_http_event *head) {
+  server *srv = s->srv;
+  int allowed;
+  if (!nh->cors.on || !header_value(head, "origin").ptr || !header_value(head, "access-control-request-method").ptr)
+    return 0;
+  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0 || !allowed) return 0;
+  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  lp_buf *h = &srv->fast_head;
+  lp_buf_reset(h);
+  int rc = lp_buf_append_str(h, "HTTP/1.1 204 No Content\r\n");
+  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
+  if (rc == 0) rc = lp_buf_append(h, nh->cors.preflight, nh->cors.preflight_len);
+  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
+  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
+  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  if (rc != 0) return 0;
+  lp_slice bufs[1] = {{h->data, h->len}};
+  lp_conn_write(&s->conn, bufs, 1);
+  srv->fast_answers++;
+  lp_conn_response_done(&s->conn, keep, now_ms(srv));
+  return 1;
 }
 
 /* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
- * run (always with an Idempotency-Key). Only publishes that wake nobody (no long poll, stream or watcher waits on the
- * category) are taken: the manager registers this handler only when it has no add-on to tell. */
+ * run (always with an Idempotency-Key). Only publishes that wake no Lua waiter (no Lua long poll,
+ * stream or watcher waits on the category; the polls parked here are answered here) are taken:
+ * the manager registers this handler only when it has no add-on to tell. */
 static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
   /* an idempotent publish (Idempotency-Key, issue 17) is the Lua handler's: it looks the key up */
@@ -542,55 +802,79 @@ static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp
   int ok = pb.has_category && pb.category.len >= 1 && pb.category.len <= r->h->limits.max_category_bytes && pb.has_data;
   lp_store *store = ok ? route_store(srv, r) : NULL;
   lp_slice category = {pb.category.data, pb.category.len};
-  if (!store || lp_store_waiting_in(store, category) > 0) {
+  lp_store_stats st;
+  if (store) lp_store_get_stats(store, &st);
+  if (!store || lp_store_unowned_waiting_in(store, category) > 0 ||
+      lp_woken_reserve(&srv->fast_woken, st.waiting) != LP_OK) {
+    lp_buf_free(&pb.category);
+    return 0;
+  }
+  int allowed;
+  if (cors_lines(r->h, head, &srv->fast_extra, &allowed) != 0) {
     lp_buf_free(&pb.category);
     return 0;
   }
   lp_slice data = {pb.data, pb.data_len};
   lp_published out;
-  size_t woken = 0;
-  int rc = lp_store_publish(store, category, data, wall_clock_ms(), wake_none, &woken, &out);
+  int rc = lp_store_publish(store, category, data, wall_clock_ms(), lp_woken_add, &srv->fast_woken, &out);
   lp_buf_free(&pb.category);
   if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
-  static const char SUCCESS[] = "{\"success\":true}";
-  answer_200(s, r->h, head, SUCCESS, sizeof SUCCESS - 1);
+  lp_woken_answer(&srv->fast_woken, &out);
+  static const lp_slice SUCCESS = {"{\"success\":true}", 16};
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  answer_200(s, r->h, head->keep_alive, head->minor == 0, extra, &SUCCESS, 1);
   return 1;
 }
 
-/* A catch-up long poll to the manager's handler, answered from the store here: 1 when answered,
- * 0 when the Lua handler must run (no events yet, an error, anything unusual). */
-static int fast_subscription(sconn *s, const native_handler *nh, lp_store *store, const lp_http_event *head,
-                             lp_slice query) {
+/* A long poll to the manager's handler, served here: answered from the store when events after
+ * its cursor exist, else parked (when may_park) until one is published. 1 when served, 0 when
+ * the Lua handler must run (an error, anything unusual, a poll that may not be parked). */
+static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice query,
+                             int may_park) {
   server *srv = s->srv;
   lp_fast_sub sub;
   if (!store || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
-  lp_buf *body = &srv->fast_body;
-  lp_buf_reset(body);
-  size_t count = 0;
-  int missed = 0;
-  int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
-                          wall_clock_ms(), body, &count, &missed);
-  if (rc != LP_OK || count == 0) return 0;
-  answer_200(s, nh, head, body->data, body->len);
-  /* one huge answer should not pin its memory */
-  if (body->cap > (1u << 20)) lp_buf_free(body);
-  return 1;
+  int allowed;
+  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  if (sub.has_since) {
+    lp_buf *body = &srv->fast_body;
+    lp_buf_reset(body);
+    size_t count = 0;
+    int missed = 0;
+    int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
+                            wall_clock_ms(), body, &count, &missed);
+    if (rc != LP_OK) return 0;
+    if (count > 0) {
+      lp_slice answer = {body->data, body->len};
+      answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
+      /* one huge answer should not pin its memory */
+      if (body->cap > (1u << 20)) lp_buf_free(body);
+      return 1;
+    }
+  }
+  return may_park && park(s, nh, store, head, extra, &sub);
 }
 
 /* A catch-up long poll to the manager's handler in Redis mode, answered here when the engine's
  * node-local cache (lp_cache) holds its events: 1 when answered, 0 when the Lua handler must run
- * (the cache cannot tell, nothing after the cursor yet, an error, anything unusual). */
+ * (the cache cannot tell, nothing after the cursor yet, no cursor, an error, anything unusual). */
 static int fast_cached(sconn *s, const native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query) {
   server *srv = s->srv;
   lp_fast_sub sub;
-  if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
+  if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1 || !sub.has_since)
+    return 0;
   lp_buf *body = &srv->fast_body;
   lp_buf_reset(body);
   lp_cache_pos cursor;
   if (lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, body,
                       &cursor) != LP_CACHE_EVENTS)
     return 0; /* waiting, or a read from Redis: the engine's, in Lua */
-  answer_200(s, nh, head, body->data, body->len);
+  int allowed;
+  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  lp_slice answer = {body->data, body->len};
+  answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
   if (body->cap > (1u << 20)) lp_buf_free(body);
   return 1;
 }
@@ -603,16 +887,18 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   if (srv->nroutes > 0) {
     int get = head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0;
     int post = head->method.len == 4 && memcmp(head->method.ptr, "POST", 4) == 0;
+    int options = head->method.len == 7 && memcmp(head->method.ptr, "OPTIONS", 7) == 0;
     lp_slice path, query;
-    if ((get || post) && lp_http_split_target(head->target, &path, &query) == 0 && !memchr(path.ptr, '%', path.len)) {
-      native_route *r = find_route(srv, post, path);
+    if ((get || post || options) && lp_http_split_target(head->target, &path, &query) == 0 &&
+        !memchr(path.ptr, '%', path.len)) {
+      native_route *r = find_route(srv, options ? ROUTE_OPTIONS : post ? ROUTE_POST : ROUTE_GET, path);
       if (r && r->h->enabled) {
-        if (r->h->kind == NATIVE_CACHED) {
-          if (fast_cached(s, r->h, route_cache(srv, r), head, query)) return;
-        } else if (r->h->kind == NATIVE_SUBSCRIPTION ? fast_subscription(s, r->h, route_store(srv, r), head, query)
-                                                     : fast_publish(s, r, head, body)) {
-          return;
-        }
+        int served = options                       ? fast_preflight(s, r->h, head)
+                     : r->h->kind == NATIVE_CACHED ? fast_cached(s, r->h, route_cache(srv, r), head, query)
+                     : r->h->kind == NATIVE_SUBSCRIPTION
+                         ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
+                         : fast_publish(s, r, head, body);
+        if (served) return;
         s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
       }
     }
@@ -756,6 +1042,7 @@ static void server_handle_closed(server *srv) {
 static void on_listener_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, listener)); }
 static void on_sweep_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, sweep)); }
 static void on_turn_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, turn)); }
+static void on_poll_timer_closed(uv_handle_t *h) { server_handle_closed(SERVER_OF(h, poll_timer)); }
 
 static void finish_close(server *srv) {
   lua_State *L = srv->L;
@@ -789,6 +1076,7 @@ static void maybe_closed(server *srv) {
     srv->listening = 0;
     uv_close((uv_handle_t *)&srv->sweep, on_sweep_closed);
     uv_close((uv_handle_t *)&srv->turn, on_turn_closed);
+    uv_close((uv_handle_t *)&srv->poll_timer, on_poll_timer_closed);
     return;
   }
   if (srv->handles == 0) finish_close(srv);
@@ -919,7 +1207,10 @@ static int server_listen(lua_State *L) {
   uv_unref((uv_handle_t *)&srv->sweep);
   uv_idle_init(srv->loop, &srv->turn);
   srv->turn.data = &srv->walk;
-  srv->handles += 2;
+  uv_timer_init(srv->loop, &srv->poll_timer);
+  srv->poll_timer.data = &srv->walk;
+  uv_unref((uv_handle_t *)&srv->poll_timer); /* the parked connections keep the loop alive */
+  srv->handles += 3;
   lua_pushvalue(L, 1);
   srv->self_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* kept while handles are open */
   server **shadow = lua_newuserdatauv(L, sizeof *shadow, 0);
@@ -1106,12 +1397,15 @@ static int conn_native(lua_State *L) {
     if (head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0 &&
         lp_http_split_target(head->target, &path, &query) == 0) {
       lua_getiuservalue(L, 2, 1);
-      if (h->kind == NATIVE_CACHED) {
-        answered = fast_cached(s, h, lp_lua_cache_of(L, -1), head, query);
-      } else {
-        answered = fast_subscription(s, h, lp_lua_store_of(L, -1), head, query);
-      }
+      lp_store *store = lp_lua_store_of(L, -1);
+      lp_cache *cache = lp_lua_cache_of(L, -1);
       lua_pop(L, 1);
+      /* a poll whose response Lua watches (res:on_close) is not parked: Lua must hear it end */
+      push_attached(L, s);
+      int watched = !lua_isnil(L, -1);
+      lua_pop(L, 1);
+      answered = h->kind == NATIVE_CACHED ? fast_cached(s, h, cache, head, query)
+                                          : fast_subscription(s, h, store, head, query, !watched);
     }
   }
   lua_pushboolean(L, answered);
@@ -1154,8 +1448,51 @@ static size_t opt_size_at(lua_State *L, int t, const char *k) {
   return (size_t)v;
 }
 
+static char *dup_string(lua_State *L, int idx, size_t *len) {
+  size_t n;
+  const char *v = luaL_checklstring(L, idx, &n);
+  char *copy = malloc(n + 1);
+  if (!copy) luaL_error(L, "out of memory");
+  memcpy(copy, v, n + 1);
+  if (len) *len = n;
+  return copy;
+}
+
+static void free_cors(native_cors *c) {
+  for (size_t i = 0; i < c->norigins; i++) free(c->origins[i]);
+  free(c->origins);
+  free(c->preflight);
+  memset(c, 0, sizeof *c);
+}
+
+/* cors = { any = bool, origins = { lower-cased origin, ... }, credentials = bool,
+ *   preflight = "header lines" } (made by longpoll.cors Policy:native). The handler's userdata
+ * owns what is read here from the moment it is set (its __gc frees it), even on an error. */
+static void read_cors(lua_State *L, int t, native_cors *c) {
+  luaL_checktype(L, t, LUA_TTABLE);
+  c->on = 1;
+  lua_getfield(L, t, "any");
+  c->any = lua_toboolean(L, -1);
+  lua_getfield(L, t, "credentials");
+  c->credentials = lua_toboolean(L, -1);
+  lua_getfield(L, t, "preflight");
+  c->preflight = dup_string(L, -1, &c->preflight_len);
+  lua_getfield(L, t, "origins");
+  luaL_checktype(L, -1, LUA_TTABLE);
+  size_t n = (size_t)lua_rawlen(L, -1);
+  c->origins = calloc(n ? n : 1, sizeof *c->origins);
+  if (!c->origins) luaL_error(L, "out of memory");
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, -1, (lua_Integer)i + 1);
+    c->origins[i] = dup_string(L, -1, NULL);
+    c->norigins = i + 1;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 4);
+}
+
 /* core.native_subscription(store, { max_category_bytes, max_categories_per_subscription,
- *   max_longpoll_timeout_seconds, header_block }) -> handler: what a server needs to answer the
+ *   max_longpoll_timeout_seconds, header_block[, cors] }) -> handler: what a server needs to answer the
  * manager's catch-up long polls itself (see longpoll.http.native). handler:disable() sends
  * every later request to the Lua handler (the manager shutting down). */
 static int make_native(lua_State *L, int kind) {
@@ -1181,6 +1518,9 @@ static int make_native(lua_State *L, int kind) {
   memcpy(h->block, block, len + 1);
   h->block_len = len;
   lua_pop(L, 1);
+  lua_getfield(L, 2, "cors");
+  if (!lua_isnil(L, -1)) read_cors(L, lua_gettop(L), &h->cors);
+  lua_pop(L, 1);
   lua_pushvalue(L, 1);
   lua_setiuservalue(L, -2, 1);
   h->enabled = 1;
@@ -1190,8 +1530,8 @@ static int make_native(lua_State *L, int kind) {
 static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SUBSCRIPTION); }
 
 /* core.native_cached_subscription(cache, { as native_subscription }) -> handler: the manager's
- * long-poll handler in Redis mode, for the catch-ups the engine's node-local cache (core.new_cache)
- * answers with events; everything else goes to Lua. */
+ * long-poll handler in Redis mode, for the catch-ups the engine's node-local cache
+ * (core.new_cache) answers with events; everything else goes to Lua (nothing is parked). */
 static int l_native_cached_subscription(lua_State *L) { return make_native(L, NATIVE_CACHED); }
 
 /* core.native_publish(store, { max_category_bytes, header_block }) -> handler: the manager's
@@ -1199,14 +1539,26 @@ static int l_native_cached_subscription(lua_State *L) { return make_native(L, NA
  * add-on to tell). */
 static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
 
+/* handler:disable(): every later request goes to the Lua handler, and the polls parked on the
+ * handler get the timeout answer now (the manager shutting down). */
 static int native_disable(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   h->enabled = 0;
+  answer_parked(h);
   return 0;
+}
+
+/* handler:parked() -> how many long polls wait parked on it. */
+static int native_parked(lua_State *L) {
+  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  lua_pushinteger(L, (lua_Integer)h->nparked);
+  return 1;
 }
 
 static int native_gc(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  answer_parked(h);
+  free_cors(&h->cors);
   free(h->block);
   h->block = NULL;
   h->enabled = 0;
@@ -1220,16 +1572,19 @@ static void drop_route(lua_State *L, server *srv, size_t i) {
 }
 
 /* server:native_route(method, path, handler | nil): a GET (a subscription handler) or POST (a
- * publish handler) to path is answered by the native handler when it can (nil: never). */
+ * publish handler) to path is answered by the native handler when it can, and an OPTIONS
+ * preflight by a handler under a CORS policy (nil: never). */
 static int server_native_route(lua_State *L) {
   server *srv = check_server(L);
   const char *method = luaL_checkstring(L, 2);
-  int post = strcmp(method, "POST") == 0;
-  luaL_argcheck(L, post || strcmp(method, "GET") == 0, 2, "GET or POST");
+  int post = strcmp(method, "POST") == 0 ? ROUTE_POST : strcmp(method, "OPTIONS") == 0 ? ROUTE_OPTIONS : ROUTE_GET;
+  luaL_argcheck(L, post != ROUTE_GET || strcmp(method, "GET") == 0, 2, "GET, POST or OPTIONS");
   size_t len;
   const char *path = luaL_checklstring(L, 3, &len);
   native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
-  if (h && post != (h->kind == NATIVE_PUBLISH)) h = NULL; /* not for this method */
+  if (h && post == ROUTE_OPTIONS && !h->cors.on) h = NULL; /* only preflights are answered */
+  if (h && post != ROUTE_OPTIONS && (post == ROUTE_POST) != (h->kind == NATIVE_PUBLISH))
+    h = NULL; /* not for this method */
   lp_slice p = {path, len};
   native_route *r = find_route(srv, post, p);
   if (r) drop_route(L, srv, (size_t)(r - srv->routes));
@@ -1263,6 +1618,9 @@ static void free_native(lua_State *L, server *srv) {
   lp_buf_free(&srv->fast_scratch);
   lp_buf_free(&srv->fast_body);
   lp_buf_free(&srv->fast_head);
+  lp_buf_free(&srv->fast_extra);
+  lp_woken_free(&srv->fast_woken);
+  lp_deadlines_free(&srv->deadlines);
 }
 
 /* What uv.walk hands to Lua for each of the server's handles: one object per server that says
@@ -1339,9 +1697,11 @@ void lp_lua_server_open(lua_State *L) {
   }
   lua_pop(L, 1);
   if (luaL_newmetatable(L, NATIVE_MT)) {
-    lua_createtable(L, 0, 1);
+    lua_createtable(L, 0, 2);
     lua_pushcfunction(L, native_disable);
     lua_setfield(L, -2, "disable");
+    lua_pushcfunction(L, native_parked);
+    lua_setfield(L, -2, "parked");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, native_gc);
     lua_setfield(L, -2, "__gc");

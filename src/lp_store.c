@@ -32,6 +32,7 @@ typedef struct lp_wait {
 
 struct lp_sub {
   uint64_t handle;
+  void *owner; /* lp_store_wait_owned's owner, NULL for lp_store_wait */
   size_t nwaits;
   lp_wait waits[];
 };
@@ -49,6 +50,7 @@ struct lp_category {
   unsigned ttl_class;     /* index of its TTL in the store's expiry lists */
   lp_wait *waiters;
   size_t nwaiters;
+  size_t nowned; /* of those, subscriptions with an owner */
   /* The newest event dropped by size or TTL, to tell a client it missed some. */
   int has_dropped;
   int64_t dropped_timestamp;
@@ -446,6 +448,7 @@ static void unlink_wait(lp_wait *w) {
     c->waiters = w->next;
   if (w->next) w->next->prev = w->prev;
   c->nwaiters--;
+  if (w->sub->owner) c->nowned--;
 }
 
 /* Removes a subscription from every category and frees it and its slot. */
@@ -483,6 +486,10 @@ static int alloc_slot(lp_store *s, uint32_t *slot) {
 }
 
 int lp_store_wait(lp_store *s, const lp_slice *categories, size_t n, uint64_t *handle) {
+  return lp_store_wait_owned(s, categories, n, NULL, handle);
+}
+
+int lp_store_wait_owned(lp_store *s, const lp_slice *categories, size_t n, void *owner, uint64_t *handle) {
   if (n == 0) return LP_EINVAL;
   for (size_t i = 0; i < n; i++) {
     int rc = check_name(s, categories[i]);
@@ -497,6 +504,7 @@ int lp_store_wait(lp_store *s, const lp_slice *categories, size_t n, uint64_t *h
     return rc;
   }
   s->slots[slot].sub = sub;
+  sub->owner = owner;
   sub->handle = ((uint64_t)s->slots[slot].generation << 32) | slot;
   s->stats.waiting++;
   for (size_t i = 0; i < n; i++) {
@@ -522,6 +530,7 @@ int lp_store_wait(lp_store *s, const lp_slice *categories, size_t n, uint64_t *h
     if (c->waiters) c->waiters->prev = w;
     c->waiters = w;
     c->nwaiters++;
+    if (owner) c->nowned++;
   }
   *handle = sub->handle;
   return LP_OK;
@@ -550,13 +559,14 @@ static size_t wake_waiters(lp_store *s, lp_category *c, lp_wake_fn wake, void *c
   while (c->waiters) {
     lp_sub *sub = c->waiters->sub;
     uint64_t handle = sub->handle;
+    void *owner = sub->owner;
     for (size_t i = 0; i < sub->nwaits; i++) unlink_wait(&sub->waits[i]);
     for (size_t i = 0; i < sub->nwaits; i++)
       if (sub->waits[i].category != c) free_category_if_unused(s, sub->waits[i].category);
     sub->nwaits = 0;
     end_sub(s, sub);
     n++;
-    if (wake) wake(ctx, handle);
+    if (wake) wake(ctx, handle, owner);
   }
   return n;
 }
@@ -575,6 +585,25 @@ int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void 
 size_t lp_store_waiting_in(const lp_store *s, lp_slice category) {
   const lp_category *c = find_category(s, category, hash_bytes(s->hash_seed, category.ptr, category.len));
   return c ? c->nwaiters : 0;
+}
+
+size_t lp_store_unowned_waiting_in(const lp_store *s, lp_slice category) {
+  const lp_category *c = find_category(s, category, hash_bytes(s->hash_seed, category.ptr, category.len));
+  return c ? c->nwaiters - c->nowned : 0;
+}
+
+size_t lp_store_end_owned(lp_store *s, lp_wake_fn fn, void *ctx) {
+  size_t n = 0;
+  for (size_t i = 0; i < s->nslots; i++) {
+    lp_sub *sub = s->slots[i].sub;
+    if (!sub || !sub->owner) continue;
+    uint64_t handle = sub->handle;
+    void *owner = sub->owner;
+    end_sub(s, sub);
+    n++;
+    if (fn) fn(ctx, handle, owner);
+  }
+  return n;
 }
 
 /* ---- time ---- */

@@ -100,10 +100,11 @@ typedef struct lp_store lp_store;
 int lp_event_json_append(lp_buf *b, lp_slice category, lp_slice data, const char *id, int64_t ts);
 
 /* Called once per subscription woken by a publish; the subscription has
- * already been removed from every category, so its handle is dead. The
- * callback must not call into the store (collect the handles, act after the
- * publish returned): a nested publish could free the event being published. */
-typedef void (*lp_wake_fn)(void *ctx, uint64_t handle);
+ * already been removed from every category, so its handle is dead. owner is
+ * what lp_store_wait_owned was given (NULL for lp_store_wait). The callback
+ * must not call into the store (collect the handles, act after the publish
+ * returned): a nested publish could free the event being published. */
+typedef void (*lp_wake_fn)(void *ctx, uint64_t handle, void *owner);
 
 /* Returns an owned store (free with lp_store_free), or NULL when memory runs
  * out or the config is invalid. The config is copied. */
@@ -155,6 +156,11 @@ int lp_store_fetch_each(lp_store *s, const lp_slice *categories, size_t ncategor
  * LP_OK and a handle, which stays valid until the subscription is woken or
  * cancelled. */
 int lp_store_wait(lp_store *s, const lp_slice *categories, size_t ncategories, uint64_t *handle);
+/* Like lp_store_wait, for a subscription with an owner (not owned by the store):
+ * a waiter parked in C (lp_waiter.h) rather than in the caller's table of
+ * handles. The store hands owner back through wake and lp_store_end_owned,
+ * and counts owned waiters apart (lp_store_unowned_waiting_in). */
+int lp_store_wait_owned(lp_store *s, const lp_slice *categories, size_t ncategories, void *owner, uint64_t *handle);
 /* Removes a waiting subscription: 1 when it was waiting, 0 for a dead handle. */
 int lp_store_cancel(lp_store *s, uint64_t handle);
 /* Ends every subscription waiting on category without storing an event (an
@@ -166,6 +172,13 @@ int lp_store_take_waiters(lp_store *s, lp_slice category, lp_wake_fn wake, void 
 /* How many subscriptions wait on category now (0 for an unknown category). For the HTTP
  * engine's fast publish, which takes only publishes that wake nobody. */
 size_t lp_store_waiting_in(const lp_store *s, lp_slice category);
+/* Of those, the ones without an owner: a publish that wakes only owned waiters needs nobody
+ * but their owners (the HTTP engine's fast publish answers them itself). */
+size_t lp_store_unowned_waiting_in(const lp_store *s, lp_slice category);
+/* Ends every subscription that has an owner, calling fn(ctx, handle, owner) for each after it
+ * is gone (the store is about to close: owners learn that their wait is over). Returns how
+ * many. fn must not call into the store. */
+size_t lp_store_end_owned(lp_store *s, lp_wake_fn fn, void *ctx);
 
 /* A timestamp for a timeout answer: max(now, last issued). Every later event
  * gets a larger timestamp, so a client continuing from it misses nothing. */

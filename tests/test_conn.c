@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "lp_conn.h"
+#include "lp_deadlines.h"
 
 static int test_no = 0, failures = 0;
 
@@ -331,6 +332,45 @@ static void test_fail_json(void) {
   report("refusals are JSON with the message escaped", ok);
 }
 
+/* lp_deadlines, the parked long polls' timeouts (the server's glue arms one timer from it). */
+static void test_deadlines(void) {
+  int ok = 1;
+  lp_deadlines d = {0};
+  lp_deadline e[6];
+  memset(e, 0, sizeof e);
+  uint64_t at = 0;
+  CHECK(!lp_deadlines_next(&d, &at));
+  CHECK(lp_deadlines_pop_expired(&d, 1000000) == NULL);
+  CHECK(lp_deadlines_add(&d, &e[0], 5000, 100) == 0);  /* 5100 */
+  CHECK(lp_deadlines_add(&d, &e[1], 1000, 200) == 0);  /* 1200 */
+  CHECK(lp_deadlines_add(&d, &e[2], 5000, 300) == 0);  /* 5300 */
+  CHECK(lp_deadlines_add(&d, &e[3], 1000, 400) == 0);  /* 1400 */
+  CHECK(lp_deadlines_add(&d, &e[4], 30000, 500) == 0); /* 30500 */
+  CHECK(d.count == 5);
+  CHECK(lp_deadlines_next(&d, &at) && at == 1200);
+  CHECK(lp_deadlines_pop_expired(&d, 1199) == NULL);
+  CHECK(lp_deadlines_pop_expired(&d, 1200) == &e[1]);
+  CHECK(lp_deadlines_pop_expired(&d, 1200) == NULL);
+  /* removed from the middle of a FIFO and from its head */
+  lp_deadlines_remove(&d, &e[3]);
+  lp_deadlines_remove(&d, &e[3]); /* twice: nothing */
+  lp_deadlines_remove(&d, &e[0]);
+  CHECK(d.count == 2);
+  CHECK(lp_deadlines_next(&d, &at) && at == 5300);
+  /* a clock that went back never puts an entry before its FIFO's tail */
+  CHECK(lp_deadlines_add(&d, &e[5], 5000, 0) == 0);
+  CHECK(e[5].at == 5300);
+  CHECK(lp_deadlines_pop_expired(&d, 40000) == &e[2]);
+  CHECK(lp_deadlines_pop_expired(&d, 40000) == &e[5]);
+  CHECK(lp_deadlines_pop_expired(&d, 40000) == &e[4]);
+  CHECK(lp_deadlines_pop_expired(&d, 40000) == NULL && d.count == 0);
+  CHECK(!lp_deadlines_next(&d, &at));
+  /* an entry may go back in once out */
+  CHECK(lp_deadlines_add(&d, &e[1], 1000, 50000) == 0 && lp_deadlines_next(&d, &at) && at == 51000);
+  lp_deadlines_free(&d);
+  report("deadlines: earliest first across lengths, removal anywhere, order kept", ok);
+}
+
 int main(void) {
   test_keep_alive_and_idle();
   test_pipelined_in_order_never_nested();
@@ -344,6 +384,7 @@ int main(void) {
   test_linger_from_end_of_write();
   test_server_closing();
   test_fail_json();
+  test_deadlines();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

@@ -6,6 +6,7 @@
 
 #include "lp_json.h"
 #include "lp_store.h"
+#include "lp_waiter.h"
 
 static int test_no = 0, failures = 0;
 
@@ -35,7 +36,8 @@ typedef struct woken {
   size_t n;
 } woken;
 
-static void on_wake(void *ctx, uint64_t h) {
+static void on_wake(void *ctx, uint64_t h, void *owner) {
+  (void)owner;
   woken *w = ctx;
   if (w->n < 64) w->handles[w->n++] = h;
 }
@@ -688,6 +690,68 @@ static void test_max_answer_bytes(void) {
   report("max_answer_bytes: answers cut between events, the cursor walks the rest, none lost", ok);
 }
 
+/* A waiter parked in C: what it was handed. */
+typedef struct fake_waiter {
+  lp_waiter w;
+  char answer[256];
+  int woken, ended;
+} fake_waiter;
+
+static void fake_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
+  fake_waiter *f = (fake_waiter *)w;
+  f->woken++;
+  f->answer[0] = 0;
+  for (size_t i = 0; i < n; i++) strncat(f->answer, answer[i].ptr, answer[i].len);
+}
+static void fake_ended(lp_waiter *w) { ((fake_waiter *)w)->ended++; }
+static const lp_waiter_ops FAKE_OPS = {fake_woken, fake_ended};
+
+static void test_owned_waiters(void) {
+  int ok = 1;
+  lp_store *s = new_store(10, 0, 0);
+  fake_waiter f1 = {{&FAKE_OPS}, "", 0, 0}, f2 = {{&FAKE_OPS}, "", 0, 0}, f3 = {{&FAKE_OPS}, "", 0, 0};
+  lp_slice a = S("a"), b = S("b"), ab[2] = {S("a"), S("b")};
+  uint64_t h1, h2, h3, h4;
+  CHECK(lp_store_wait_owned(s, &a, 1, &f1.w, &h1) == LP_OK);
+  CHECK(lp_store_wait_owned(s, ab, 2, &f2.w, &h2) == LP_OK);
+  CHECK(lp_store_wait(s, &a, 1, &h3) == LP_OK);
+  CHECK(lp_store_wait_owned(s, &b, 1, &f3.w, &h4) == LP_OK);
+  CHECK(lp_store_waiting_in(s, a) == 3 && lp_store_unowned_waiting_in(s, a) == 1);
+  CHECK(lp_store_waiting_in(s, b) == 2 && lp_store_unowned_waiting_in(s, b) == 0);
+  /* a publish hands owned waiters apart from the plain handles, then each gets the answer */
+  lp_woken w = {0};
+  lp_store_stats st;
+  lp_store_get_stats(s, &st);
+  CHECK(lp_woken_reserve(&w, st.waiting) == LP_OK);
+  lp_published p;
+  CHECK(lp_store_publish(s, a, S("1"), 10, lp_woken_add, &w, &p) == LP_OK);
+  CHECK(w.nhandles == 1 && w.handles[0] == h3 && w.nowned == 2);
+  CHECK(f1.woken == 0 && f2.woken == 0);
+  lp_woken_answer(&w, &p);
+  CHECK(f1.woken == 1 && f2.woken == 1 && f3.woken == 0);
+  char want[256];
+  snprintf(want, sizeof want, "{\"events\":[%.*s]}", (int)p.json_len, p.json);
+  CHECK(strcmp(f1.answer, want) == 0 && strcmp(f2.answer, want) == 0);
+  /* f2's wait on b ended with it: only f3 is left, owned */
+  CHECK(lp_store_waiting_in(s, b) == 1 && lp_store_unowned_waiting_in(s, b) == 0);
+  CHECK(lp_store_cancel(s, h2) == 0); /* woken: dead */
+  /* cancelling an owned waiter keeps the counts right */
+  CHECK(lp_store_cancel(s, h4) == 1);
+  CHECK(lp_store_waiting_in(s, b) == 0 && lp_store_unowned_waiting_in(s, b) == 0);
+  /* a closing store ends the owned waiters only */
+  CHECK(lp_store_wait_owned(s, ab, 2, &f3.w, &h4) == LP_OK);
+  CHECK(lp_store_wait(s, &b, 1, &h3) == LP_OK);
+  CHECK(lp_store_end_owned(s, lp_waiter_end, NULL) == 1);
+  CHECK(f3.ended == 1 && f3.woken == 0);
+  CHECK(lp_store_waiting_in(s, a) == 0 && lp_store_waiting_in(s, b) == 1);
+  CHECK(lp_store_unowned_waiting_in(s, b) == 1);
+  lp_store_get_stats(s, &st);
+  CHECK(st.waiting == 1);
+  lp_woken_free(&w);
+  lp_store_free(s);
+  report("owned waiters: woken apart from handles, counted apart, ended when the store closes", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -711,6 +775,7 @@ int main(void) {
   test_category_limits();
   test_fetch_each();
   test_max_answer_bytes();
+  test_owned_waiters();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

@@ -11,8 +11,8 @@
 
 static lp_store *store;
 
-static void wake(void *ctx, uint64_t handle) {
-  (void)ctx, (void)handle;
+static void wake(void *ctx, uint64_t handle, void *owner) {
+  (void)ctx, (void)handle, (void)owner;
   lp_published again;
   lp_store_publish(store, (lp_slice){"a", 1}, (lp_slice){"2", 1}, 1000, NULL, NULL, &again);
 }

@@ -289,7 +289,7 @@ end
 function Manager:stats(with_categories)
   if self.closed then return { closed = true } end
   local s = self.engine:stats(with_categories)
-  s.timeouts_pending = self.timeouts.count
+  s.timeouts_pending = self.timeouts.count + (self.native and self.native:parked() or 0) -- Lua and C long polls
   s.sse_streams = self.sse and self.sse.count or 0
   return s
 end
@@ -402,29 +402,33 @@ function M.start(options)
     handlers.sse = cors.wrap(policy, handlers.sse, "GET, HEAD")
     handlers.stats = cors.wrap(policy, handlers.stats, "GET, HEAD")
   end
-  -- the HTTP engine answers catch-up polls to the unwrapped handler in C (longpoll.http.native),
-  -- from the same store and with the same rules (lp_fast.c mirrors subscription.lua)
-  if not o.cors and not o.clock and engine.core_store then
+  -- the HTTP engine serves long polls to the unwrapped handler in C (longpoll.http.native), from
+  -- the same store and with the same rules (lp_fast.c mirrors subscription.lua): catch-ups are
+  -- answered, the others wait parked in C until a publish or their timeout answers them; with
+  -- the `cors` option the C path writes the policy's headers and answers its preflights too
+  if not o.clock and engine.core_store then
     manager.native = core.native_subscription(engine:core_store(), {
       max_category_bytes = o.max_category_bytes,
       max_categories_per_subscription = o.max_categories_per_subscription,
       max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
       header_block = answers.JSON.text,
+      cors = manager.cors and manager.cors:native("GET, HEAD"),
     })
     native.register(handlers.subscription, manager.native)
     -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
-    -- that takes the debug line of each publish (a publish that wakes a subscriber stays Lua's)
+    -- that takes the debug line of each publish (a publish that wakes a Lua waiter stays Lua's)
     local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
     if #manager.add_ons == 0 and not debug_logged then
       manager.native_publish = core.native_publish(engine:core_store(), {
         max_category_bytes = o.max_category_bytes,
         header_block = answers.JSON.text,
+        cors = manager.cors and manager.cors:native("POST"),
       })
       native.register(handlers.publish, manager.native_publish)
     end
-  elseif not o.cors and not o.clock and engine.core_cache then
+  elseif not o.clock and engine.core_cache then
     -- Redis mode: catch-up polls the engine's node-local cache answers with events, in C from
-    -- that cache (the same rule as engine/redis/cache.lua's answer); the rest go to Lua
+    -- that cache (lp_cache, the rule engine/redis/cache.lua answers with); the rest go to Lua
     local cache = engine:core_cache()
     if cache then
       manager.native = core.native_cached_subscription(cache, {
@@ -432,6 +436,7 @@ function M.start(options)
         max_categories_per_subscription = o.max_categories_per_subscription,
         max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
         header_block = answers.JSON.text,
+        cors = manager.cors and manager.cors:native("GET, HEAD"),
       })
       native.register(handlers.subscription, manager.native)
     end

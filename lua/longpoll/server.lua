@@ -216,10 +216,11 @@ function Server:route(method, path, handler)
   sort(allow)
   route.allow = concat(allow, ", ")
   -- a GET or POST to a handler the engine can run itself (longpoll.http.native) is tried in C
-  -- first
+  -- first, and so is an OPTIONS preflight to one under a CORS policy
   local methods = route.methods
   self._engine:native_route("GET", path, native.descriptor(methods.GET or methods["*"]))
   self._engine:native_route("POST", path, native.descriptor(methods.POST or methods["*"]))
+  self._engine:native_route("OPTIONS", path, native.descriptor(methods.OPTIONS or methods["*"]))
 end
 
 -- options: { follow_symlinks = true } serves symlinks whose target is outside dir (refused by
