@@ -172,6 +172,22 @@ describe("Redis cache", function()
     end, { B = { transport = t.option } })
   end)
 
+  it("notices a lost first message after its sync (the gap counts from the sync's mark)", function()
+    local t = redis.transport()
+    with_nodes(R.url, function(A, B)
+      t.hold() -- B is synced with nothing received yet: its next message is the mark's seq + 1
+      local e1 = publish(A, "f", "1")
+      local e2 = publish(A, "f", "2")
+      wait_until("both messages held", function() return #t.held == 2 end)
+      t.drop(1) -- e1's message is lost
+      t.release()
+      caught_up(B, A)
+      assert.equals(1, rs(B).gaps)
+      local _, body = catch_up(B, { "f" }, 0)
+      assert.same({ e1.id, e2.id }, ids(body)) -- e1 is not in B's memory: Redis answered
+    end, { B = { transport = t.option } })
+  end)
+
   it("never answers with events Redis lost (a restart without data)", function()
     with_nodes(R.url, function(A, B)
       local e1 = publish(A, "r", "1")
