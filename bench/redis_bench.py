@@ -64,15 +64,29 @@ def measure(Server, loadgen, nofile, kind, mode, masters, loop_s, prefix, extra=
             r.stop()
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (/proc/PID/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_two_nodes(Server, loadgen, nofile, kind, mode, extra_args, timeout):
-    """Two servers on one Redis; the load generator's subscribers alternate between them."""
+    """Two servers on one Redis; the load generator's subscribers alternate between them. Adds
+    nodes_cpu_ms_per_event: the CPU time of both servers (nginx: their workers) per event
+    published, over the whole run."""
     r = Redis()
     try:
         a = Server(kind, nofile, [r.url])
         try:
             b = Server(kind, nofile, [r.url])
             try:
-                return loadgen(mode, a, list(extra_args) + ["--port2", b.port], timeout)
+                before = cpu_seconds(a.pid) + cpu_seconds(b.pid)
+                res = loadgen(mode, a, list(extra_args) + ["--port2", b.port], timeout)
+                used = cpu_seconds(a.pid) + cpu_seconds(b.pid) - before
+                if res.get("events"):
+                    res["nodes_cpu_ms_per_event"] = used * 1000 / res["events"]
+                return res
             finally:
                 b.stop()
         finally:
@@ -130,7 +144,8 @@ def run(args, nofile, Server, loadgen, say, machine_info, loop_s):
                                    "--prefix", f"r{n[0]}_"], churn_s + 200)
             two["churn"][label].append(r)
             say(f"    churn over 2 nodes, {label}: gaps={r.get('gaps')} dups={r.get('dups')} "
-                f"missing={r.get('missing_at_end')} p50_ms={r.get('p50_ms')} p99_ms={r.get('p99_ms')}")
+                f"missing={r.get('missing_at_end')} p50_ms={r.get('p50_ms')} p99_ms={r.get('p99_ms')} "
+                f"nodes_cpu_ms_per_event={r.get('nodes_cpu_ms_per_event')}")
     say("redis: catch-ups through the engine alone (bench/redis_inprocess.lua)")
     inproc = {}
     for _ in range(args.reps):
@@ -199,10 +214,12 @@ def write_report(res, info, args):
                      f"{cell('longpoll in memory')} |")
     lines += [
         "",
-        "In memory, catch-ups are answered in C by the HTTP engine's fast path (src/lp_fast.c, one store);",
-        "with Redis they go through Lua (the manager, the engine, the cache's coverage rules) even when the",
-        "node's copy of the stream answers them, which is what the gap to memory (and most of the gap to",
-        "Nchan) is. Publish: one Redis script round trip per event, and the Lua publish path.",
+        "Both answer catch-ups in C, without entering Lua: memory from its store (src/lp_fast.c), Redis",
+        "mode from the node's copy of the stream (src/lp_cache.c, the HTTP engine's native handler",
+        "core.native_cached_subscription) whenever the cache's coverage rule vouches for the cursor; a",
+        "cursor it cannot vouch for, or one with nothing after it (a wait), goes to Lua and the engine.",
+        "Without the cache every catch-up is a script round trip to Redis. Publish: one Redis script round",
+        "trip per event, and the Lua publish path.",
     ]
     two, fan_n = res.get("two_nodes"), res.get("fan_n")
     if two:
@@ -213,6 +230,8 @@ def write_report(res, info, args):
             return f"{a / b:.2f}" if a and b else "-"
         fo, fn = row("fanout", "fanout_ms", "longpoll --redis"), row("fanout", "fanout_ms", "nginx + Nchan, Redis")
         co, cn = row("churn", "p99_ms", "longpoll --redis"), row("churn", "p99_ms", "nginx + Nchan, Redis")
+        cpo, cpn = (row("churn", "nodes_cpu_ms_per_event", "longpoll --redis"),
+                    row("churn", "nodes_cpu_ms_per_event", "nginx + Nchan, Redis"))
         bad = {label: sum((r.get("gaps") or 0) + (r.get("dups") or 0) for r in two["churn"][label])
                for label in two["churn"]}
         late = {label: sum(r.get("missing_at_end") or 0 for r in two["churn"][label]) for label in two["churn"]}
@@ -235,14 +254,25 @@ def write_report(res, info, args):
             f"| churn: longest publish queue (events behind schedule) | "
             f"{row('churn', 'max_publish_queue', 'longpoll --redis') or 0:.0f} | "
             f"{row('churn', 'max_publish_queue', 'nginx + Nchan, Redis') or 0:.0f} | |",
+            f"| churn: CPU time of both nodes per event (ms) | {cpo or 0:.1f} | {cpn or 0:.1f} | {ratio(cpo, cpn)} |",
             "",
-            "What stands in the way of churn: a publish through Redis takes two or three turns of the",
-            "node's loop (the HTTP request, the script's reply), and with 1,000 subscribers each turn also",
-            "carries the ~250 re-polls an event triggers, through the Lua HTTP path. The per-category",
-            "publishers then fall behind their schedule (the publish queue above), and since latency is",
-            "measured from the scheduled send time, it grows with the run. With 200 subscribers the same",
-            "setup delivers at p50 2 ms. Catch-up re-polls themselves cost no Redis round trip (the local",
-            "cache answers them, or they wait without a read).",
+            "What stands in the way of churn: CPU. Each event wakes 250 subscribers (125 per node), each",
+            "answered and then polling again with the event as its cursor; the two nodes and Redis share",
+            "CPU 0, and longpoll spends about twice Nchan's CPU time per event (the row above). At 100",
+            "events/s that is about all of the core, so the loop queues work, the per-category publishers",
+            "(one publish in flight each) fall behind their schedule (the publish queue above), and since",
+            "latency is measured from the scheduled send time it grows with the run. At 40 events/s the",
+            "same setup delivers at p99 12-50 ms (Nchan 8-13 ms). Where the time goes (perf on one node",
+            "during churn; bench/profile.lua for the Lua part), measured on this branch: the Lua",
+            "interpreter about 37%, the kernel 34% (socket reads and writes, epoll), libc 20% (malloc and",
+            "free about 13%, for Lua's tables), core.so 7%. By Lua call path: the wake (pub/sub message,",
+            "waiters.lua on_event, the manager's answer_waiting, one write per subscriber) 39%, of which",
+            "the writes 22%; the re-polls 27%: a cursor at the newest event is a wait, which the C path",
+            "leaves to Lua (the manager, subscription.parse, engine:subscribe, a Lua waiter and a Lua",
+            "timeout); the loop's reads and request tables 32%. In memory mode such polls now park in C",
+            "(lp_waiter); doing the same in Redis mode (park on the cache's WAIT, wake from the cache's",
+            "pub/sub event in C) would take Lua out of both paths, but a parked Redis poll's timeout still",
+            "needs a Redis mark (marks.lua) for its timestamp, so its expiry must reach the engine.",
         ]
     one = med(res["publish"]["longpoll --redis"], "rps")
     three = med(res["publish"]["longpoll --redis-shards (3 masters)"], "rps")
