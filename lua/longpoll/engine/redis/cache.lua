@@ -12,6 +12,9 @@
 -- expiry, and they are not Redis's).
 local core = require "longpoll.core"
 
+-- The most categories one catch-up asks the C cache about (a subscription's cap); more go to Redis.
+local MAX_CATEGORIES = 64
+
 local Cache = {}
 Cache.__index = Cache
 
@@ -49,7 +52,7 @@ end
 -- The answer to a catch-up from the cache: "events", body | "wait", cursor (nothing after the
 -- cursor: wait from cursor, a position) | nil (ask Redis).
 function Cache:answer(categories, since, last_id)
-  if since == nil then return nil end
+  if since == nil or #categories > MAX_CATEGORIES then return nil end
   local kind, x, ts, seq = self.c:answer(categories, since, last_id)
   if kind == "wait" then return "wait", { epoch = x, ts = ts, seq = seq } end
   return kind, x
