@@ -262,7 +262,7 @@ def write_report(res, info, args):
             "events/s that is about all of the core, so the loop queues work, the per-category publishers",
             "(one publish in flight each) fall behind their schedule (the publish queue above), and since",
             "latency is measured from the scheduled send time it grows with the run. At 40 events/s the",
-            "same setup delivers at p99 12-50 ms (Nchan 8-13 ms). Where the time goes (perf on one node",
+            "same setup delivers at p99 12-53 ms (Nchan 8-14 ms). Where the time goes (perf on one node",
             "during churn; bench/profile.lua for the Lua part), measured on this branch: the Lua",
             "interpreter about 37%, the kernel 34% (socket reads and writes, epoll), libc 20% (malloc and",
             "free about 13%, for Lua's tables), core.so 7%. By Lua call path: the wake (pub/sub message,",
