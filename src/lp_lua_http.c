@@ -1,6 +1,7 @@
 /* lp_lua_http: the Lua side of lp_http, in longpoll.core: the request table the server engine
  * hands to Lua (lp_lua_http_push_request), the request parser binding (core.http_parser, for
  * specs of the parser's rules) and req:query_all's decoding (core.http_query_all). */
+#include <ctype.h>
 #include <lauxlib.h>
 #include <lua.h>
 #include <string.h>
@@ -99,9 +100,51 @@ static int push_decoded(lua_State *L, lp_slice s, int plus_is_space) {
   return -1;
 }
 
-/* Sets path, raw_path, raw_query, query (first values) and query_count in the table on top of
- * the stack from a request target. Returns NULL, or why the target is refused. */
-static const char *set_target(lua_State *L, int keys, lp_slice target) {
+/* Pushes the table of a query's parameters (decoded; the first value of each wins); returns how
+ * many pairs the query has, or -1 (nothing pushed) when one does not decode. */
+static lua_Integer push_query(lua_State *L, lp_slice query) {
+  lua_createtable(L, 0, 4);
+  size_t pos = 0;
+  lua_Integer count = 0;
+  lp_slice k, v;
+  int has_value;
+  /* each pass consumes one piece of the query */
+  while (lp_http_query_next(query, &pos, &k, &v, &has_value)) {
+    if (push_decoded(L, k, 1) != 0) {
+      lua_pop(L, 1);
+      return -1;
+    }
+    if (push_decoded(L, v, 1) != 0) {
+      lua_pop(L, 2);
+      return -1;
+    }
+    count++;
+    lua_pushvalue(L, -2);
+    if (lua_rawget(L, -4) == LUA_TNIL) {
+      lua_pop(L, 1);
+      lua_rawset(L, -3); /* the first value wins */
+    } else {
+      lua_pop(L, 3);
+    }
+  }
+  return count;
+}
+
+/* Whether every escape in s is a valid %XX. */
+static int escapes_valid(lp_slice s) {
+  const char *p = s.ptr, *end = s.ptr + s.len;
+  while ((p = memchr(p, '%', (size_t)(end - p))) != NULL) {
+    if (end - p < 3 || !isxdigit((unsigned char)p[1]) || !isxdigit((unsigned char)p[2])) return 0;
+    p += 3;
+  }
+  return 1;
+}
+
+/* Sets path, raw_path, raw_query, and with_query the query (first values) and query_count, in
+ * the table on top of the stack from a request target; without, the query is only checked
+ * (longpoll.http.request makes its table when a handler first reads it). Returns NULL, or why
+ * the target is refused. */
+static const char *set_target(lua_State *L, int keys, lp_slice target, int with_query) {
   lp_slice path, query;
   if (lp_http_split_target(target, &path, &query) != 0) return "invalid request target";
   lua_pushlstring(L, path.ptr, path.len);
@@ -117,30 +160,9 @@ static const char *set_target(lua_State *L, int keys, lp_slice target) {
   set_key(L, keys, K_RAW_PATH);
   lua_pushlstring(L, query.ptr, query.len);
   set_key(L, keys, K_RAW_QUERY);
-  lua_createtable(L, 0, 4);
-  size_t pos = 0;
-  lua_Integer count = 0;
-  lp_slice k, v;
-  int has_value;
-  /* each pass consumes one piece of the query */
-  while (lp_http_query_next(query, &pos, &k, &v, &has_value)) {
-    if (push_decoded(L, k, 1) != 0) {
-      lua_pop(L, 1);
-      return "invalid percent-encoding in query";
-    }
-    if (push_decoded(L, v, 1) != 0) {
-      lua_pop(L, 2);
-      return "invalid percent-encoding in query";
-    }
-    count++;
-    lua_pushvalue(L, -2);
-    if (lua_rawget(L, -4) == LUA_TNIL) {
-      lua_pop(L, 1);
-      lua_rawset(L, -3); /* the first value wins */
-    } else {
-      lua_pop(L, 3);
-    }
-  }
+  if (!with_query) return escapes_valid(query) ? NULL : "invalid percent-encoding in query";
+  lua_Integer count = push_query(L, query);
+  if (count < 0) return "invalid percent-encoding in query";
   set_key(L, keys, K_QUERY);
   lua_pushinteger(L, count);
   set_key(L, keys, K_QUERY_COUNT);
@@ -150,7 +172,7 @@ static const char *set_target(lua_State *L, int keys, lp_slice target) {
 /* Pushes the request table for a parsed head (see longpoll.http.parser). A target that cannot
  * be decoded leaves its reason in target_error: that request gets a 400 and the connection
  * may stay open. */
-static void push_head(lua_State *L, int keys, const lp_http_event *ev) {
+static void push_head(lua_State *L, int keys, const lp_http_event *ev, int with_query) {
   lua_createtable(L, 0, 14);
   lua_pushlstring(L, ev->method.ptr, ev->method.len);
   set_key(L, keys, K_METHOD);
@@ -178,7 +200,7 @@ static void push_head(lua_State *L, int keys, const lp_http_event *ev) {
   set_key(L, keys, K_KEEP_ALIVE);
   lua_pushboolean(L, ev->expect_continue);
   set_key(L, keys, K_EXPECT);
-  const char *err = set_target(L, keys, ev->target);
+  const char *err = set_target(L, keys, ev->target, with_query);
   if (err) {
     lua_pushstring(L, err);
     set_key(L, keys, K_TARGET_ERROR);
@@ -206,7 +228,7 @@ static int parser_parse(lua_State *L) {
       return 3;
     }
     if (rc == LP_HTTP_HEAD) {
-      push_head(L, lua_upvalueindex(1), &ev);
+      push_head(L, lua_upvalueindex(1), &ev, 1);
       lua_setiuservalue(L, 1, 1);
       continue;
     }
@@ -264,8 +286,22 @@ static const luaL_Reg parser_methods[] = {{"push", parser_push},         {"parse
 
 static const luaL_Reg parser_meta[] = {{"__gc", parser_close}, {"__close", parser_close}, {NULL, NULL}};
 
+/* core.http_query(raw_query) -> the table of its parameters (decoded, first values), count.
+ * For longpoll.http.request, which makes it when a handler first reads req.query. */
+static int l_http_query(lua_State *L) {
+  lp_slice q;
+  q.ptr = luaL_checklstring(L, 1, &q.len);
+  lua_Integer count = push_query(L, q);
+  if (count < 0) { /* checked when the request was parsed; a table anyway */
+    lua_newtable(L);
+    count = 0;
+  }
+  lua_pushinteger(L, count);
+  return 2;
+}
+
 static const luaL_Reg http_functions[] = {
-    {"http_parser", l_http_parser}, {"http_query_all", l_http_query_all}, {NULL, NULL}};
+    {"http_parser", l_http_parser}, {"http_query_all", l_http_query_all}, {"http_query", l_http_query}, {NULL, NULL}};
 
 /* Adds the HTTP functions to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_http_open(lua_State *L) {
@@ -293,7 +329,7 @@ void lp_lua_http_open(lua_State *L) {
 void lp_lua_http_push_request(lua_State *L, const lp_http_event *head, lp_slice body, const char *remote_addr) {
   lua_getfield(L, LUA_REGISTRYINDEX, KEYS_REGISTRY);
   int keys = lua_gettop(L);
-  push_head(L, keys, head);
+  push_head(L, keys, head, 0);
   lua_pushlstring(L, body.ptr ? body.ptr : "", body.len);
   set_key(L, keys, K_BODY);
   if (remote_addr) {

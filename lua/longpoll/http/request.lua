@@ -1,16 +1,32 @@
--- The request object handlers receive: the parser's table (which already holds the decoded path
--- and query, see longpoll.http.parser) given shared methods (no per-request closures: 50,000
--- waiting long polls are common).
+-- The request object handlers receive: the parser's table (which holds the decoded path, and the
+-- decoded query, or for the server engine's requests only the checked raw query, see
+-- longpoll.http.parser) given shared methods (no per-request closures: 50,000 waiting long polls
+-- are common).
 local core = require "longpoll.core"
 local util = require "longpoll.http.util"
 
 local find, sub, lower = string.find, string.sub, string.lower
-local query_all = core.http_query_all
+local query_all, query_table = core.http_query_all, core.http_query
+local rawget, rawset = rawget, rawset
 
 local request = {}
 
 local Request = {}
-Request.__index = Request
+-- Methods; and req.query / req.query_count, made from raw_query when a handler first reads them
+-- (the server engine checks the query but leaves the table to the handlers that use it: a
+-- wrapper that reads a header and hands the request back never pays for it).
+Request.__index = function(req, key)
+  local method = Request[key]
+  if method ~= nil then return method end
+  if key == "query" or key == "query_count" then
+    local q, n = query_table(rawget(req, "raw_query") or "")
+    rawset(req, "query", q)
+    rawset(req, "query_count", n)
+    return key == "query" and q or n
+  end
+  return nil
+end
+request.methods = Request -- what every request has (its metatable's __index is a function)
 
 -- All values of a query parameter in order ({} when absent).
 function Request:query_all(key)
