@@ -16,6 +16,7 @@
 
 #include "lp_cache.h"
 #include "lp_conn.h"
+#include "lp_cors.h"
 #include "lp_deadlines.h"
 #include "lp_fast.h"
 #include "lp_json.h"
@@ -44,23 +45,13 @@ enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED };
 
 struct sconn;
 
-/* The manager's CORS policy (option `cors`, longpoll.cors), for the handlers it wraps: the
- * headers of answers to allowed origins, and the answer to a preflight. */
-typedef struct native_cors {
-  int on, any, credentials;
-  char **origins; /* lower-cased */
-  size_t norigins;
-  char *preflight; /* the Access-Control-Allow-Methods/-Headers and -Max-Age lines */
-  size_t preflight_len;
-} native_cors;
-
 typedef struct native_handler {
   int kind;
   int enabled; /* the manager turns it off when it shuts down */
   lp_fast_limits limits;
   char *block; /* the answer's header lines (the manager's JSON block) */
   size_t block_len;
-  native_cors cors;
+  lp_cors cors;         /* the manager's CORS policy, when its handlers are wrapped by one */
   struct sconn *parked; /* the long polls parked on it (any server's), newest first */
   size_t nparked;
 } native_handler;
@@ -721,41 +712,13 @@ static lp_slice header_value(const lp_http_event *head, const char *name) {
   return (lp_slice){NULL, 0};
 }
 
-static int origin_listed(const native_cors *c, lp_slice origin) {
-  for (size_t i = 0; i < c->norigins; i++) {
-    const char *o = c->origins[i];
-    if (strlen(o) != origin.len) continue;
-    size_t k = 0;
-    while (k < origin.len) {
-      char ch = origin.ptr[k];
-      if (ch >= 'A' && ch <= 'Z') ch = (char)(ch - 'A' + 'a');
-      if (ch != o[k]) break;
-      k++;
-    }
-    if (k == origin.len) return 1;
-  }
-  return 0;
-}
-
-/* The CORS header lines of an answer to this request into out (emptied first), as
- * longpoll.cors Policy:add_headers sets them; *allowed: whether its Origin is allowed. 0, or -1
- * when memory ran out. Nothing for a handler without the policy. */
+/* The handler's CORS lines for this request into out (emptied first; lp_cors_lines); *allowed:
+ * whether its Origin is allowed. 0, or -1 when memory ran out. */
 static int cors_lines(const native_handler *nh, const lp_http_event *head, lp_buf *out, int *allowed) {
   lp_buf_reset(out);
-  *allowed = 1;
-  const native_cors *c = &nh->cors;
-  if (!c->on) return 0;
   lp_slice origin = header_value(head, "origin");
-  *allowed = c->any || (origin.ptr && origin_listed(c, origin));
-  int rc = 0;
-  if (!c->any) rc = lp_buf_append_str(out, "Vary: Origin\r\n"); /* answers differ by Origin */
-  if (*allowed) {
-    if (rc == 0) rc = lp_buf_append_str(out, "Access-Control-Allow-Origin: ");
-    if (rc == 0) rc = c->any ? lp_buf_append_str(out, "*") : lp_buf_append(out, origin.ptr, origin.len);
-    if (rc == 0) rc = lp_buf_append_str(out, "\r\nAccess-Control-Expose-Headers: Idempotent-Replayed\r\n");
-    if (rc == 0 && c->credentials) rc = lp_buf_append_str(out, "Access-Control-Allow-Credentials: true\r\n");
-  }
-  return rc;
+  *allowed = !nh->cors.on || lp_cors_allowed(&nh->cors, origin);
+  return lp_cors_lines(&nh->cors, origin, out);
 }
 
 /* An allowed preflight (OPTIONS with Origin and Access-Control-Request-Method) to a route of a
@@ -1448,27 +1411,10 @@ static size_t opt_size_at(lua_State *L, int t, const char *k) {
   return (size_t)v;
 }
 
-static char *dup_string(lua_State *L, int idx, size_t *len) {
-  size_t n;
-  const char *v = luaL_checklstring(L, idx, &n);
-  char *copy = malloc(n + 1);
-  if (!copy) luaL_error(L, "out of memory");
-  memcpy(copy, v, n + 1);
-  if (len) *len = n;
-  return copy;
-}
-
-static void free_cors(native_cors *c) {
-  for (size_t i = 0; i < c->norigins; i++) free(c->origins[i]);
-  free(c->origins);
-  free(c->preflight);
-  memset(c, 0, sizeof *c);
-}
-
-/* cors = { any = bool, origins = { lower-cased origin, ... }, credentials = bool,
- *   preflight = "header lines" } (made by longpoll.cors Policy:native). The handler's userdata
- * owns what is read here from the moment it is set (its __gc frees it), even on an error. */
-static void read_cors(lua_State *L, int t, native_cors *c) {
+/* cors = { any = bool, origins = { origin, ... }, credentials = bool, preflight = "header
+ * lines" } (made by longpoll.cors Policy:native). The handler's userdata owns what is read here
+ * from the moment it is set (its __gc frees it), even on an error. */
+static void read_cors(lua_State *L, int t, lp_cors *c) {
   luaL_checktype(L, t, LUA_TTABLE);
   c->on = 1;
   lua_getfield(L, t, "any");
@@ -1476,16 +1422,16 @@ static void read_cors(lua_State *L, int t, native_cors *c) {
   lua_getfield(L, t, "credentials");
   c->credentials = lua_toboolean(L, -1);
   lua_getfield(L, t, "preflight");
-  c->preflight = dup_string(L, -1, &c->preflight_len);
+  size_t len;
+  const char *lines = luaL_checklstring(L, -1, &len);
+  if (lp_cors_set_preflight(c, lines, len) != 0) luaL_error(L, "out of memory");
   lua_getfield(L, t, "origins");
   luaL_checktype(L, -1, LUA_TTABLE);
   size_t n = (size_t)lua_rawlen(L, -1);
-  c->origins = calloc(n ? n : 1, sizeof *c->origins);
-  if (!c->origins) luaL_error(L, "out of memory");
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, -1, (lua_Integer)i + 1);
-    c->origins[i] = dup_string(L, -1, NULL);
-    c->norigins = i + 1;
+    const char *origin = luaL_checklstring(L, -1, &len);
+    if (lp_cors_add_origin(c, origin, len) != 0) luaL_error(L, "out of memory");
     lua_pop(L, 1);
   }
   lua_pop(L, 4);
@@ -1558,7 +1504,7 @@ static int native_parked(lua_State *L) {
 static int native_gc(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   answer_parked(h);
-  free_cors(&h->cors);
+  lp_cors_free(&h->cors);
   free(h->block);
   h->block = NULL;
   h->enabled = 0;

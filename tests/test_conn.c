@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "lp_conn.h"
+#include "lp_cors.h"
 #include "lp_deadlines.h"
 
 static int test_no = 0, failures = 0;
@@ -371,6 +372,39 @@ static void test_deadlines(void) {
   report("deadlines: earliest first across lengths, removal anywhere, order kept", ok);
 }
 
+/* lp_cors: the lines of cors.lua's Policy:add_headers, for "*" and for a listed policy. */
+static void test_cors(void) {
+  int ok = 1;
+  lp_buf out = LP_BUF_INIT;
+  lp_cors none = {0};
+  lp_slice a = {"https://A.example", 17}, other = {"https://b.example", 17}, absent = {NULL, 0};
+  CHECK(lp_cors_lines(&none, a, &out) == 0 && out.len == 0);
+  lp_cors any = {0};
+  any.on = any.any = 1;
+  CHECK(lp_cors_allowed(&any, absent));
+  CHECK(lp_cors_lines(&any, absent, &out) == 0);
+  CHECK(out.len == strlen("Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: Idempotent-Replayed\r\n"));
+  CHECK(memcmp(out.data, "Access-Control-Allow-Origin: *\r\n", 32) == 0);
+  lp_cors listed = {0};
+  listed.on = listed.credentials = 1;
+  CHECK(lp_cors_add_origin(&listed, "https://a.EXAMPLE", 17) == 0);
+  CHECK(lp_cors_set_preflight(&listed, "X: y\r\n", 6) == 0 && listed.preflight_len == 6);
+  CHECK(lp_cors_allowed(&listed, a) && !lp_cors_allowed(&listed, other) && !lp_cors_allowed(&listed, absent));
+  lp_buf_reset(&out);
+  CHECK(lp_cors_lines(&listed, a, &out) == 0);
+  const char *want =
+      "Vary: Origin\r\nAccess-Control-Allow-Origin: https://A.example\r\n"
+      "Access-Control-Expose-Headers: Idempotent-Replayed\r\nAccess-Control-Allow-Credentials: true\r\n";
+  CHECK(out.len == strlen(want) && memcmp(out.data, want, out.len) == 0); /* the origin as sent */
+  lp_buf_reset(&out);
+  CHECK(lp_cors_lines(&listed, other, &out) == 0);
+  CHECK(out.len == 14 && memcmp(out.data, "Vary: Origin\r\n", 14) == 0);
+  lp_cors_free(&listed);
+  CHECK(listed.on == 0 && listed.origins == NULL);
+  lp_buf_free(&out);
+  report("cors: the lines of an answer by Origin, listed origins without case", ok);
+}
+
 int main(void) {
   test_keep_alive_and_idle();
   test_pipelined_in_order_never_nested();
@@ -385,6 +419,7 @@ int main(void) {
   test_server_closing();
   test_fail_json();
   test_deadlines();
+  test_cors();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }
