@@ -8,7 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lp_fast.h"
 #include "lp_http.h"
+#include "lp_json.h"
 
 #define CHECK(cond)                                                                    \
   do {                                                                                 \
@@ -445,6 +447,38 @@ static void check_decoding(const uint8_t *data, size_t size) {
   free(t);
 }
 
+/* The C path's reading of a subscription (lp_fast): whatever the query, an answer it accepts
+ * holds 1..max valid UTF-8 categories within the size bound, in the scratch buffer, a lower-case
+ * UUID when it has a last_id and a cursor for it; a stream's resume header, when valid, sets the
+ * cursor whatever the query says. */
+static void check_fast(const uint8_t *data, size_t size, unsigned b) {
+  lp_slice query = {(const char *)data, size};
+  lp_fast_limits lim = {1 + b % 8, 1 + (b >> 3) % 4, 1 + (b >> 5)};
+  lp_buf scratch = LP_BUF_INIT;
+  lp_fast_sub sub;
+  for (int stream = 0; stream < 3; stream++) {
+    lp_slice header = {stream == 2 ? "-7_0b0c7a39-1D6E-4d0b-9b61-6f2d3c3e9a10" : NULL, stream == 2 ? 39 : 0};
+    int rc = stream ? lp_fast_parse_stream(query, header, &lim, &scratch, &sub)
+                    : lp_fast_parse_subscription(query, &lim, &scratch, &sub);
+    CHECK(rc == 1 || rc == 0 || rc == -1);
+    if (rc != 1) continue;
+    CHECK(sub.ncategories >= 1 && sub.ncategories <= lim.max_categories);
+    for (size_t i = 0; i < sub.ncategories; i++) {
+      lp_slice c = sub.categories[i];
+      CHECK(c.len >= 1 && c.len <= lim.max_category_bytes && lp_utf8_is_valid(c.ptr, c.len));
+      CHECK(c.ptr >= scratch.data && c.ptr + c.len <= scratch.data + scratch.len);
+    }
+    if (sub.has_last_id) {
+      CHECK(sub.has_since && lp_uuid_is_valid(sub.last_id, strlen(sub.last_id)));
+      for (const char *p = sub.last_id; *p; p++) CHECK(!(*p >= 'A' && *p <= 'Z'));
+    }
+    if (!stream) CHECK(sub.timeout_s >= 1 && sub.timeout_s <= lim.max_timeout_s);
+    if (stream == 2)
+      CHECK(sub.has_since && sub.since == -7 && strcmp(sub.last_id, "0b0c7a39-1d6e-4d0b-9b61-6f2d3c3e9a10") == 0);
+  }
+  lp_buf_free(&scratch);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 4) return 0;
   lp_http_limits lim = {16 + 4 * (size_t)data[0], 1 + (size_t)data[1], 1 + (size_t)data[2] % 96};
@@ -484,5 +518,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   /* 3. The bytes as a target, as a string to decode and as a query string. */
   check_decoding(data, size);
+
+  /* 4. The bytes as the query of a long poll and of a stream, as the C path reads them. */
+  check_fast(data, size, b3);
   return 0;
 }

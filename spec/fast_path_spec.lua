@@ -431,3 +431,122 @@ describe("the engine's native long-poll path", function()
     end)
   end
 end)
+
+describe("SSE streams in the engine's native path", function()
+  -- The bytes of a stream served in C and of the same stream served by the Lua hub (a wrapper
+  -- that changes the query, so the request is no longer as received) must be the same but for
+  -- the Date line and, for a stream "from now on", the time in its starting id.
+  local function sse_setup(manager, srv)
+    srv:route("GET", "/sse", manager.sse_handler)
+    srv:route("GET", "/lua-sse", function(req, res)
+      req:set_query("unused", nil)
+      return manager.sse_handler(req, res)
+    end)
+    srv:route("GET", "/wrapper-sse", function(req, res) return manager.sse_handler(req, res) end)
+  end
+
+  local function open(port, path, query, version, headers)
+    local conn = async.connect(port)
+    conn:send(("GET %s%s HTTP/%s\r\nHost: x\r\n%s\r\n"):format(path, query, version or "1.1", headers or ""))
+    conn.all = ""
+    return conn
+  end
+
+  -- Reads until the stream holds text (plain); returns everything read so far.
+  local function read_until(conn, text)
+    local ok = async.wait_for(function()
+      conn.all = conn.all .. conn.buf
+      conn.buf = ""
+      if conn.all:find(text, 1, true) then return true end
+      conn:wait_data(200)
+      return false
+    end, 5000)
+    assert(ok, "never got " .. text .. " in " .. conn.all)
+    return conn.all
+  end
+
+  local function normal(bytes)
+    return (bytes:gsub("Date: [^\r]*\r\n", "Date: -\r\n"):gsub("id: %d+\n\n", "id: (start)\n\n"))
+  end
+
+  local function same_streams(t, query, version, headers, wait_text, after)
+    local before = t.srv:fast_answers()
+    local c = open(t.port, "/sse", query, version, headers)
+    local l = open(t.port, "/lua-sse", query, version, headers)
+    local w = open(t.port, "/wrapper-sse", query, version, headers)
+    for _, conn in ipairs { c, l, w } do read_until(conn, wait_text) end
+    assert.truthy(async.wait_for(function() return t.manager:stats().sse_streams == 3 end, 5000))
+    assert.equals(before + 2, t.srv:fast_answers()) -- /sse and the plain wrapper, in C
+    assert.equals(2, t.manager.native_sse:streams())
+    local live = after and after()
+    if live then
+      for _, conn in ipairs { c, l, w } do read_until(conn, live) end
+    end
+    assert.equals(normal(l.all), normal(c.all))
+    assert.equals(normal(c.all), normal(w.all))
+    for _, conn in ipairs { c, l, w } do conn:close() end
+    assert.truthy(async.wait_for(function() return t.manager:stats().sse_streams == 0 end, 5000))
+    return c.all
+  end
+
+  it("writes catch-ups, live events, missed notices and line breaks with the Lua hub's bytes", function()
+    with_server({ max_event_buffer_size = 3 }, function(t)
+      local events = {}
+      for i = 1, 5 do events[i] = assert(t.manager:publish("a", { n = i })) end
+      local function id_of(e) return e.timestamp .. "_" .. e.id end
+      for _, version in ipairs { "1.1", "1.0" } do
+        -- missed (5 published, 3 kept), then a live event whose JSON holds line breaks
+        local bytes = same_streams(t, "?category=a&since_time=0", version, "", id_of(events[5]), function()
+          local e = assert(t.manager:publish_json("a", '{\r\n "x": 1,\n "y": "z"\r}'))
+          return id_of(e)
+        end)
+        assert.truthy(bytes:find("event: missed\ndata: {\"missed\":true}\n\n", 1, true))
+        assert.truthy(bytes:find("\ndata:  \"x\": 1,\ndata:  \"y\": \"z\"\ndata: }", 1, true))
+        if version == "1.1" then
+          assert.truthy(bytes:find("Transfer-Encoding: chunked\r\n", 1, true))
+        else
+          assert.truthy(bytes:find("Connection: close\r\n", 1, true))
+          assert.falsy(bytes:find("Transfer-Encoding", 1, true))
+        end
+        events[#events + 1] = assert(t.manager:publish("a", "next"))
+      end
+      -- Last-Event-ID (header, then the query's last_event_id), several categories, escapes
+      local last = events[#events]
+      local e2 = assert(t.manager:publish("b", "in b"))
+      same_streams(t, "?category=%61&category=b", "1.1", "Last-Event-ID: " .. id_of(events[4]) .. "\r\n", id_of(e2))
+      same_streams(t, "?category=a&category=b&last_event_id=" .. id_of(last), "1.1", "", id_of(e2))
+      -- from now on: the starting id, then live events
+      same_streams(t, "?category=c", "1.1", "", "retry: 3000\nid: ", function()
+        return id_of(assert(t.manager:publish("c", "live")))
+      end)
+    end, { setup = sse_setup })
+  end)
+
+  it("ends C streams with the last chunk on shutdown, and leaves HEAD and errors to Lua", function()
+    with_server({}, function(t)
+      local before = t.srv:fast_answers()
+      local status = async.http(t.port, { path = "/sse?category=a&last_event_id=x" })
+      assert.equals(400, status)
+      status = async.http(t.port, { method = "HEAD", path = "/sse?category=a" })
+      assert.equals(200, status)
+      assert.equals(before, t.srv:fast_answers())
+      local c = open(t.port, "/sse", "?category=s", "1.1", "")
+      read_until(c, "retry: 3000\nid: ")
+      assert.equals(1, t.manager.native_sse:streams())
+      t.manager:shutdown()
+      assert.truthy(read_until(c, "\r\n0\r\n\r\n"))
+      assert.equals(0, t.manager.native_sse:streams())
+      c:close()
+    end, { setup = sse_setup })
+  end)
+
+  it("is not used by a manager with its own clock", function()
+    with_server({ clock = function() return 1000 end }, function(t)
+      local c = open(t.port, "/sse", "?category=a", "1.1", "")
+      read_until(c, "retry: 3000\nid: 1000\n\n")
+      assert.is_nil(t.manager.native_sse)
+      assert.equals(1, t.manager:stats().sse_streams)
+      c:close()
+    end, { setup = sse_setup })
+  end)
+end)

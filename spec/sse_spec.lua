@@ -226,7 +226,7 @@ describe("sse handler", function()
     end)
   end)
 
-  it("sends heartbeat comments to every stream from one shared timer", function()
+  it("sends heartbeat comments to every stream from the server's timer (C path), adding none", function()
     with_server({ sse_heartbeat_seconds = 1 }, function(t)
       local function timers()
         local n = 0
@@ -236,6 +236,29 @@ describe("sse handler", function()
       local before = timers()
       local streams = {}
       for i = 1, 5 do streams[i] = open_stream(t.port, { { "category", "hb" .. i } }) end
+      assert.truthy(wait_until(function() return t.manager:stats().sse_streams == 5 end))
+      assert.equals(5, t.manager.native_sse:streams()) -- served in C
+      assert.equals(0, t.manager.sse.count)
+      for i = 1, 5 do
+        assert.truthy(streams[i]:wait_for(function(st) return st.comments >= 2 end, 3500))
+      end
+      assert.equals(before, timers())
+      for i = 1, 5 do streams[i]:close() end
+      assert.truthy(wait_until(function() return t.manager:stats().sse_streams == 0 end))
+    end, { timeout_ms = 20000 })
+  end)
+
+  it("sends heartbeat comments to every Lua stream from one shared timer (a wrapped handler)", function()
+    with_server({ sse_heartbeat_seconds = 1 }, function(t)
+      local function timers()
+        local n = 0
+        uv.walk(function(h) if h:get_type() == "timer" and not async.owns(h) then n = n + 1 end end)
+        return n
+      end
+      local before = timers()
+      local streams = {}
+      for i = 1, 5 do streams[i] = open_stream(t.port, { { "category", "hb" .. i } }, nil, "/lua-sse") end
+      assert.truthy(wait_until(function() return t.manager.sse.count == 5 end))
       assert.is_true(timers() - before <= 1)
       local hub_timer = t.manager.sse.timer
       assert.truthy(hub_timer)
@@ -246,7 +269,13 @@ describe("sse handler", function()
       for i = 1, 5 do streams[i]:close() end
       assert.truthy(wait_until(function() return t.manager.sse.count == 0 end))
       assert.is_nil(t.manager.sse.timer) -- no streams, no timer
-    end, { timeout_ms = 20000 })
+    end, { timeout_ms = 20000, setup = function(manager, srv)
+      -- a wrapper that sets a header: the response is no longer as received, so Lua serves it
+      srv:route("GET", "/lua-sse", function(req, res)
+        res:set_header("X-Wrapped", "1")
+        return manager.sse_handler(req, res)
+      end)
+    end })
   end)
 
   it("forgets a stream whose client disconnects, at once", function()
@@ -254,10 +283,10 @@ describe("sse handler", function()
       local s = open_stream(t.port, { { "category", "g" }, { "category", "h" } })
       s:wait_for(function(st) return #st.messages >= 1 end)
       assert.equals(1, t.manager:stats().waiting)
-      assert.equals(1, t.manager.sse.count)
+      assert.equals(1, t.manager:stats().sse_streams)
       s:close()
       assert.truthy(wait_until(function() return t.manager:stats().waiting == 0 end, 1000))
-      assert.equals(0, t.manager.sse.count)
+      assert.equals(0, t.manager:stats().sse_streams)
       assert.truthy(t.manager:publish("g", "nobody listens"))
       local by = t.manager:stats(true).by_category
       assert.equals(0, by.g.waiting)
@@ -271,7 +300,7 @@ describe("sse handler", function()
       s:close()
       -- no loop turn in between: the server still thinks the stream is open
       for i = 1, 5 do assert.truthy(t.manager:publish("v", i)) end
-      assert.truthy(wait_until(function() return t.manager.sse.count == 0 end, 2000))
+      assert.truthy(wait_until(function() return t.manager:stats().sse_streams == 0 end, 2000))
       local again = open_stream(t.port, { { "category", "v" }, { "since_time", "0" } })
       assert.equals(5, #again:next_events(5))
       again:close()
@@ -316,7 +345,7 @@ describe("sse handler", function()
         assert.same({ error = c[3] }, cjson.decode(s.body))
         s:close()
       end
-      assert.equals(0, t.manager.sse.count)
+      assert.equals(0, t.manager:stats().sse_streams)
     end)
   end)
 
@@ -328,7 +357,7 @@ describe("sse handler", function()
       assert.equals(503, second.status)
       assert.equals("application/json", second.headers["content-type"])
       assert.matches("^cannot wait: ", cjson.decode(second.body).error)
-      assert.equals(1, t.manager.sse.count)
+      assert.equals(1, t.manager:stats().sse_streams)
       first:close()
       second:close()
     end)
@@ -339,7 +368,7 @@ describe("sse handler", function()
       local status, h = async.http(t.port, { method = "HEAD", path = "/sse?category=a" })
       assert.equals(200, status)
       assert.equals("text/event-stream", h["content-type"])
-      assert.equals(0, t.manager.sse.count)
+      assert.equals(0, t.manager:stats().sse_streams)
     end)
   end)
 end)

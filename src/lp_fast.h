@@ -18,7 +18,7 @@
 typedef struct lp_fast_limits {
   size_t max_category_bytes;
   size_t max_categories; /* per subscription */
-  int64_t max_timeout_s; /* the long poll's `timeout`: 1..this */
+  int64_t max_timeout_s; /* the long poll's `timeout`: 1..this (a stream has none) */
 } lp_fast_limits;
 
 typedef struct lp_fast_sub {
@@ -36,5 +36,13 @@ typedef struct lp_fast_sub {
  * Returns 1 when the query is valid; 0 when the Lua handler must decide (an error, a last_id
  * without since_time); -1 when memory ran out. */
 int lp_fast_parse_subscription(lp_slice query, const lp_fast_limits *lim, lp_buf *scratch, lp_fast_sub *out);
+
+/* Reads an SSE stream's subscription as longpoll.subscription reads kind "stream": no timeout;
+ * the cursor comes from last_event_id_header (the request's Last-Event-ID, ptr NULL when absent)
+ * when not empty, else from the query's last_event_id when not empty, else from since_time (+
+ * last_id); with none the stream starts at the present (has_since 0). A resume cursor is
+ * "<timestamp>_<uuid>" or "<timestamp>". Same returns and scratch rules as above. */
+int lp_fast_parse_stream(lp_slice query, lp_slice last_event_id_header, const lp_fast_limits *lim, lp_buf *scratch,
+                         lp_fast_sub *out);
 
 #endif

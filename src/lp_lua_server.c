@@ -20,6 +20,7 @@
 #include "lp_deadlines.h"
 #include "lp_fast.h"
 #include "lp_json.h"
+#include "lp_sse.h"
 #include "lp_waiter.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
 #pragma GCC diagnostic push
@@ -40,8 +41,10 @@ lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
  * handler, for the polls it answers at once from the buffers and those it parks here, in C, until
  * a publish wakes them or their timeout passes. User value 1: the store. NATIVE_CACHED
  * (core.native_cached_subscription): that handler in Redis mode, for the catch-ups the engine's
- * node-local cache (lp_cache) answers with events; user value 1: the cache. */
-enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED };
+ * node-local cache (lp_cache) answers with events; user value 1: the cache. NATIVE_SSE
+ * (core.native_sse): the manager's SSE handler, whose streams are served here, in C, from the
+ * store (see fast_sse); user value 1: the store. */
+enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE };
 
 struct sconn;
 
@@ -54,6 +57,9 @@ typedef struct native_handler {
   lp_cors cors;         /* the manager's CORS policy, when its handlers are wrapped by one */
   struct sconn *parked; /* the long polls parked on it (any server's), newest first */
   size_t nparked;
+  struct sconn *streams; /* NATIVE_SSE: its open streams (any server's), newest first */
+  size_t nstreams;
+  uint64_t heartbeat_ms, retry_ms; /* NATIVE_SSE */
 } native_handler;
 
 /* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
@@ -99,6 +105,17 @@ typedef struct sconn {
   unsigned parked_http10 : 1;
   char *parked_extra; /* the answer's own header lines (CORS), owned; NULL when none */
   size_t parked_extra_len;
+  /* An SSE stream served here, in C (see fast_sse): its store subscription (owned by waiter)
+   * is woken by each event and waits again (stream_after); its heartbeat is its deadline. A
+   * connection has a parked poll or a stream, never both. */
+  native_handler *stream_by; /* NULL when no stream */
+  lp_store *stream_store;
+  uint64_t stream_handle;      /* 0 between a wake and the wait again */
+  lp_slice *stream_categories; /* owned, one block with the names */
+  size_t stream_ncategories;
+  struct sconn *stream_prev, *stream_next; /* stream_by's list */
+  unsigned stream_chunked : 1;             /* HTTP/1.1: chunks; HTTP/1.0: until the connection ends */
+  unsigned stream_keep : 1;                /* the connection may serve another request after it */
   char remote[64];
 } sconn;
 
@@ -137,7 +154,11 @@ struct server {
   native_route *routes;
   size_t nroutes;
   lp_buf fast_scratch, fast_body, fast_head, fast_extra;
-  lp_woken fast_woken;               /* the parked polls a fast publish woke */
+  lp_woken fast_woken;                /* the parked polls a fast publish woke */
+  lp_buf stream_frame;                /* the chunk of the event being written to the streams */
+  const lp_store *stream_frame_store; /* ... which store's event: with seq, says whose it is */
+  uint64_t stream_frame_seq;
+  size_t stream_frame_message;       /* where the SSE message starts in it (after the chunk size) */
   uint64_t fast_answers;             /* requests answered without entering Lua */
   struct sconn *current;             /* the connection whose request a Lua handler runs now */
   const lp_http_event *current_head; /* its head, valid while it runs */
@@ -226,6 +247,7 @@ static void log_line(server *srv, const char *level, const char *message, const 
 static void maybe_closed(server *srv);
 static void free_native(lua_State *L, server *srv);
 static void unpark(struct sconn *s, int cancel);
+static void stream_end(struct sconn *s);
 
 static void sched_remove(sconn *s) {
   if (!s->in_sched) return;
@@ -390,6 +412,7 @@ static void host_close(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
   unpark(s, 1);
+  stream_end(s);
   if (s->handle_closing) return;
   s->handle_closing = 1;
   if (s->in_sched == 2)
@@ -422,6 +445,7 @@ static void host_gone(void *ud) {
   server *srv = s->srv;
   lua_State *L = srv->L;
   unpark(s, 1); /* a parked poll's client left: its wait ends, nothing is answered */
+  stream_end(s);
   if (s->box_ref == LUA_NOREF) return;
   if (s->counted && s->conn.phase == LP_CONN_CLOSED) { /* gone for good: the count says so already */
     s->counted = 0;
@@ -567,6 +591,7 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
 #define CONTAINER(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
 
 static void poll_timer_arm(server *srv);
+static void stream_heartbeat(sconn *s);
 
 /* Takes s out of its handler's list and the timeouts; cancel: the store subscription is still
  * there (the client left, the time is up). */
@@ -617,7 +642,7 @@ static void parked_ended(lp_waiter *w) {
   lp_conn_fail(&s->conn, 503, "manager is shut down", now_ms(s->srv));
 }
 
-static const lp_waiter_ops PARKED_OPS = {parked_woken, parked_ended};
+static const lp_waiter_ops PARKED_OPS = {.woken = parked_woken, .ended = parked_ended};
 
 /* The golongpoll timeout answer, with a timestamp no later event reaches (the store's mark). */
 static void answer_timeout(sconn *s) {
@@ -640,7 +665,10 @@ static void on_poll_timer(uv_timer_t *t) {
   lp_deadline *e;
   while ((e = lp_deadlines_pop_expired(&srv->deadlines, now)) != NULL) {
     sconn *s = CONTAINER(e, sconn, deadline);
-    if (s->parked_by) answer_timeout(s);
+    if (s->parked_by)
+      answer_timeout(s);
+    else if (s->stream_by)
+      stream_heartbeat(s);
   }
   poll_timer_arm(srv);
 }
@@ -842,6 +870,243 @@ static int fast_cached(sconn *s, const native_handler *nh, lp_cache *cache, cons
   return 1;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * SSE streams served in C: the manager's SSE handler (core.native_sse), as longpoll.sse serves
+ * it in memory mode, with the same bytes. A stream's subscription is an owned waiter on the store
+ * (lp_store_wait_owned): whoever publishes hands it the event (stream_woken, which writes the
+ * message, framed once per event for every stream) and then lets it wait again (stream_after).
+ * Its heartbeat is its deadline in the server's set; the manager's shutdown finishes it. */
+
+static void stream_unlink(sconn *s) {
+  native_handler *nh = s->stream_by;
+  if (s->stream_prev)
+    s->stream_prev->stream_next = s->stream_next;
+  else
+    nh->streams = s->stream_next;
+  if (s->stream_next) s->stream_next->stream_prev = s->stream_prev;
+  s->stream_prev = s->stream_next = NULL;
+  nh->nstreams--;
+}
+
+/* Forgets the stream of s (its client left, a write failed, it was finished): its wait ends;
+ * the response is left as it is. Nothing when s has no stream. */
+static void stream_end(sconn *s) {
+  if (!s->stream_by) return;
+  if (s->stream_handle) lp_store_cancel(s->stream_store, s->stream_handle);
+  s->stream_handle = 0;
+  stream_unlink(s);
+  lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
+  free(s->stream_categories);
+  s->stream_categories = NULL;
+  s->stream_ncategories = 0;
+  s->stream_by = NULL;
+  s->stream_store = NULL;
+}
+
+/* Writes one piece of the stream's body (a chunk on HTTP/1.1); a failure (the client is gone or
+ * let too much pile up: the connection is closed) ends the stream. 0 or -1. */
+static int stream_write(sconn *s, const char *data, size_t len) {
+  char size[24];
+  lp_slice bufs[3] = {{data, len}};
+  size_t n = 1;
+  if (s->stream_chunked) {
+    int sl = snprintf(size, sizeof size, "%zx\r\n", len);
+    bufs[0] = (lp_slice){size, (size_t)sl};
+    bufs[1] = (lp_slice){data, len};
+    bufs[2] = (lp_slice){"\r\n", 2};
+    n = 3;
+  }
+  if (lp_conn_write(&s->conn, bufs, n) != 0) {
+    stream_end(s);
+    return -1;
+  }
+  return 0;
+}
+
+/* Ends the stream's response cleanly (the last chunk; an HTTP/1.0 stream ends with its
+ * connection): the manager shuts down, or the stream cannot wait again. */
+static void stream_finish(sconn *s) {
+  if (!s->stream_by) return;
+  int keep = s->stream_keep;
+  if (s->stream_chunked && lp_conn_write(&s->conn, &(lp_slice){"0\r\n\r\n", 5}, 1) != 0) keep = 0;
+  stream_end(s);
+  lp_conn_response_done(&s->conn, keep, now_ms(s->srv));
+}
+
+static void stream_heartbeat(sconn *s) {
+  if (stream_write(s, LP_SSE_HEARTBEAT, sizeof LP_SSE_HEARTBEAT - 1) != 0) return;
+  if (lp_deadlines_add(&s->srv->deadlines, &s->deadline, s->stream_by->heartbeat_ms, now_ms(s->srv)) != 0)
+    stream_finish(s); /* no memory for its heartbeats: the browser reconnects */
+}
+
+/* The SSE message of the event, built once per event for every stream it wakes (all of them
+ * write the same bytes); NULL when memory ran out. */
+static const lp_buf *stream_message(server *srv, const lp_store *store, const lp_published *p) {
+  lp_buf *m = &srv->stream_frame;
+  if (srv->stream_frame_store == store && srv->stream_frame_seq == p->seq && m->len > 0) return m;
+  srv->stream_frame_store = NULL;
+  lp_buf_reset(m);
+  if (lp_sse_message_append(m, p->json, p->json_len, p->timestamp, p->id) != 0) return NULL;
+  srv->stream_frame_store = store;
+  srv->stream_frame_seq = p->seq;
+  return m;
+}
+
+static void stream_woken(lp_waiter *w, const lp_published *p) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  if (!s->stream_by) return;
+  s->stream_handle = 0; /* the publish ended the subscription: stream_after waits again */
+  const lp_buf *m = stream_message(s->srv, s->stream_store, p);
+  if (!m) {
+    stream_end(s);
+    lp_conn_abort(&s->conn); /* never a stream with a hole: the browser resumes after its last id */
+    return;
+  }
+  stream_write(s, m->data, m->len);
+}
+
+/* Every stream the publish woke was written to: this one waits for the next event. */
+static void stream_after(lp_waiter *w) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  if (!s->stream_by || s->stream_handle) return;
+  if (lp_store_wait_owned(s->stream_store, s->stream_categories, s->stream_ncategories, &s->waiter,
+                          &s->stream_handle) != LP_OK) {
+    s->stream_handle = 0;
+    log_line(s->srv, "warn", "sse stream ended: cannot wait", NULL, 0);
+    stream_finish(s);
+  }
+}
+
+/* The store closed under the stream (the manager finishes its streams before; the backstop). */
+static void stream_ended(lp_waiter *w) {
+  sconn *s = CONTAINER(w, sconn, waiter);
+  s->stream_handle = 0;
+  stream_finish(s);
+}
+
+static const lp_waiter_ops STREAM_OPS = {.ended = stream_ended, .woken_event = stream_woken, .after = stream_after};
+
+/* Appends one event of a catch-up to the buffer (ctx); an lp_event_fn. */
+static int append_message(void *ctx, const lp_event_view *e) {
+  return lp_sse_message_append(ctx, e->json, e->json_len, e->timestamp, e->id);
+}
+
+/* An owned copy of the categories (slices and names in one block), or NULL. */
+static lp_slice *copy_categories(const lp_fast_sub *sub) {
+  size_t bytes = sub->ncategories * sizeof(lp_slice);
+  for (size_t i = 0; i < sub->ncategories; i++) bytes += sub->categories[i].len;
+  lp_slice *list = malloc(bytes ? bytes : 1);
+  if (!list) return NULL;
+  char *names = (char *)(list + sub->ncategories);
+  for (size_t i = 0; i < sub->ncategories; i++) {
+    memcpy(names, sub->categories[i].ptr, sub->categories[i].len);
+    list[i] = (lp_slice){names, sub->categories[i].len};
+    names += sub->categories[i].len;
+  }
+  return list;
+}
+
+/* The request's Last-Event-ID in *value (ptr NULL when absent); 0 when it is there twice (the
+ * Lua handler reads the headers' joined value). */
+static int last_event_id(const lp_http_event *head, lp_slice *value) {
+  int seen = 0;
+  *value = (lp_slice){NULL, 0};
+  for (size_t i = 0; i < head->nheaders; i++) {
+    lp_slice n = head->headers[i].name;
+    if (n.len == 13 && memcmp(n.ptr, "last-event-id", 13) == 0) {
+      if (seen++) return 0;
+      *value = head->headers[i].value;
+    }
+  }
+  return 1;
+}
+
+/* A GET to the manager's SSE handler, served here: the stream's head, its preamble, the events
+ * after its cursor, and from then on each event as it is published. 1 when served, 0 when the Lua
+ * handler must run (an error, anything unusual, a stream the store will not take). */
+static int fast_sse(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice query) {
+  server *srv = s->srv;
+  lp_fast_sub sub;
+  lp_slice resume;
+  if (!store || s->reserve || srv->closing || s->parked_by || s->stream_by || !last_event_id(head, &resume) ||
+      lp_fast_parse_stream(query, resume, &nh->limits, &srv->fast_scratch, &sub) != 1)
+    return 0;
+  int allowed;
+  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
+  lp_slice *categories = copy_categories(&sub);
+  if (!categories) return 0;
+  /* waiting first: when the store refuses (max_waiting_per_category), nothing was taken yet */
+  s->waiter.ops = &STREAM_OPS;
+  uint64_t handle;
+  if (lp_store_wait_owned(store, categories, sub.ncategories, &s->waiter, &handle) != LP_OK) {
+    free(categories);
+    return 0;
+  }
+  int64_t now = wall_clock_ms();
+  lp_buf *body = &srv->fast_body;
+  lp_buf_reset(body);
+  int missed = 0, rc = 0;
+  if (sub.has_since) {
+    size_t count = 0;
+    if (lp_buf_append_str(body, LP_SSE_MISSED) != 0) rc = -1; /* kept only if missed */
+    if (rc == 0 &&
+        lp_store_fetch_each(store, categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, now,
+                            append_message, body, &count, &missed) != LP_OK)
+      rc = -1;
+  }
+  if (rc == 0 && lp_deadlines_add(&srv->deadlines, &s->deadline, nh->heartbeat_ms, now_ms(srv)) != 0) rc = -1;
+  if (rc != 0) {
+    lp_store_cancel(store, handle);
+    free(categories);
+    return 0; /* nothing was delivered (fetch_each counts only a whole read) */
+  }
+  s->stream_by = nh;
+  s->stream_store = store;
+  s->stream_handle = handle;
+  s->stream_categories = categories;
+  s->stream_ncategories = sub.ncategories;
+  s->stream_chunked = head->minor == 1;
+  s->stream_keep = s->stream_chunked && head->keep_alive && lp_conn_may_keep_alive(&s->conn);
+  s->stream_prev = NULL;
+  s->stream_next = nh->streams;
+  if (nh->streams) nh->streams->stream_prev = s;
+  nh->streams = s;
+  nh->nstreams++;
+  poll_timer_arm(srv);
+  srv->fast_answers++;
+  /* the head, as response.lua's write_head builds it */
+  lp_buf *h = &srv->fast_head;
+  lp_buf_reset(h);
+  rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
+  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
+  if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
+  if (rc == 0 && s->stream_chunked) rc = lp_buf_append_str(h, "Transfer-Encoding: chunked\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
+  if (rc == 0 && !s->stream_keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  /* the preamble, in the CORS lines' buffer (they are in the head now) */
+  lp_buf *pre = &srv->fast_extra;
+  lp_buf_reset(pre);
+  if (rc == 0)
+    rc = lp_sse_preamble_append(pre, (int64_t)nh->retry_ms, !sub.has_since,
+                                sub.has_since ? 0 : lp_store_mark_time(store, now));
+  if (rc != 0) {
+    stream_end(s);
+    lp_conn_abort(&s->conn);
+    return 1;
+  }
+  if (lp_conn_write(&s->conn, &(lp_slice){h->data, h->len}, 1) != 0) {
+    stream_end(s);
+    return 1;
+  }
+  if (stream_write(s, pre->data, pre->len) != 0) return 1;
+  /* the catch-up as longpoll.sse writes it: one piece, the missed notice first */
+  size_t skip = missed ? 0 : sizeof LP_SSE_MISSED - 1;
+  if (body->len > skip) stream_write(s, body->data + skip, body->len - skip);
+  if (body->cap > (1u << 20)) lp_buf_free(body);
+  return 1;
+}
+
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   sconn *s = ud;
   server *srv = s->srv;
@@ -858,6 +1123,7 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
       if (r && r->h->enabled) {
         int served = options                       ? fast_preflight(s, r->h, head)
                      : r->h->kind == NATIVE_CACHED ? fast_cached(s, r->h, route_cache(srv, r), head, query)
+                     : r->h->kind == NATIVE_SSE    ? fast_sse(s, r->h, route_store(srv, r), head, query)
                      : r->h->kind == NATIVE_SUBSCRIPTION
                          ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
                          : fast_publish(s, r, head, body);
@@ -1368,6 +1634,7 @@ static int conn_native(lua_State *L) {
       int watched = !lua_isnil(L, -1);
       lua_pop(L, 1);
       answered = h->kind == NATIVE_CACHED ? fast_cached(s, h, cache, head, query)
+                 : h->kind == NATIVE_SSE  ? !watched && fast_sse(s, h, store, head, query)
                                           : fast_subscription(s, h, store, head, query, !watched);
     }
   }
@@ -1452,9 +1719,12 @@ static int make_native(lua_State *L, int kind) {
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
   h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind != NATIVE_PUBLISH) {
-    h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+  if (h->kind != NATIVE_PUBLISH) h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+  if (h->kind == NATIVE_SUBSCRIPTION || h->kind == NATIVE_CACHED)
     h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
+  if (h->kind == NATIVE_SSE) {
+    h->heartbeat_ms = opt_size_at(L, 2, "heartbeat_ms");
+    h->retry_ms = opt_size_at(L, 2, "retry_ms");
   }
   lua_getfield(L, 2, "header_block");
   size_t len;
@@ -1485,13 +1755,32 @@ static int l_native_cached_subscription(lua_State *L) { return make_native(L, NA
  * add-on to tell). */
 static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
 
-/* handler:disable(): every later request goes to the Lua handler, and the polls parked on the
- * handler get the timeout answer now (the manager shutting down). */
+/* core.native_sse(store, { max_category_bytes, max_categories_per_subscription, heartbeat_ms,
+ *   retry_ms, header_block[, cors] }) -> handler: the manager's SSE handler in memory mode, whose
+ * streams the engine serves in C (HEAD and errors go to Lua). header_block: the stream's header
+ * lines (longpoll.answers STREAM). */
+static int l_native_sse(lua_State *L) { return make_native(L, NATIVE_SSE); }
+
+/* Every stream of nh ends cleanly now (the manager shutting down). */
+static void finish_streams(native_handler *nh) {
+  while (nh->streams) stream_finish(nh->streams);
+}
+
+/* handler:disable(): every later request goes to the Lua handler, the polls parked on the
+ * handler get the timeout answer now and its streams end (the manager shutting down). */
 static int native_disable(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   h->enabled = 0;
   answer_parked(h);
+  finish_streams(h);
   return 0;
+}
+
+/* handler:streams() -> how many SSE streams it serves now. */
+static int native_streams(lua_State *L) {
+  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  lua_pushinteger(L, (lua_Integer)h->nstreams);
+  return 1;
 }
 
 /* handler:parked() -> how many long polls wait parked on it. */
@@ -1504,6 +1793,7 @@ static int native_parked(lua_State *L) {
 static int native_gc(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   answer_parked(h);
+  finish_streams(h);
   lp_cors_free(&h->cors);
   free(h->block);
   h->block = NULL;
@@ -1566,6 +1856,7 @@ static void free_native(lua_State *L, server *srv) {
   lp_buf_free(&srv->fast_head);
   lp_buf_free(&srv->fast_extra);
   lp_woken_free(&srv->fast_woken);
+  lp_buf_free(&srv->stream_frame);
   lp_deadlines_free(&srv->deadlines);
 }
 
@@ -1631,6 +1922,7 @@ static const luaL_Reg functions[] = {{"http_server", l_http_server},
                                      {"native_subscription", l_native_subscription},
                                      {"native_publish", l_native_publish},
                                      {"native_cached_subscription", l_native_cached_subscription},
+                                     {"native_sse", l_native_sse},
                                      {NULL, NULL}};
 
 /* Adds core.http_server to the module table on top of the stack (from luaopen_longpoll_core). */
@@ -1643,11 +1935,13 @@ void lp_lua_server_open(lua_State *L) {
   }
   lua_pop(L, 1);
   if (luaL_newmetatable(L, NATIVE_MT)) {
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
     lua_pushcfunction(L, native_disable);
     lua_setfield(L, -2, "disable");
     lua_pushcfunction(L, native_parked);
     lua_setfield(L, -2, "parked");
+    lua_pushcfunction(L, native_streams);
+    lua_setfield(L, -2, "streams");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, native_gc);
     lua_setfield(L, -2, "__gc");

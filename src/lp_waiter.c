@@ -29,7 +29,15 @@ void lp_woken_add(void *ctx, uint64_t handle, void *owner) {
 void lp_woken_answer(const lp_woken *w, const lp_published *p) {
   static const char open[] = "{\"events\":[", close[] = "]}";
   lp_slice answer[3] = {{open, sizeof open - 1}, {p->json, p->json_len}, {close, sizeof close - 1}};
-  for (size_t i = 0; i < w->nowned; i++) w->owned[i]->ops->woken(w->owned[i], answer, 3);
+  for (size_t i = 0; i < w->nowned; i++) {
+    lp_waiter *o = w->owned[i];
+    if (o->ops->woken_event)
+      o->ops->woken_event(o, p);
+    else
+      o->ops->woken(o, answer, 3);
+  }
+  for (size_t i = 0; i < w->nowned; i++)
+    if (w->owned[i]->ops->after) w->owned[i]->ops->after(w->owned[i]);
 }
 
 void lp_woken_free(lp_woken *w) {

@@ -19,6 +19,12 @@ typedef struct lp_waiter_ops {
   void (*woken)(lp_waiter *w, const lp_slice *answer, size_t n);
   /* The store is closing (lp_store_end_owned): the wait ended without an event. */
   void (*ended)(lp_waiter *w);
+  /* Optional. When set, called instead of woken, with the event itself (an SSE stream frames
+   * it its own way); p and what it points to are valid during the call. Same rules as woken. */
+  void (*woken_event)(lp_waiter *w, const lp_published *p);
+  /* Optional. Called once every waiter the publish woke was told (lp_woken_answer): the store
+   * is no longer in the middle of the publish, so the waiter may wait again (a stream). */
+  void (*after)(lp_waiter *w);
 } lp_waiter_ops;
 
 /* Embedded in its owner's struct; the owner keeps it alive while its subscription waits. */
@@ -41,7 +47,8 @@ typedef struct lp_woken {
 int lp_woken_reserve(lp_woken *w, size_t waiting);
 /* An lp_wake_fn; ctx is the lp_woken (reserved). */
 void lp_woken_add(void *ctx, uint64_t handle, void *owner);
-/* Hands the event of p, as the answer {"events":[json]}, to every owned waiter in w. */
+/* Hands the event of p, as the answer {"events":[json]} (or as the event, woken_event), to every
+ * owned waiter in w, then calls after on those that have it. */
 void lp_woken_answer(const lp_woken *w, const lp_published *p);
 void lp_woken_free(lp_woken *w);
 

@@ -1,8 +1,8 @@
 /* C tests of lp_conn, the server's connection state machine, driven with a recording host and a
  * fake clock: ordering of pipelined requests, keep-alive, deadlines (408, idle, stall, linger
  * from the end of the write), 100-continue, pausing on queued output, the output budget, early
- * close, server shutdown. TAP output; built with ASan+UBSan and run under valgrind by
- * `make test`. */
+ * close, server shutdown; and the C path's pieces (CORS, SSE text, stream cursors). TAP output; built with ASan+UBSan
+ * and run under valgrind by `make test`. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,6 +10,8 @@
 #include "lp_conn.h"
 #include "lp_cors.h"
 #include "lp_deadlines.h"
+#include "lp_fast.h"
+#include "lp_sse.h"
 
 static int test_no = 0, failures = 0;
 
@@ -405,6 +407,72 @@ static void test_cors(void) {
   report("cors: the lines of an answer by Origin, listed origins without case", ok);
 }
 
+static int buf_is(const lp_buf *b, const char *want) {
+  return b->len == strlen(want) && memcmp(b->data, want, b->len) == 0;
+}
+
+/* lp_sse: the text longpoll.sse writes (spec/fast_path_spec.lua compares whole streams). */
+static void test_sse_text(void) {
+  int ok = 1;
+  lp_buf b = LP_BUF_INIT;
+  const char *id = "0b0c7a39-1d6e-4d0b-9b61-6f2d3c3e9a10";
+  CHECK(lp_sse_preamble_append(&b, 3000, 0, 0) == 0 && buf_is(&b, "retry: 3000\n\n"));
+  lp_buf_reset(&b);
+  CHECK(lp_sse_preamble_append(&b, 3000, 1, -12) == 0 && buf_is(&b, "retry: 3000\nid: -12\n\n"));
+  lp_buf_reset(&b);
+  CHECK(lp_sse_message_append(&b, "{\"a\":1}", 7, 1700000000123, id) == 0);
+  CHECK(buf_is(&b, "id: 1700000000123_0b0c7a39-1d6e-4d0b-9b61-6f2d3c3e9a10\ndata: {\"a\":1}\n\n"));
+  lp_buf_reset(&b);
+  /* CR LF, CR and LF each start a new data: line; a break at either end too */
+  const char *json = "\n{\r\n\"a\":\r1\n}\r";
+  CHECK(lp_sse_message_append(&b, json, strlen(json), 5, id) == 0);
+  CHECK(buf_is(
+      &b, "id: 5_0b0c7a39-1d6e-4d0b-9b61-6f2d3c3e9a10\ndata: \ndata: {\ndata: \"a\":\ndata: 1\ndata: }\ndata: \n\n"));
+  lp_buf_free(&b);
+  report("sse: preamble and messages, line breaks as data: lines", ok);
+}
+
+/* lp_fast_parse_stream: subscription.parse(req, o, "stream") for the queries the C path takes. */
+static void test_stream_cursor(void) {
+  int ok = 1;
+  lp_fast_limits lim = {16, 4, 0};
+  lp_buf scratch = LP_BUF_INIT;
+  lp_fast_sub sub;
+  const char *id = "0B0C7A39-1D6E-4D0B-9B61-6F2D3C3E9A10", *lower = "0b0c7a39-1d6e-4d0b-9b61-6f2d3c3e9a10";
+  lp_slice none = {NULL, 0}, empty = {"", 0};
+#define Q(s) ((lp_slice){s, strlen(s)})
+  /* no cursor: from now on; a timeout is not read */
+  CHECK(lp_fast_parse_stream(Q("category=a&timeout=x"), none, &lim, &scratch, &sub) == 1);
+  CHECK(!sub.has_since && sub.ncategories == 1 && sub.categories[0].len == 1);
+  /* since_time + last_id */
+  char q[128];
+  snprintf(q, sizeof q, "category=a&since_time=%%2B7&last_id=%s", id);
+  CHECK(lp_fast_parse_stream(Q(q), empty, &lim, &scratch, &sub) == 1);
+  CHECK(sub.has_since && sub.since == 7 && sub.has_last_id && strcmp(sub.last_id, lower) == 0);
+  /* last_event_id (escaped) wins over since_time; the header wins over both */
+  snprintf(q, sizeof q, "category=a&since_time=1&last_event_id=-3%%5F%s", id);
+  CHECK(lp_fast_parse_stream(Q(q), none, &lim, &scratch, &sub) == 1);
+  CHECK(sub.has_since && sub.since == -3 && sub.has_last_id && strcmp(sub.last_id, lower) == 0);
+  CHECK(lp_fast_parse_stream(Q(q), Q("42"), &lim, &scratch, &sub) == 1);
+  CHECK(sub.has_since && sub.since == 42 && !sub.has_last_id);
+  CHECK(lp_fast_parse_stream(Q("category=a&last_event_id="), none, &lim, &scratch, &sub) == 1 && !sub.has_since);
+  /* what the Lua handler answers with 400 */
+  CHECK(lp_fast_parse_stream(Q("category=a"), Q("12_nope"), &lim, &scratch, &sub) == 0);
+  CHECK(lp_fast_parse_stream(Q("category=a"), Q("12_"), &lim, &scratch, &sub) == 0);
+  CHECK(lp_fast_parse_stream(Q("category=a"), Q("_12"), &lim, &scratch, &sub) == 0);
+  CHECK(lp_fast_parse_stream(Q("category=a&last_event_id=x"), none, &lim, &scratch, &sub) == 0);
+  snprintf(q, sizeof q, "category=a&last_id=%s", id);
+  CHECK(lp_fast_parse_stream(Q(q), none, &lim, &scratch, &sub) == 0); /* last_id without since_time */
+  CHECK(lp_fast_parse_stream(Q("since_time=1"), none, &lim, &scratch, &sub) == 0);
+  CHECK(lp_fast_parse_stream(Q("category=a&category=b&category=c&category=d&category=e"), none, &lim, &scratch, &sub) ==
+        0);
+  /* a long poll still needs its timeout */
+  CHECK(lp_fast_parse_subscription(Q("category=a"), &lim, &scratch, &sub) == 0);
+#undef Q
+  lp_buf_free(&scratch);
+  report("fast: a stream's cursor from Last-Event-ID, last_event_id or since_time", ok);
+}
+
 int main(void) {
   test_keep_alive_and_idle();
   test_pipelined_in_order_never_nested();
@@ -420,6 +488,8 @@ int main(void) {
   test_fail_json();
   test_deadlines();
   test_cors();
+  test_sse_text();
+  test_stream_cursor();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

@@ -704,7 +704,7 @@ static void fake_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
   for (size_t i = 0; i < n; i++) strncat(f->answer, answer[i].ptr, answer[i].len);
 }
 static void fake_ended(lp_waiter *w) { ((fake_waiter *)w)->ended++; }
-static const lp_waiter_ops FAKE_OPS = {fake_woken, fake_ended};
+static const lp_waiter_ops FAKE_OPS = {.woken = fake_woken, .ended = fake_ended};
 
 static void test_owned_waiters(void) {
   int ok = 1;
@@ -752,6 +752,65 @@ static void test_owned_waiters(void) {
   report("owned waiters: woken apart from handles, counted apart, ended when the store closes", ok);
 }
 
+/* A stream-like waiter: takes the event itself, and waits again once the publish is over. */
+typedef struct fake_stream {
+  lp_waiter w;
+  lp_store *store;
+  lp_slice category;
+  uint64_t handle;
+  int events, afters, waiting_when_told, ended;
+  int64_t last_ts;
+} fake_stream;
+
+static void fake_stream_ended(lp_waiter *w) { ((fake_stream *)w)->ended++; }
+
+static void fake_stream_event(lp_waiter *w, const lp_published *p) {
+  fake_stream *f = (fake_stream *)w;
+  f->events++;
+  f->last_ts = p->timestamp;
+  f->waiting_when_told = (int)lp_store_waiting_in(f->store, f->category);
+}
+static void fake_stream_after(lp_waiter *w) {
+  fake_stream *f = (fake_stream *)w;
+  f->afters++;
+  lp_store_wait_owned(f->store, &f->category, 1, &f->w, &f->handle);
+}
+static const lp_waiter_ops STREAM_OPS = {
+    .ended = fake_stream_ended, .woken_event = fake_stream_event, .after = fake_stream_after};
+
+static void test_streams_wait_again(void) {
+  int ok = 1;
+  lp_store *s = new_store(10, 0, 0);
+  fake_stream f1 = {{&STREAM_OPS}, s, S("a"), 0, 0, 0, 0, 0, 0}, f2 = {{&STREAM_OPS}, s, S("a"), 0, 0, 0, 0, 0, 0};
+  fake_waiter poll = {{&FAKE_OPS}, "", 0, 0};
+  CHECK(lp_store_wait_owned(s, &f1.category, 1, &f1.w, &f1.handle) == LP_OK);
+  CHECK(lp_store_wait_owned(s, &f2.category, 1, &f2.w, &f2.handle) == LP_OK);
+  lp_slice a = S("a");
+  uint64_t hp;
+  CHECK(lp_store_wait_owned(s, &a, 1, &poll.w, &hp) == LP_OK);
+  lp_woken w = {0};
+  for (int i = 1; i <= 3; i++) {
+    lp_store_stats st;
+    lp_store_get_stats(s, &st);
+    CHECK(lp_woken_reserve(&w, st.waiting) == LP_OK);
+    lp_published p;
+    CHECK(lp_store_publish(s, a, S("1"), 10 * i, lp_woken_add, &w, &p) == LP_OK);
+    lp_woken_answer(&w, &p);
+    /* each stream got the event itself (not the answer), before anyone waited again */
+    CHECK(f1.events == i && f2.events == i && f1.last_ts == 10 * i && f2.last_ts == 10 * i);
+    CHECK(f1.waiting_when_told == 0 && f2.waiting_when_told == 0);
+    CHECK(f1.afters == i && f2.afters == i);
+    CHECK(lp_store_waiting_in(s, a) == 2); /* the streams wait again; the poll was answered once */
+  }
+  CHECK(poll.woken == 1);
+  CHECK(lp_store_end_owned(s, lp_waiter_end, NULL) == 2);
+  CHECK(f1.ended == 1 && f2.ended == 1 && poll.ended == 0);
+  CHECK(lp_store_waiting_in(s, a) == 0);
+  lp_woken_free(&w);
+  lp_store_free(s);
+  report("owned waiters: a stream takes each event itself and waits again after the publish", ok);
+}
+
 int main(void) {
   test_publish_and_fetch_order();
   test_same_millisecond_cursor();
@@ -776,6 +835,7 @@ int main(void) {
   test_fetch_each();
   test_max_answer_bytes();
   test_owned_waiters();
+  test_streams_wait_again();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

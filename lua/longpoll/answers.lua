@@ -26,6 +26,8 @@ M.JSON = response.header_block(block_with({ "Content-Type", "application/json" }
 M.STREAM_HEADERS = block_with({ "Content-Type", "text/event-stream" }, NO_CACHE_LIST)
 -- nginx buffers proxied answers by default, which would hold events back
 M.STREAM_HEADERS[#M.STREAM_HEADERS + 1] = { "X-Accel-Buffering", "no" }
+-- The same lines as one block, for the engine's C path (core.native_sse).
+M.STREAM = response.header_block(M.STREAM_HEADERS)
 
 -- '{"error":"<message>"}'
 function M.error_body(message)

@@ -12,6 +12,7 @@ local hooks = require "longpoll.hooks"
 local memory = require "longpoll.engine.memory"
 local idempotency = require "longpoll.idempotency"
 local native = require "longpoll.http.native"
+local sse = require "longpoll.sse"
 
 local send_json, send_error = answers.send_json, answers.send_error
 
@@ -290,7 +291,7 @@ function Manager:stats(with_categories)
   if self.closed then return { closed = true } end
   local s = self.engine:stats(with_categories)
   s.timeouts_pending = self.timeouts.count + (self.native and self.native:parked() or 0) -- Lua and C long polls
-  s.sse_streams = self.sse and self.sse.count or 0
+  s.sse_streams = (self.sse and self.sse.count or 0) + (self.native_sse and self.native_sse:streams() or 0)
   return s
 end
 
@@ -301,6 +302,7 @@ local function stop_serving(self)
   -- later requests get the Lua handlers' 503
   if self.native then self.native:disable() end
   if self.native_publish then self.native_publish:disable() end
+  if self.native_sse then self.native_sse:disable() end -- its streams end cleanly
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do
@@ -390,8 +392,12 @@ function M.start(options)
     publish = function(req, res) return publish_request(manager, req, res) end,
   }
   -- extensions (docs/extensions.md): SSE, stats, and CORS around all four handlers
-  manager.sse = require("longpoll.sse").new(manager)
-  handlers.sse = function(req, res) return manager.sse:handle(req, res) end
+  manager.sse = sse.new(manager)
+  handlers.sse = function(req, res)
+    -- as for long polls: a wrapper that ends by calling this handler hands the stream to C
+    if manager.native_sse and res.native and res:native(manager.native_sse, req, answers.STREAM) then return end
+    return manager.sse:handle(req, res)
+  end
   handlers.stats = require("longpoll.stats").handler(manager)
   if o.cors then
     local cors = require "longpoll.cors"
@@ -415,6 +421,16 @@ function M.start(options)
       cors = manager.cors and manager.cors:native("GET, HEAD"),
     })
     native.register(handlers.subscription, manager.native)
+    -- SSE streams too: served from the store in C, each event framed once for every stream
+    manager.native_sse = core.native_sse(engine:core_store(), {
+      max_category_bytes = o.max_category_bytes,
+      max_categories_per_subscription = o.max_categories_per_subscription,
+      heartbeat_ms = o.sse_heartbeat_seconds * 1000,
+      retry_ms = sse.RETRY_MS,
+      header_block = answers.STREAM.text,
+      cors = manager.cors and manager.cors:native("GET, HEAD"),
+    })
+    native.register(handlers.sse, manager.native_sse)
     -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
     -- that takes the debug line of each publish (a publish that wakes a Lua waiter stays Lua's)
     local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
