@@ -307,6 +307,35 @@ describe("sse handler", function()
     end)
   end)
 
+  it("cuts off a stream whose client never reads, and keeps serving the others", function()
+    with_server({ max_event_buffer_size = 5 }, function(t)
+      local reader = open_stream(t.port, { { "category", "big" } })
+      reader:wait_for(function(st) return #st.messages >= 1 end)
+      local stuck = async.connect(t.port)
+      stuck.tcp:read_stop() -- never reads a byte
+      assert(stuck:send("GET /sse?category=big HTTP/1.1\r\nHost: x\r\n\r\n"))
+      assert.truthy(wait_until(function() return t.manager:stats().sse_streams == 2 end))
+      local data = '"' .. ("d"):rep(100000) .. '"'
+      -- 30 MB for the stuck stream if nothing capped it (the output budget is 8 MB)
+      for i = 1, 300 do
+        assert(t.manager:publish_json("big", data))
+        if i % 10 == 0 then reader:next_events(10, 10000) end -- the reader keeps up
+        if t.manager:stats().sse_streams == 1 then break end
+      end
+      assert.truthy(wait_until(function() return t.manager:stats().sse_streams == 1 end, 5000), "cut off")
+      assert(t.manager:publish("big", "still served"))
+      local got
+      assert.truthy(reader:wait_for(function(st)
+        for i = st.read + 1, #st.messages do
+          if st.messages[i].data and decoded(st.messages[i]).data == "still served" then got = true end
+        end
+        return got
+      end, 10000))
+      stuck:close()
+      reader:close()
+    end, { timeout_ms = 60000 })
+  end)
+
   it("ends streams cleanly on manager shutdown", function()
     with_server({}, function(t)
       local a = open_stream(t.port, { { "category", "s" } })
