@@ -22,6 +22,13 @@ end
 
 local function wait_until(cond, timeout_ms) return async.wait_for(cond, timeout_ms or 3000) end
 
+-- The uv timers open now, but the test harness's own.
+local function timers()
+  local n = 0
+  uv.walk(function(h) if h:get_type() == "timer" and not async.owns(h) then n = n + 1 end end)
+  return n
+end
+
 ---------------------------------------------------------------------------------------------
 
 describe("sse handler", function()
@@ -228,11 +235,6 @@ describe("sse handler", function()
 
   it("sends heartbeat comments to every stream from the server's timer (C path), adding none", function()
     with_server({ sse_heartbeat_seconds = 1 }, function(t)
-      local function timers()
-        local n = 0
-        uv.walk(function(h) if h:get_type() == "timer" and not async.owns(h) then n = n + 1 end end)
-        return n
-      end
       local before = timers()
       local streams = {}
       for i = 1, 5 do streams[i] = open_stream(t.port, { { "category", "hb" .. i } }) end
@@ -250,11 +252,6 @@ describe("sse handler", function()
 
   it("sends heartbeat comments to every Lua stream from one shared timer (a wrapped handler)", function()
     with_server({ sse_heartbeat_seconds = 1 }, function(t)
-      local function timers()
-        local n = 0
-        uv.walk(function(h) if h:get_type() == "timer" and not async.owns(h) then n = n + 1 end end)
-        return n
-      end
       local before = timers()
       local streams = {}
       for i = 1, 5 do streams[i] = open_stream(t.port, { { "category", "hb" .. i } }, nil, "/lua-sse") end
