@@ -3,6 +3,8 @@
  * connection does; whole requests go to one Lua function (longpoll.server routes them), and
  * answers come back through the connection handle (longpoll.HttpConn) that response.lua uses.
  * Lua timers, luv sockets and this server share one loop. */
+#include "lp_lua_server.h"
+
 #include <lauxlib.h>
 #include <lua.h>
 #include <signal.h>
@@ -20,7 +22,6 @@
 #include "lp_deadlines.h"
 #include "lp_fast.h"
 #include "lp_json.h"
-#include "lp_lua_server.h"
 #include "lp_lua_static.h"
 #include "lp_waiter.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */

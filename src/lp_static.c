@@ -263,14 +263,14 @@ int lp_static_range_apply(const lp_static_range *r, uint64_t size, uint64_t *fir
 void lp_static_http_date(int64_t t, char out[64]) {
   static const char *const days[7] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
   static const char *const months[12] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                     "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+                                         "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
   time_t tt = (time_t)t;
   struct tm tm;
   if (!gmtime_r(&tt, &tm)) memset(&tm, 0, sizeof tm);
   unsigned year = tm.tm_year + 1900 < 0 ? 0u : (unsigned)(tm.tm_year + 1900) % 10000u;
-  snprintf(out, 64, "%s, %02u %s %04u %02u:%02u:%02u GMT", days[(unsigned)tm.tm_wday % 7u],
-           (unsigned)tm.tm_mday % 100u, months[(unsigned)tm.tm_mon % 12u], year, (unsigned)tm.tm_hour % 100u,
-           (unsigned)tm.tm_min % 100u, (unsigned)tm.tm_sec % 100u);
+  snprintf(out, 64, "%s, %02u %s %04u %02u:%02u:%02u GMT", days[(unsigned)tm.tm_wday % 7u], (unsigned)tm.tm_mday % 100u,
+           months[(unsigned)tm.tm_mon % 12u], year, (unsigned)tm.tm_hour % 100u, (unsigned)tm.tm_min % 100u,
+           (unsigned)tm.tm_sec % 100u);
 }
 
 /* Content-Length, Date, Connection and the empty line: the end of every head. */
@@ -302,8 +302,8 @@ static int file_lines(lp_buf *out, const char *content_type, int64_t mtime) {
   return rc;
 }
 
-int lp_static_file_head(lp_buf *out, int status, const char *content_type, int64_t mtime, uint64_t size,
-                        uint64_t first, uint64_t last, const lp_static_reply *reply) {
+int lp_static_file_head(lp_buf *out, int status, const char *content_type, int64_t mtime, uint64_t size, uint64_t first,
+                        uint64_t last, const lp_static_reply *reply) {
   int rc = status_line(out, status);
   if (rc == 0) rc = file_lines(out, content_type, mtime);
   if (rc == 0 && status == 206) {

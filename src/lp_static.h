@@ -102,8 +102,8 @@ typedef struct lp_static_reply {
 /* Appends the head of a file answer to out: status 200 (whole) or 206 (Content-Range first-last
  * of size), Content-Type, Last-Modified (mtime), Accept-Ranges, Content-Length, Date, Connection.
  * 0, or -1 (memory). */
-int lp_static_file_head(lp_buf *out, int status, const char *content_type, int64_t mtime, uint64_t size,
-                        uint64_t first, uint64_t last, const lp_static_reply *reply);
+int lp_static_file_head(lp_buf *out, int status, const char *content_type, int64_t mtime, uint64_t size, uint64_t first,
+                        uint64_t last, const lp_static_reply *reply);
 /* Appends a whole 416 answer for a file of size bytes (Content-Range "bytes *\/size"). */
 int lp_static_unsatisfiable(lp_buf *out, int64_t mtime, uint64_t size, int head_only, const lp_static_reply *reply);
 /* Appends a whole error answer: status {"error": message} as JSON, with an Allow line when allow
