@@ -741,8 +741,10 @@ describe("http server", function()
         srv:static("/static/", root .. "/pub")
         srv:route("GET", "/static/notes.txt", function(_, res) res:send(200, "a route") end)
       end, function(srv, port)
+        local _
         local status, headers, body = async.http(port, { path = "/static/notes.txt" })
         assert.same(200, status)
+        assert.same("text/plain; charset=utf-8", headers["content-type"])
         assert.same("a route", body) -- a route's path is never the mount's
         local before = srv:fast_answers()
         status, _, body = async.http(port, { path = "/static/app.js" })
