@@ -95,7 +95,17 @@ HTTP = {
     'out_of_memory': http(b'GET / HTTP/1.1\r\n' + b'X: 1\r\n' * 20 + b'\r\n', b3=0x82),
 }
 
-for sub, files in (('json', JSON), ('store', {k: bytes(v) for k, v in STORE.items()}), ('http', HTTP)):
+# fuzz_static inputs: fields cut at 0x01: a decoded request path (its last 8 bytes also give a
+# file size), a Range value, then mount prefixes and routes ("=" + path).
+STATIC = {
+    'mounts': b'/static/js/app.js\x01bytes=0-9\x01/\x01/static\x01/static/js/\x01=/static/js/x',
+    'ranges': b'/a/b.txt\x01 bytes = -5 \x01/a/',
+    'dots': b'/s/sub/../.hidden\\x\x01bytes=1-0\x01/s/\x01/r/',
+    'big': b'/r/' + b'n' * 300 + b'\x01bytes=999999999999999-\x01/r',
+}
+
+for sub, files in (('json', JSON), ('store', {k: bytes(v) for k, v in STORE.items()}), ('http', HTTP),
+                   ('static', STATIC)):
     os.makedirs(os.path.join(here, 'corpus', sub), exist_ok=True)
     for name, data in files.items():
         with open(os.path.join(here, 'corpus', sub, name), 'wb') as f:

@@ -726,6 +726,58 @@ describe("http server", function()
         assert.is_true(max_queued <= 8 * 1024 * 1024, "queued " .. max_queued)
       end, 30000)
     end)
+
+    -- The files this process has open (the engine reads static files with libuv file requests).
+    local function open_fds()
+      local n = 0
+      local dir = assert(uv.fs_scandir("/proc/self/fd"))
+      while uv.fs_scandir_next(dir) do n = n + 1 end
+      return n
+    end
+
+    it("is served by the engine without Lua: routes first, JSON errors, a client gone mid-file frees the file", function()
+      make_file(root .. "/pub/big.bin", 4 * 1024 * 1024)
+      with_server({}, function(srv)
+        srv:static("/static/", root .. "/pub")
+        srv:route("GET", "/static/notes.txt", function(_, res) res:send(200, "a route") end)
+      end, function(srv, port)
+        local _
+        local status, headers, body = async.http(port, { path = "/static/notes.txt" })
+        assert.same(200, status)
+        assert.same("text/plain; charset=utf-8", headers["content-type"])
+        assert.same("a route", body) -- a route's path is never the mount's
+        local before = srv:fast_answers()
+        status, _, body = async.http(port, { path = "/static/app.js" })
+        assert.same(200, status)
+        assert.same("let x = 1;", body)
+        assert.same(before + 1, srv:fast_answers()) -- answered in C
+        status, headers, body = async.http(port, { path = "/static/missing.js" })
+        assert.same(404, status)
+        assert.same("application/json", headers["content-type"])
+        assert.same({ error = "not found" }, json(body))
+        status, headers, body = async.http(port, { path = "/static/app.js", headers = { Range = "bytes=99-" } })
+        assert.same(416, status)
+        assert.same("application/json", headers["content-type"])
+        assert.same({ error = "range not satisfiable" }, json(body))
+        assert.same("bytes */10", headers["content-range"])
+        -- a client that leaves after the first bytes of a large file: the file is closed
+        assert.is_true(async.wait_for(function() return #srv:connections() == 0 end, 5000))
+        local fds = open_fds()
+        local conn = async.connect(port)
+        conn:send("GET /static/big.bin HTTP/1.1\r\n\r\n")
+        assert.is_true(async.wait_for(function()
+          conn:wait_data(100)
+          return #conn.buf > 100000
+        end, 5000))
+        conn:close()
+        assert.is_true(async.wait_for(function() return #srv:connections() == 0 and open_fds() == fds end, 5000),
+          "open files: " .. open_fds() .. ", before: " .. fds)
+        -- and the next client gets the whole file
+        status, _, body = async.http(port, { path = "/static/big.bin", timeout_ms = 15000 })
+        assert.same(200, status)
+        assert.same(4 * 1024 * 1024, #body)
+      end, 30000)
+    end)
   end)
 
   it("streams with write_head, write and finish", function()

@@ -3,6 +3,8 @@
  * connection does; whole requests go to one Lua function (longpoll.server routes them), and
  * answers come back through the connection handle (longpoll.HttpConn) that response.lua uses.
  * Lua timers, luv sockets and this server share one loop. */
+#include "lp_lua_server.h"
+
 #include <lauxlib.h>
 #include <lua.h>
 #include <signal.h>
@@ -20,6 +22,7 @@
 #include "lp_deadlines.h"
 #include "lp_fast.h"
 #include "lp_json.h"
+#include "lp_lua_static.h"
 #include "lp_sse.h"
 #include "lp_waiter.h"
 /* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
@@ -84,6 +87,9 @@ typedef struct sconn {
   int box_ref;        /* registry ref of the Lua handle (longpoll.HttpConn) */
   int drain_ref;      /* conn:on_drain's function, LUA_NOREF when none */
   size_t drain_below; /* ... called once queued is at most this */
+  lp_lua_task *task;  /* the C producer of the pending response's body (a static file), or NULL */
+  size_t task_below;  /* its drain runs once queued is at most this, when task_waits */
+  unsigned task_waits : 1;
   uint64_t id;
   size_t request_bytes;         /* written for the current request */
   unsigned reserve : 1;         /* admitted above max_connections: served only for immediate answers */
@@ -153,6 +159,7 @@ struct server {
   uint64_t refused, refused_logged_at, refused_unlogged;
   native_route *routes;
   size_t nroutes;
+  lp_lua_statics *statics; /* server:static mounts, served in C (lp_lua_static.c) */
   lp_buf fast_scratch, fast_body, fast_head, fast_extra;
   lp_woken fast_woken;                /* the parked polls a fast publish woke */
   lp_buf stream_frame;                /* the chunk of the event being written to the streams */
@@ -316,6 +323,10 @@ static void on_written(uv_write_t *req, int status) {
   }
   lp_conn_wrote(&s->conn, now_ms(s->srv));
   if (s->drain_ref != LUA_NOREF && s->queued <= s->drain_below && !s->handle_closing) call_drain(s);
+  if (s->task && s->task_waits && s->queued <= s->task_below && !s->handle_closing) {
+    s->task_waits = 0;
+    s->task->drain(s->task);
+  }
 }
 
 static void host_write(void *ud, const lp_slice *bufs, size_t nbufs) {
@@ -408,11 +419,20 @@ static void detach(lua_State *L, sconn *s) {
   lua_pop(L, 1);
 }
 
+/* The client of the response a C task produces is gone: the task stops. */
+static void drop_task(sconn *s) {
+  lp_lua_task *t = s->task;
+  s->task = NULL;
+  s->task_waits = 0;
+  if (t) t->gone(t);
+}
+
 static void host_close(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
   unpark(s, 1);
   stream_end(s);
+  drop_task(s);
   if (s->handle_closing) return;
   s->handle_closing = 1;
   if (s->in_sched == 2)
@@ -446,6 +466,7 @@ static void host_gone(void *ud) {
   lua_State *L = srv->L;
   unpark(s, 1); /* a parked poll's client left: its wait ends, nothing is answered */
   stream_end(s);
+  drop_task(s);
   if (s->box_ref == LUA_NOREF) return;
   if (s->counted && s->conn.phase == LP_CONN_CLOSED) { /* gone for good: the count says so already */
     s->counted = 0;
@@ -1107,6 +1128,8 @@ static int fast_sse(sconn *s, native_handler *nh, lp_store *store, const lp_http
   return 1;
 }
 
+static void reserve_check(sconn *s);
+
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   sconn *s = ud;
   server *srv = s->srv;
@@ -1132,6 +1155,10 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
       }
     }
   }
+  if (lp_lua_static_request(srv->statics, s, head)) { /* a static mount's, answered in C */
+    reserve_check(s);
+    return;
+  }
   /* while the Lua handler runs, a native handler it calls may still read the head (conn:native) */
   sconn *outer = srv->current;
   const lp_http_event *outer_head = srv->current_head;
@@ -1147,6 +1174,12 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
     lp_conn_fail(&s->conn, status == LUA_ERRMEM ? 503 : 500,
                  status == LUA_ERRMEM ? "out of memory" : "internal server error", now_ms(srv));
   }
+  reserve_check(s);
+}
+
+/* After a request was dispatched. */
+static void reserve_check(sconn *s) {
+  server *srv = s->srv;
   if (s->reserve && s->conn.phase == LP_CONN_ANSWERING) {
     /* A connection above max_connections may not wait: the cap keeps room for publishers. */
     if (s->request_bytes == 0) {
@@ -1160,6 +1193,24 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
 
 static const lp_conn_host HOST = {host_request, host_write,    host_queued, host_shutdown,
                                   host_close,   host_schedule, host_gone,   host_date};
+
+/* ---------------------------------------------------------------------------------------------
+ * What the parts of the engine in other files use (lp_lua_server.h) */
+
+void lp_lua_conn_set_task(sconn *s, lp_lua_task *t) {
+  s->task = t;
+  s->task_waits = 0;
+}
+void lp_lua_conn_wait_drain(sconn *s, size_t below) {
+  s->task_below = below;
+  s->task_waits = s->task != NULL;
+}
+lp_conn *lp_lua_conn_state(sconn *s) { return &s->conn; }
+uv_loop_t *lp_lua_conn_loop(sconn *s) { return s->srv->loop; }
+size_t lp_lua_conn_queued(sconn *s) { return s->queued; }
+uint64_t lp_lua_conn_now(sconn *s) { return now_ms(s->srv); }
+const char *lp_lua_conn_date(sconn *s) { return host_date(s); }
+void lp_lua_conn_count_fast(sconn *s) { s->srv->fast_answers++; }
 
 /* ---------------------------------------------------------------------------------------------
  * Accepting */
@@ -1841,6 +1892,11 @@ static int server_native_route(lua_State *L) {
   return 0;
 }
 
+/* server:static_mount(prefix, dir[, follow_symlinks]): files under dir answer GET and HEAD below
+ * prefix, in C (lp_lua_static.c); server:route_path(path): a route owns path, no mount takes it. */
+static int server_static_mount(lua_State *L) { return lp_lua_static_mount(L, &check_server(L)->statics); }
+static int server_route_path(lua_State *L) { return lp_lua_static_route(L, &check_server(L)->statics); }
+
 /* server:fast_answers() -> how many requests were answered without entering Lua. */
 static int server_fast_answers(lua_State *L) {
   lua_pushinteger(L, (lua_Integer)check_server(L)->fast_answers);
@@ -1858,6 +1914,8 @@ static void free_native(lua_State *L, server *srv) {
   lp_woken_free(&srv->fast_woken);
   lp_buf_free(&srv->stream_frame);
   lp_deadlines_free(&srv->deadlines);
+  lp_lua_static_free(srv->statics);
+  srv->statics = NULL;
 }
 
 /* What uv.walk hands to Lua for each of the server's handles: one object per server that says
@@ -1893,6 +1951,8 @@ static const luaL_Reg server_methods[] = {{"listen", server_listen},
                                           {"connections", server_connections},
                                           {"native_route", server_native_route},
                                           {"fast_answers", server_fast_answers},
+                                          {"static_mount", server_static_mount},
+                                          {"route_path", server_route_path},
                                           {NULL, NULL}};
 
 static const luaL_Reg conn_methods[] = {{"write", conn_write},     {"done", conn_done},

@@ -1,12 +1,12 @@
--- HTTP/1.1 server: routes, static mounts and the fallback, in Lua; the connections themselves
--- (accept, read, parse, keep-alive, pipelining, limits, deadlines, writes) are the C engine on
--- luv's loop (core.http_server, src/lp_lua_server.c + src/lp_conn.c), which hands every whole
--- request to dispatch() below and takes the answer back through the response object.
+-- HTTP/1.1 server: routes and the fallback, in Lua; the connections themselves (accept, read,
+-- parse, keep-alive, pipelining, limits, deadlines, writes) are the C engine on luv's loop
+-- (core.http_server, src/lp_lua_server.c + src/lp_conn.c), which serves static mounts itself
+-- (src/lp_lua_static.c), hands every other whole request to dispatch() below and takes the
+-- answer back through the response object.
 require "luv" -- the engine runs on luv's loop: luv must be loaded first
 local core = require "longpoll.core"
 local request = require "longpoll.http.request"
 local response = require "longpoll.http.response"
-local static = require "longpoll.http.static"
 local native = require "longpoll.http.native"
 
 local find, sub, concat, sort = string.find, string.sub, table.concat, table.sort
@@ -160,7 +160,6 @@ function server.new(options)
     reserve_connections = o.reserve_connections,
     logger = o.logger,
     _routes = {}, -- path -> { methods = { METHOD = handler }, allow = "GET, HEAD" }
-    _statics = {}, -- { prefix, dir, handler }, longest prefix first
   }, Server)
   srv._engine = core.http_server({
     host = o.host,
@@ -202,6 +201,7 @@ function Server:route(method, path, handler)
   if not route then
     route = { methods = {} }
     self._routes[path] = route
+    self._engine:route_path(path) -- routes come before static mounts
   end
   route.methods[method] = handler
   local allow = {}
@@ -224,7 +224,7 @@ function Server:route(method, path, handler)
 end
 
 -- options: { follow_symlinks = true } serves symlinks whose target is outside dir (refused by
--- default).
+-- default). The engine serves the mount in C (src/lp_lua_static.c): its requests never enter Lua.
 function Server:static(prefix, dir, options)
   if type(prefix) ~= "string" or sub(prefix, 1, 1) ~= "/" then
     error("static: prefix must start with '/'", 2)
@@ -239,18 +239,11 @@ function Server:static(prefix, dir, options)
     prefix = prefix .. "/"
   end
   dir = dir:gsub("(.)/+$", "%1")
-  local mount = static.mount(prefix, dir, options)
-  mount.handler = function(req, res)
-    return static.serve(mount, req, res)
-  end
-  local statics = self._statics
-  statics[#statics + 1] = mount
-  sort(statics, function(a, b)
-    return #a.prefix > #b.prefix
-  end)
+  self._engine:static_mount(prefix, dir, options ~= nil and options.follow_symlinks == true)
 end
 
--- handler, or nil, allow (known path, other method), or nil (unknown path).
+-- handler, or nil, allow (known path, other method), or nil (unknown path). Static mounts are
+-- the engine's: their requests never reach Lua.
 function Server:find_handler(req)
   local path, method = req.path, req.method
   local route = self._routes[path]
@@ -261,16 +254,6 @@ function Server:find_handler(req)
       return h
     end
     return nil, route.allow
-  end
-  local statics = self._statics
-  for i = 1, #statics do
-    local mount = statics[i]
-    if sub(path, 1, #mount.prefix) == mount.prefix then
-      if method ~= "GET" and method ~= "HEAD" then
-        return nil, "GET, HEAD"
-      end
-      return mount.handler
-    end
   end
   return self._fallback
 end
