@@ -47,43 +47,43 @@ $(HIREDIS): src/lp_hiredis.c
 	@mkdir -p $(dir $@)
 	$(CC) $(WARN) $(CFLAGS) -fPIC -shared -I$(LUA_INC) src/lp_hiredis.c -o $@ -lhiredis
 
-$(BUILD)/test_core: tests/test_core.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_core: tests/test_core.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_core.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_core_plain: tests/test_core.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_core_plain: tests/test_core.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_core.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_http: tests/test_http.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_http: tests/test_http.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_http.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_http_plain: tests/test_http.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_http_plain: tests/test_http.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_http.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_conn: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_conn: tests/test_conn.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_conn.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_conn_plain: tests/test_conn.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_conn_plain: tests/test_conn.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_conn.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_cache: tests/test_cache.c tests/cache_model.h $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_cache: tests/test_cache.c tests/tap.h tests/cache_model.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_cache.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_cache_plain: tests/test_cache.c tests/cache_model.h $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_cache_plain: tests/test_cache.c tests/tap.h tests/cache_model.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_cache.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_static: tests/test_static.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_static: tests/test_static.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_static.c $(CORE_SRC) -o $@
 
-$(BUILD)/test_static_plain: tests/test_static.c $(CORE_SRC) $(CORE_HDR)
+$(BUILD)/test_static_plain: tests/test_static.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_static.c $(CORE_SRC) -o $@
 

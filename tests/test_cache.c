@@ -7,22 +7,7 @@
 
 #include "cache_model.h"
 #include "lp_cache.h"
-
-static int test_no = 0, failures = 0;
-
-#define CHECK(cond)                                                     \
-  do {                                                                  \
-    if (!(cond)) {                                                      \
-      printf("# %s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      ok = 0;                                                           \
-    }                                                                   \
-  } while (0)
-
-static void report(const char *name, int ok) {
-  test_no++;
-  if (!ok) failures++;
-  printf("%sok %d - %s\n", ok ? "" : "not ", test_no, name);
-}
+#include "tap.h"
 
 static lp_slice S(const char *s) { return (lp_slice){s, strlen(s)}; }
 
