@@ -41,9 +41,9 @@ typedef struct lp_cache_pos {
 int lp_cache_pos_set(lp_cache_pos *p, const char *epoch, size_t epoch_len, int64_t ts, int64_t seq);
 
 typedef struct lp_cache_config {
-  size_t max_event_buffer_size; /* >= 1, Redis's MAXLEN per category */
-  size_t max_category_bytes;    /* >= 1 */
-  size_t max_categories;        /* categories kept at most (0: no limit); the others go to Redis */
+  size_t max_event_buffer_size;    /* >= 1, Redis's MAXLEN per category */
+  size_t max_category_bytes;       /* >= 1 */
+  size_t max_categories;           /* categories kept at most (0: no limit); the others go to Redis */
   size_t max_waiting_per_category; /* polls parked per category at most (0: no limit) */
 } lp_cache_config;
 

@@ -344,8 +344,9 @@ static void test_parked_polls(void) {
   CHECK(st.parked == 3);
   /* an event of a: every poll on a is answered once with the answer the Lua path writes */
   CHECK(add(c, "e", 10, 1, "a", ID1, "{\"n\":1}") == LP_OK);
-  const char *want = "{\"events\":[{\"timestamp\":10,\"category\":\"a\",\"data\":{\"n\":1},\"id\":\""
-                     "00000000-0000-4000-8000-000000000001\"}]}";
+  const char *want =
+      "{\"events\":[{\"timestamp\":10,\"category\":\"a\",\"data\":{\"n\":1},\"id\":\""
+      "00000000-0000-4000-8000-000000000001\"}]}";
   CHECK(a1.woken == 1 && a2.woken == 1 && b1.woken == 1 && gone.woken == 0);
   CHECK(strcmp(a1.answer, want) == 0 && strcmp(b1.answer, want) == 0);
   CHECK(add(c, "e", 11, 2, "a", ID2, "2") == LP_OK); /* woken once: their waits are gone */
