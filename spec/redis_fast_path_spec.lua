@@ -118,16 +118,18 @@ describe("Redis native long-poll path", function()
       status, _, body = get(t.port, "/events", ("?category=a&timeout=1&since_time=%d"):format(ev[3].timestamp + 1000))
       assert.equals(200, status)
       assert.equals("no events before timeout", cjson.decode(body).timeout)
-      -- nothing after the cursor: the poll waits (Lua), and a publish wakes it
+      -- nothing after the cursor: the poll waits (parked in C, on the cache), and a publish wakes it
       local waiting = async.connect(t.port)
       waiting:send(("GET /events?category=a&timeout=20&since_time=%d&last_id=%s HTTP/1.1\r\n\r\n")
         :format(ev[3].timestamp, ev[3].id))
       wait_until("the poll to wait", function() return t.manager:stats().waiting == 1 end)
+      assert.equals(1, cache_stats(t).cache_parked)
       publish_all(t, { { "a", 4 } })
       local ws, _, wbody = waiting:read_response()
       waiting:close()
       assert.equals(200, ws)
       assert.equals(4, cjson.decode(wbody).events[1].data)
+      before = before + 1 -- answered in C
       -- errors get the Lua handler's messages
       _, _, body = get(t.port, "/events", "?category=a&timeout=5&since_time=0&last_id=nope")
       assert.equals("Param 'last_id' was not a valid UUID.", cjson.decode(body).error)

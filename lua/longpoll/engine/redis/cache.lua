@@ -20,12 +20,14 @@ Cache.__index = Cache
 
 local M = {}
 
--- store_options: max_event_buffer_size, max_category_bytes (each category's buffer);
+-- store_options: max_event_buffer_size, max_category_bytes (each category's buffer),
+-- max_waiting_per_category (the polls the HTTP engine parks on the cache, per category);
 -- max_categories: how many categories it keeps at most (0: no limit; the others go to Redis).
 function M.new(store_options, log, max_categories)
   return setmetatable({ log = log, c = core.new_cache {
     max_event_buffer_size = store_options.max_event_buffer_size,
     max_category_bytes = store_options.max_category_bytes,
+    max_waiting_per_category = store_options.max_waiting_per_category or 0,
     max_categories = max_categories or 0,
   } }, Cache)
 end
