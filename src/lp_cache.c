@@ -275,6 +275,9 @@ int lp_cache_warm(lp_cache *c, lp_slice category, int64_t since, const lp_cache_
   if (!same_epoch(&c->base, pos) || after(pos, &c->base)) return 0;
   uint64_t h = hash_name(category);
   if (find(c, category, h)) return 0;
+  /* a poll parked on the category waits from a position before the read's: the read's events
+   * after it, kept here, would reach the cache by pub/sub as seen already and wake nobody */
+  if (lp_store_waiting_in(c->parked, category) > 0) return 0;
   entry *e;
   int64_t hold_from = since < 0 ? INT64_MIN : since == INT64_MAX ? INT64_MAX : since + 1;
   if (new_entry(c, category, h, hold_from, pos, &e) != LP_OK || !e) return 0;

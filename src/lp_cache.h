@@ -81,8 +81,8 @@ typedef struct lp_cache_event {
 
 /* A read of one category answered by Redis: the cursor since, its events, missed, and the
  * position pos Redis was at. When the cache has nothing of the category yet (and the read is of
- * this base, without a drop), it now holds what Redis holds after the cursor. Returns 1 when it
- * warmed the category, 0 when not. */
+ * this base, without a drop, and no poll is parked on the category), it now holds what Redis
+ * holds after the cursor. Returns 1 when it warmed the category, 0 when not. */
 int lp_cache_warm(lp_cache *c, lp_slice category, int64_t since, const lp_cache_event *events, size_t n, int missed,
                   const lp_cache_pos *pos);
 
