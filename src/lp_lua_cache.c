@@ -1,6 +1,7 @@
 /* lp_lua_cache: the Lua binding of lp_cache (core.new_cache), the Redis engine's node-local
  * cache (lua/longpoll/engine/redis/cache.lua wraps it; lp_lua_server.c's native handler reads
- * it and parks long polls on it, which cache:add wakes). Positions are passed as three values: epoch (string), ts, seq (integers). */
+ * it and parks long polls on it, which cache:add wakes). Positions are passed as three values:
+ * epoch (string), ts, seq (integers). */
 #include <lauxlib.h>
 #include <lua.h>
 #include <string.h>
