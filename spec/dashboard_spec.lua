@@ -82,7 +82,8 @@ for _, mode in ipairs(modes) do
           after = stats()
           return after.published - before.published == 5 and after.delivered - before.delivered >= 1
         end)
-        assert.is_true(after.uptime_seconds > before.uptime_seconds)
+        -- in milliseconds (stats.json's %.3f): the steps above may all fit in one
+        assert.is_true(after.uptime_seconds >= before.uptime_seconds)
         assert.equals(0, after.waiting)
         if not R then assert.equals(5, after.by_category.hot.events) end
 
