@@ -118,16 +118,18 @@ describe("Redis native long-poll path", function()
       status, _, body = get(t.port, "/events", ("?category=a&timeout=1&since_time=%d"):format(ev[3].timestamp + 1000))
       assert.equals(200, status)
       assert.equals("no events before timeout", cjson.decode(body).timeout)
-      -- nothing after the cursor: the poll waits (Lua), and a publish wakes it
+      -- nothing after the cursor: the poll waits (parked in C, on the cache), and a publish wakes it
       local waiting = async.connect(t.port)
       waiting:send(("GET /events?category=a&timeout=20&since_time=%d&last_id=%s HTTP/1.1\r\n\r\n")
         :format(ev[3].timestamp, ev[3].id))
       wait_until("the poll to wait", function() return t.manager:stats().waiting == 1 end)
+      assert.equals(1, cache_stats(t).cache_parked)
       publish_all(t, { { "a", 4 } })
       local ws, _, wbody = waiting:read_response()
       waiting:close()
       assert.equals(200, ws)
       assert.equals(4, cjson.decode(wbody).events[1].data)
+      before = before + 1 -- answered in C
       -- errors get the Lua handler's messages
       _, _, body = get(t.port, "/events", "?category=a&timeout=5&since_time=0&last_id=nope")
       assert.equals("Param 'last_id' was not a valid UUID.", cjson.decode(body).error)
@@ -202,5 +204,185 @@ describe("Redis native long-poll path", function()
       h1.date, h2.date = nil, nil
       assert.same(h2, h1)
     end, { setup = routes })
+  end)
+end)
+
+describe("Redis native long-poll path: polls parked in C on the cache", function()
+  local R
+  setup(function() R = redis.start() end)
+  teardown(function() R:stop() end)
+  before_each(function() R:cli("FLUSHALL") end)
+
+  local rs = nodes_fixture.redis_stats
+
+  -- /lua on the node: the manager's handler behind a wrapper that changes the query, so the
+  -- Lua path (a Lua waiter, a Lua timeout) answers it
+  local function lua_route(node)
+    node.srv:route("GET", "/lua", function(req, res)
+      req:set_query("unused", nil)
+      return node.manager.subscription_handler(req, res)
+    end)
+  end
+
+  -- Waits until node received every event the other published (over pub/sub).
+  local function caught_up(node, other)
+    wait_until("the node to receive the events", function() return (rs(node).pubsub_seq or -1) >= rs(other).seq end)
+  end
+
+  local function poll(node, path, q)
+    local conn = async.connect(node.port)
+    conn:send(("GET %s%s HTTP/1.1\r\nHost: x\r\n\r\n"):format(path, q))
+    return conn
+  end
+
+  local function response(conn)
+    local status, h, body = conn:read_response()
+    conn:close()
+    h.date = nil
+    return status, h, body
+  end
+
+  local function cursor(category, ev, timeout)
+    return ("?category=%s&timeout=%d&since_time=%d&last_id=%s"):format(category, timeout or 20, ev.timestamp, ev.id)
+  end
+
+  it("wakes parked polls from an event published on another node, with the Lua path's bytes", function()
+    nodes_fixture.with(R.url, 2, {}, function(nodes)
+      local A, B = nodes[1], nodes[2]
+      lua_route(B)
+      local e1 = assert(A.publish("a", { n = 1 }))
+      caught_up(B, A)
+      local q = cursor("a", e1)
+      local c_poll, lua_poll = poll(B, "/events", q), poll(B, "/lua", q)
+      local two = poll(B, "/events", ("?category=b&category=a&timeout=20&since_time=%d&last_id=%s")
+        :format(e1.timestamp, e1.id))
+      wait_until("the polls to wait", function() return rs(B).waiters == 3 end)
+      local st = rs(B)
+      assert.equals(2, st.cache_parked) -- /events (one category and two); /lua waits in Lua
+      assert.equals(2, B.manager:stats().timeouts_pending - B.manager.timeouts.count)
+      assert.equals(3, B.manager:stats().waiting)
+      local fast, delivered = B.srv:fast_answers(), st.delivered
+      local e2 = assert(A.publish("a", { n = 2 }))
+      local s1, h1, b1 = response(c_poll)
+      local s2, h2, b2 = response(lua_poll)
+      local s3, _, b3 = response(two)
+      assert.equals(200, s1)
+      assert.same({ s1, h1, b1 }, { s2, h2, b2 }) -- byte for byte
+      assert.same({ s1, b1 }, { s3, b3 })
+      assert.same({ e2.id }, { cjson.decode(b1).events[1].id })
+      assert.equals(fast + 2, B.srv:fast_answers())
+      st = rs(B)
+      assert.equals(0, st.cache_parked)
+      assert.equals(2, st.cache_woken)
+      assert.equals(delivered + 3, st.delivered)
+      assert.equals(0, st.waiters)
+    end)
+  end)
+
+  it("answers a parked poll's timeout with a Redis mark, as the Lua path does", function()
+    nodes_fixture.with(R.url, 2, {}, function(nodes)
+      local A, B = nodes[1], nodes[2]
+      lua_route(B)
+      local e1 = assert(A.publish("a", 1))
+      caught_up(B, A)
+      local q = cursor("a", e1, 1)
+      local c_poll, lua_poll = poll(B, "/events", q), poll(B, "/lua", q)
+      wait_until("the polls to wait", function() return rs(B).waiters == 2 end)
+      assert.equals(1, rs(B).cache_parked)
+      local s1, h1, b1 = response(c_poll)
+      local s2, h2, b2 = response(lua_poll)
+      assert.same({ 200, 200, h2 }, { s1, s2, h1 })
+      local t1, t2 = cjson.decode(b1), cjson.decode(b2)
+      assert.equals("no events before timeout", t1.timeout)
+      assert.same(b1, ('{"timeout":"no events before timeout","timestamp":%d}'):format(t1.timestamp))
+      assert.equals(t2.timeout, t1.timeout)
+      -- a mark: Redis's time a second after the cursor, not the cursor's
+      assert.truthy(t1.timestamp >= e1.timestamp + 900)
+      local e2 = assert(A.publish("a", 2))
+      assert.truthy(e2.timestamp > t1.timestamp)
+      -- continuing from it, as golongpoll's client does, skips nothing
+      local _, got = B.get({ { "category", "a" }, { "timeout", "5" }, { "since_time", ("%d"):format(t1.timestamp) },
+        { "last_id", e1.id } })
+      assert.same({ e2.id }, { got.events[1].id })
+      assert.equals(0, rs(B).cache_parked)
+      assert.equals(0, B.manager:stats().timeouts_pending)
+    end)
+  end)
+
+  it("answers with the event that precedes the timeout's marker on pub/sub, not the timeout", function()
+    nodes_fixture.with(R.url, 2, {}, function(nodes)
+      local A, B = nodes[1], nodes[2]
+      local e1 = assert(A.publish("a", 1))
+      caught_up(B, A)
+      local c_poll = poll(B, "/events", cursor("a", e1, 1))
+      wait_until("the poll to wait", function() return rs(B).cache_parked == 1 end)
+      B.transport.hold()
+      local e2 = assert(A.publish("a", 2))
+      -- the poll's time is up: its mark's marker comes after e2 on B's pub/sub connection
+      wait_until("e2 and the marker held", function() return #B.transport.held == 2 end, 5000)
+      assert.equals(1, rs(B).cache_parked)
+      B.transport.release()
+      local status, _, body = response(c_poll)
+      assert.equals(200, status)
+      assert.same({ e2.id }, { cjson.decode(body).events[1].id })
+      assert.equals(0, rs(B).cache_parked)
+    end)
+  end)
+
+  it("answers parked polls when the cache is dropped, and the next poll reads what they missed", function()
+    nodes_fixture.with(R.url, 2, {}, function(nodes)
+      local A, B = nodes[1], nodes[2]
+      local e1 = assert(A.publish("a", 1))
+      caught_up(B, A)
+      local c_poll = poll(B, "/events", cursor("a", e1))
+      wait_until("the poll to wait", function() return rs(B).cache_parked == 1 end)
+      -- B loses the first of the next two messages: a gap, the cache is dropped
+      B.transport.hold()
+      local e2, e3 = assert(A.publish("a", 2)), assert(A.publish("a", 3))
+      wait_until("both messages held", function() return #B.transport.held == 2 end)
+      B.transport.drop(1)
+      B.transport.release()
+      local status, _, body = response(c_poll)
+      assert.equals(200, status)
+      local t1 = cjson.decode(body)
+      assert.equals("no events before timeout", t1.timeout)
+      assert.truthy(t1.timestamp >= e1.timestamp - 1 and t1.timestamp < e2.timestamp)
+      local st = rs(B)
+      assert.equals(1, st.cache_ended)
+      assert.equals(0, st.cache_parked)
+      local _, got = B.get({ { "category", "a" }, { "timeout", "5" }, { "since_time", ("%d"):format(t1.timestamp) },
+        { "last_id", e1.id } })
+      assert.same({ e2.id, e3.id }, { got.events[1].id, got.events[2] and got.events[2].id })
+    end)
+  end)
+
+  it("forgets a parked poll whose client left, and answers the others at shutdown", function()
+    nodes_fixture.with(R.url, 1, {}, function(nodes)
+      local A = nodes[1]
+      local e1 = assert(A.publish("a", 1))
+      caught_up(A, A)
+      local gone = poll(A, "/events", cursor("a", e1))
+      wait_until("the poll to wait", function() return rs(A).cache_parked == 1 end)
+      gone:close()
+      wait_until("the poll to be forgotten", function() return rs(A).cache_parked == 0 end)
+      assert.equals(0, A.manager:stats().timeouts_pending)
+      local fast = A.srv:fast_answers()
+      assert(A.publish("a", 2))
+      assert.equals(fast, A.srv:fast_answers())
+      assert.equals(0, rs(A).cache_woken)
+      -- at shutdown a parked poll gets the timeout answer, its timestamp a Redis mark
+      local e3 = assert(A.publish("a", 3))
+      caught_up(A, A)
+      local waiting = poll(A, "/events", cursor("a", e3))
+      wait_until("the poll to wait", function() return rs(A).cache_parked == 1 end)
+      local stopped = async.event()
+      A.manager:shutdown(function() stopped:set(true) end)
+      local status, _, body = response(waiting)
+      assert.equals(200, status)
+      local t1 = cjson.decode(body)
+      assert.equals("no events before timeout", t1.timeout)
+      assert.truthy(t1.timestamp >= e3.timestamp)
+      assert(stopped:wait(5000))
+    end)
   end)
 end)

@@ -33,6 +33,12 @@ struct lp_cache {
   char (*ids)[LP_UUID_LEN + 1]; /* the ids of the events stamped last.ts */
   size_t nids;
   uint64_t hits, waits, misses, warmed, resets;
+  /* the parked polls: an lp_store that only indexes who waits on which category (owned waits,
+   * no events), what an event woke, and that event's JSON */
+  lp_store *parked;
+  lp_woken woken;
+  lp_buf json;
+  uint64_t nwoken, nended;
 };
 
 int lp_cache_pos_set(lp_cache_pos *p, const char *epoch, size_t epoch_len, int64_t ts, int64_t seq) {
@@ -74,7 +80,13 @@ lp_cache *lp_cache_new(const lp_cache_config *cfg) {
   c->nbuckets = 16;
   c->buckets = calloc(c->nbuckets, sizeof *c->buckets);
   c->ids = malloc(LAST_MS_IDS_MAX * sizeof *c->ids);
-  if (!c->buckets || !c->ids) {
+  lp_store_config wc;
+  memset(&wc, 0, sizeof wc);
+  wc.max_event_buffer_size = 1;
+  wc.max_category_bytes = cfg->max_category_bytes;
+  wc.max_waiting_per_category = cfg->max_waiting_per_category;
+  c->parked = lp_store_new(&wc);
+  if (!c->buckets || !c->ids || !c->parked) {
     lp_cache_free(c);
     return NULL;
   }
@@ -95,15 +107,25 @@ static void drop_entries(lp_cache *c) {
   c->nentries = c->categories = 0;
 }
 
+/* Ends every parked wait (its owner learns it: ended). */
+static void end_parked(lp_cache *c) {
+  if (c->parked) c->nended += lp_store_end_owned(c->parked, lp_waiter_end, NULL);
+}
+
 void lp_cache_free(lp_cache *c) {
   if (!c) return;
+  end_parked(c);
   if (c->buckets) drop_entries(c);
   free(c->buckets);
   free(c->ids);
+  lp_store_free(c->parked);
+  lp_woken_free(&c->woken);
+  lp_buf_free(&c->json);
   free(c);
 }
 
 void lp_cache_reset(lp_cache *c, int counted) {
+  end_parked(c);
   drop_entries(c);
   c->valid = 0;
   c->nids = 0;
@@ -189,6 +211,30 @@ static int seen_in_last_ms(const lp_cache *c, const char *id) {
   return 0;
 }
 
+/* Wakes the polls parked on category with the event (new to each of them: every poll parked
+ * before it arrived, at a position before it, and a read did not put it here). */
+static void wake_parked(lp_cache *c, lp_slice category, const char *id, lp_slice data_json, int64_t ts) {
+  size_t waiting = lp_store_waiting_in(c->parked, category), count;
+  if (waiting == 0) return;
+  lp_buf_reset(&c->json);
+  if (lp_woken_reserve(&c->woken, waiting) != LP_OK ||
+      lp_event_json_append(&c->json, category, data_json, id, ts) != LP_OK) {
+    end_parked(c); /* none may miss the event: their owners answer them another way */
+    return;
+  }
+  if (lp_store_take_waiters(c->parked, category, lp_woken_add, &c->woken, &count) != LP_OK) {
+    end_parked(c);
+    return;
+  }
+  lp_published p;
+  memset(&p, 0, sizeof p);
+  p.json = c->json.data;
+  p.json_len = c->json.len;
+  c->nwoken += c->woken.nowned;
+  lp_woken_answer(&c->woken, &p);
+  if (c->json.cap > (1u << 20)) lp_buf_free(&c->json); /* one huge event should not pin its memory */
+}
+
 int lp_cache_add(lp_cache *c, const lp_cache_pos *ev, lp_slice category, const char *id, lp_slice data_json) {
   if (!c->valid) return LP_OK;
   if (after(&c->last, ev)) {
@@ -198,17 +244,29 @@ int lp_cache_add(lp_cache *c, const lp_cache_pos *ev, lp_slice category, const c
   if (ev->ts == c->last.ts) note_id(c, id);
   uint64_t h = hash_name(category);
   entry *e = find(c, category, h);
-  if (e && (!e->store || !after(&e->last, ev))) return LP_OK; /* not kept, or a read put it here already */
-  if (!e) {
-    int rc = new_entry(c, category, h, c->base_from, &c->base, &e);
-    if (rc != LP_OK || !e) return rc;
+  if (e && e->store && !after(&e->last, ev)) return LP_OK; /* a read put it here already */
+  int rc = LP_OK;
+  if (e && !e->store) {
+    /* not kept: Redis's until the reset */
+  } else if (!e && (rc = new_entry(c, category, h, c->base_from, &c->base, &e)) != LP_OK) {
+    end_parked(c); /* cannot tell whether it is new to them: their owners answer them */
+    return rc;
+  } else if (e) {
+    lp_published p;
+    rc = lp_store_restore(e->store, category, data_json, id, ev->ts, &p);
+    if (rc != LP_OK) e->hold_from = INT64_MAX; /* a category the cache cannot hold: Redis's until the reset */
+    e->last = *ev;
   }
-  lp_published p;
-  int rc = lp_store_restore(e->store, category, data_json, id, ev->ts, &p);
-  if (rc != LP_OK) e->hold_from = INT64_MAX; /* a category the cache cannot hold: Redis's until the reset */
-  e->last = *ev;
+  wake_parked(c, category, id, data_json, ev->ts);
   return rc;
 }
+
+int lp_cache_wait(lp_cache *c, const lp_slice *categories, size_t n, lp_waiter *owner, uint64_t *handle) {
+  if (!c->valid || n == 0 || !owner) return LP_EINVAL;
+  return lp_store_wait_owned(c->parked, categories, n, owner, handle);
+}
+
+int lp_cache_cancel(lp_cache *c, uint64_t handle) { return lp_store_cancel(c->parked, handle); }
 
 int lp_cache_warm(lp_cache *c, lp_slice category, int64_t since, const lp_cache_event *events, size_t n, int missed,
                   const lp_cache_pos *pos) {
@@ -217,6 +275,9 @@ int lp_cache_warm(lp_cache *c, lp_slice category, int64_t since, const lp_cache_
   if (!same_epoch(&c->base, pos) || after(pos, &c->base)) return 0;
   uint64_t h = hash_name(category);
   if (find(c, category, h)) return 0;
+  /* a poll parked on the category waits from a position before the read's: the read's events
+   * after it, kept here, would reach the cache by pub/sub as seen already and wake nobody */
+  if (lp_store_waiting_in(c->parked, category) > 0) return 0;
   entry *e;
   int64_t hold_from = since < 0 ? INT64_MIN : since == INT64_MAX ? INT64_MAX : since + 1;
   if (new_entry(c, category, h, hold_from, pos, &e) != LP_OK || !e) return 0;
@@ -332,4 +393,9 @@ void lp_cache_get_stats(const lp_cache *c, lp_cache_stats *st) {
   st->misses = c->misses;
   st->warmed = c->warmed;
   st->resets = c->resets;
+  lp_store_stats ws;
+  lp_store_get_stats(c->parked, &ws);
+  st->parked = ws.waiting;
+  st->woken = c->nwoken;
+  st->ended = c->nended;
 }

@@ -1,6 +1,7 @@
 /* lp_lua_cache: the Lua binding of lp_cache (core.new_cache), the Redis engine's node-local
  * cache (lua/longpoll/engine/redis/cache.lua wraps it; lp_lua_server.c's native handler reads
- * it). Positions are passed as three values: epoch (string), ts, seq (integers). */
+ * it and parks long polls on it, which cache:add wakes). Positions are passed as three values:
+ * epoch (string), ts, seq (integers). */
 #include <lauxlib.h>
 #include <lua.h>
 #include <string.h>
@@ -21,7 +22,8 @@ static cache_ud *check_cache(lua_State *L) {
   return u;
 }
 
-/* The cache of the userdata at idx, NULL when it is none (lp_lua_server.c's native handler). */
+/* The cache of the userdata at idx, NULL when it is none (lp_lua_server.c's native handler, which
+ * also parks long polls on it: cache:add wakes them, cache:reset ends them). */
 lp_cache *lp_lua_cache_of(lua_State *L, int idx) {
   cache_ud *u = luaL_testudata(L, idx, CACHE_MT);
   return u ? u->cache : NULL;
@@ -39,13 +41,15 @@ static lua_Integer size_field(lua_State *L, const char *k, lua_Integer def, lua_
   return v;
 }
 
-/* core.new_cache{ max_event_buffer_size =, max_category_bytes =, max_categories = } -> cache */
+/* core.new_cache{ max_event_buffer_size =, max_category_bytes =, max_categories =,
+ *   max_waiting_per_category = } -> cache */
 static int l_new_cache(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
   lp_cache_config cfg;
   cfg.max_event_buffer_size = (size_t)size_field(L, "max_event_buffer_size", 250, 1);
   cfg.max_category_bytes = (size_t)size_field(L, "max_category_bytes", 1024, 1);
   cfg.max_categories = (size_t)size_field(L, "max_categories", 0, 0);
+  cfg.max_waiting_per_category = (size_t)size_field(L, "max_waiting_per_category", 0, 0);
   cache_ud *u = lua_newuserdatauv(L, sizeof *u, 0);
   memset(u, 0, sizeof *u);
   luaL_setmetatable(L, CACHE_MT);
@@ -195,12 +199,12 @@ static int l_answer(lua_State *L) {
 }
 
 /* cache:stats() -> { cache_valid, cache_categories, cache_hits, cache_waits, cache_misses,
- * cache_warmed, cache_resets } */
+ * cache_warmed, cache_resets, cache_parked, cache_woken, cache_ended } */
 static int l_stats(lua_State *L) {
   cache_ud *u = check_cache(L);
   lp_cache_stats st;
   lp_cache_get_stats(u->cache, &st);
-  lua_createtable(L, 0, 7);
+  lua_createtable(L, 0, 10);
   lua_pushboolean(L, st.valid);
   lua_setfield(L, -2, "cache_valid");
   lua_pushinteger(L, (lua_Integer)st.categories);
@@ -215,6 +219,12 @@ static int l_stats(lua_State *L) {
   lua_setfield(L, -2, "cache_warmed");
   lua_pushinteger(L, (lua_Integer)st.resets);
   lua_setfield(L, -2, "cache_resets");
+  lua_pushinteger(L, (lua_Integer)st.parked);
+  lua_setfield(L, -2, "cache_parked");
+  lua_pushinteger(L, (lua_Integer)st.woken);
+  lua_setfield(L, -2, "cache_woken");
+  lua_pushinteger(L, (lua_Integer)st.ended);
+  lua_setfield(L, -2, "cache_ended");
   return 1;
 }
 

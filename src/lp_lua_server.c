@@ -44,9 +44,10 @@ lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
  * handler, for the polls it answers at once from the buffers and those it parks here, in C, until
  * a publish wakes them or their timeout passes. User value 1: the store. NATIVE_CACHED
  * (core.native_cached_subscription): that handler in Redis mode, for the catch-ups the engine's
- * node-local cache (lp_cache) answers with events; user value 1: the cache. NATIVE_SSE
- * (core.native_sse): the manager's SSE handler, whose streams are served here, in C, from the
- * store (see fast_sse); user value 1: the store. */
+ * node-local cache (lp_cache) answers with events, and the polls it parks on that cache until
+ * pub/sub brings an event of theirs; user value 1: the cache. NATIVE_SSE (core.native_sse): the
+ * manager's SSE handler, whose streams are served here, in C, from the store (see fast_sse);
+ * user value 1: the store. */
 enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE };
 
 struct sconn;
@@ -63,6 +64,16 @@ typedef struct native_handler {
   struct sconn *streams; /* NATIVE_SSE: its open streams (any server's), newest first */
   size_t nstreams;
   uint64_t heartbeat_ms, retry_ms; /* NATIVE_SSE */
+  /* NATIVE_CACHED: a parked poll's timeout needs a Redis mark (engine/redis/marks.lua) for its
+   * timestamp. Polls whose time is up stay parked (an event may still reach them) in the
+   * expiring list, oldest first, each with the batch it joined; mark_ref is the manager's Lua
+   * function mark(batch), which asks the engine for one mark per batch and hands it back
+   * (handler:marked(batch, T)). LUA_NOREF: no mark (each poll answers with its floor). */
+  int mark_ref;
+  uint64_t batch;                    /* the batch polls timing out now join (from 1) */
+  struct sconn *exp_head, *exp_tail; /* the expiring list */
+  struct native_handler *mark_next;  /* handlers to ask for a mark (on_poll_timer's list) */
+  int mark_wanted;                   /* in that list */
 } native_handler;
 
 /* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
@@ -101,8 +112,12 @@ typedef struct sconn {
   int in_sched;
   /* A long poll parked here, in C, on its store subscription (see park): woken by a publish
    * (waiter), timed out (deadline, in the server's set) or gone with its client. */
-  native_handler *parked_by; /* NULL when no long poll is parked */
-  lp_store *parked_store;    /* valid while parked: closing the store ends the wait first */
+  native_handler *parked_by;         /* NULL when no long poll is parked */
+  lp_store *parked_store;            /* valid while parked: closing the store ends the wait first */
+  lp_cache *parked_cache;            /* instead of parked_store (Redis mode); a reset ends the wait first */
+  int64_t parked_floor;              /* Redis mode: the timeout timestamp when no mark can be had */
+  uint64_t mark_batch;               /* Redis mode: the mark batch its timeout waits for, 0 when none */
+  struct sconn *exp_prev, *exp_next; /* parked_by's expiring list */
   uint64_t parked_handle;
   lp_waiter waiter;
   lp_deadline deadline;
@@ -616,10 +631,30 @@ static void stream_heartbeat(sconn *s);
 
 /* Takes s out of its handler's list and the timeouts; cancel: the store subscription is still
  * there (the client left, the time is up). */
+/* Takes s out of its handler's expiring list, if it is in it. */
+static void exp_remove(sconn *s) {
+  native_handler *nh = s->parked_by;
+  if (!s->mark_batch) return;
+  if (s->exp_prev)
+    s->exp_prev->exp_next = s->exp_next;
+  else
+    nh->exp_head = s->exp_next;
+  if (s->exp_next)
+    s->exp_next->exp_prev = s->exp_prev;
+  else
+    nh->exp_tail = s->exp_prev;
+  s->exp_prev = s->exp_next = NULL;
+  s->mark_batch = 0;
+}
+
 static void unpark(sconn *s, int cancel) {
   native_handler *nh = s->parked_by;
   if (!nh) return;
-  if (cancel) lp_store_cancel(s->parked_store, s->parked_handle);
+  if (cancel && s->parked_cache)
+    lp_cache_cancel(s->parked_cache, s->parked_handle);
+  else if (cancel)
+    lp_store_cancel(s->parked_store, s->parked_handle);
+  exp_remove(s);
   if (s->park_prev)
     s->park_prev->park_next = s->park_next;
   else
@@ -630,6 +665,7 @@ static void unpark(sconn *s, int cancel) {
   lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
   s->parked_by = NULL;
   s->parked_store = NULL;
+  s->parked_cache = NULL;
   free(s->parked_extra); /* unless taken before (take_extra) */
   s->parked_extra = NULL;
   s->parked_extra_len = 0;
@@ -654,29 +690,89 @@ static void parked_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
   free((char *)extra.ptr);
 }
 
+/* The golongpoll timeout answer with timestamp T. cancel: the wait is still there. */
+static void answer_timeout_at(sconn *s, int64_t T, int cancel) {
+  native_handler *nh = s->parked_by;
+  lp_slice extra = take_extra(s);
+  unpark(s, cancel);
+  char body[96];
+  int len = snprintf(body, sizeof body, "{\"timeout\":\"no events before timeout\",\"timestamp\":%lld}", (long long)T);
+  lp_slice piece = {body, (size_t)len};
+  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, &piece, 1);
+  free((char *)extra.ptr);
+}
+
 /* The store closed under the poll (the manager answers its polls before it closes the store;
- * this is the backstop): the manager's 503. */
+ * this is the backstop): the manager's 503. A cache ended the wait (a reset: pub/sub lost, a
+ * gap, a new epoch, the engine closing): events may have been missed, so the timeout answer
+ * with the poll's floor, from which the client's next poll reads what it missed. */
 static void parked_ended(lp_waiter *w) {
   sconn *s = CONTAINER(w, sconn, waiter);
   if (!s->parked_by) return;
+  if (s->parked_cache) return answer_timeout_at(s, s->parked_floor, 0);
   unpark(s, 0);
   lp_conn_fail(&s->conn, 503, "manager is shut down", now_ms(s->srv));
 }
 
 static const lp_waiter_ops PARKED_OPS = {.woken = parked_woken, .ended = parked_ended};
 
-/* The golongpoll timeout answer, with a timestamp no later event reaches (the store's mark). */
+/* The golongpoll timeout answer, with a timestamp no later event reaches (the store's mark; in
+ * Redis mode the poll's floor: use this only when no Redis mark can be had). */
 static void answer_timeout(sconn *s) {
+  int64_t T = s->parked_cache ? s->parked_floor : lp_store_mark_time(s->parked_store, wall_clock_ms());
+  answer_timeout_at(s, T, 1);
+}
+
+/* Every poll of nh's expiring list that joined batch b or an earlier one gets the timeout answer:
+ * with T, the batch's Redis mark (has_T), or its floor. Those still parked when the mark came got
+ * no event published before it (the marker follows every such event on pub/sub). */
+static void settle_marks(native_handler *nh, uint64_t b, int has_T, int64_t T) {
+  sconn *s;
+  while ((s = nh->exp_head) != NULL && s->mark_batch <= b)
+    answer_timeout_at(s, has_T && T > s->parked_floor ? T : s->parked_floor, 1);
+}
+
+/* Asks the manager's mark function (on L, protected; errors logged through srv when given) for
+ * the mark of nh's open batch, and opens the next; without the function, or when the call fails,
+ * the batch is answered with its polls' floors. */
+static void ask_mark(lua_State *L, server *srv, native_handler *nh) {
+  nh->mark_wanted = 0;
+  uint64_t b = nh->batch;
+  if (!nh->exp_head || nh->exp_tail->mark_batch != b) return; /* answered meanwhile */
+  nh->batch = b + 1; /* polls timing out while the mark is asked for join the next batch */
+  int status = LUA_ERRRUN;
+  if (nh->mark_ref != LUA_NOREF) {
+    lua_pushcfunction(L, traceback);
+    int base = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, nh->mark_ref);
+    lua_pushinteger(L, (lua_Integer)b);
+    status = lua_pcall(L, 1, 0, base);
+    if (status != LUA_OK) {
+      if (srv && status != LUA_ERRMEM) log_callback_error(srv);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1); /* traceback */
+  }
+  if (status != LUA_OK) settle_marks(nh, b, 0, 0);
+}
+
+/* A poll parked on a cache whose time is up: it joins its handler's open batch (kept parked). */
+static void expire_cached(sconn *s, native_handler **wanted) {
   native_handler *nh = s->parked_by;
-  lp_store *store = s->parked_store;
-  lp_slice extra = take_extra(s);
-  unpark(s, 1);
-  char body[96];
-  int len = snprintf(body, sizeof body, "{\"timeout\":\"no events before timeout\",\"timestamp\":%lld}",
-                     (long long)lp_store_mark_time(store, wall_clock_ms()));
-  lp_slice piece = {body, (size_t)len};
-  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, &piece, 1);
-  free((char *)extra.ptr);
+  if (s->mark_batch) return;
+  s->mark_batch = nh->batch;
+  s->exp_next = NULL;
+  s->exp_prev = nh->exp_tail;
+  if (nh->exp_tail)
+    nh->exp_tail->exp_next = s;
+  else
+    nh->exp_head = s;
+  nh->exp_tail = s;
+  if (!nh->mark_wanted) {
+    nh->mark_wanted = 1;
+    nh->mark_next = *wanted;
+    *wanted = nh;
+  }
 }
 
 static void on_poll_timer(uv_timer_t *t) {
@@ -684,12 +780,20 @@ static void on_poll_timer(uv_timer_t *t) {
   srv->poll_timer_at = 0;
   uint64_t now = now_ms(srv);
   lp_deadline *e;
+  native_handler *wanted = NULL;
   while ((e = lp_deadlines_pop_expired(&srv->deadlines, now)) != NULL) {
     sconn *s = CONTAINER(e, sconn, deadline);
-    if (s->parked_by)
+    if (s->parked_by && s->parked_cache)
+      expire_cached(s, &wanted);
+    else if (s->parked_by)
       answer_timeout(s);
     else if (s->stream_by)
       stream_heartbeat(s);
+  }
+  while (wanted) { /* one mark per handler and turn */
+    native_handler *nh = wanted;
+    wanted = nh->mark_next;
+    ask_mark(srv->L, srv, nh);
   }
   poll_timer_arm(srv);
 }
@@ -704,10 +808,11 @@ static void poll_timer_arm(server *srv) {
   uv_timer_start(&srv->poll_timer, on_poll_timer, at > now ? at - now : 0, 0);
 }
 
-/* Parks the poll of s: 1 when it waits now, 0 when the Lua handler must take it (a connection
- * above the cap may not wait; the store refused, e.g. max_waiting_per_category: Lua says why). */
-static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice extra,
-                const lp_fast_sub *sub) {
+/* Parks the poll of s on store, or on cache (Redis mode, with its timeout floor): 1 when it waits
+ * now, 0 when the Lua handler must take it (a connection above the cap may not wait; the store
+ * refused, e.g. max_waiting_per_category: Lua says why). */
+static int park(sconn *s, native_handler *nh, lp_store *store, lp_cache *cache, int64_t floor,
+                const lp_http_event *head, lp_slice extra, const lp_fast_sub *sub) {
   server *srv = s->srv;
   if (s->reserve || srv->closing || s->parked_by) return 0;
   char *extra_copy = NULL;
@@ -718,12 +823,17 @@ static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_eve
   }
   s->waiter.ops = &PARKED_OPS;
   uint64_t handle;
-  if (lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle) != LP_OK) {
+  int rc = cache ? lp_cache_wait(cache, sub->categories, sub->ncategories, &s->waiter, &handle)
+                 : lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle);
+  if (rc != LP_OK) {
     free(extra_copy);
     return 0;
   }
   if (lp_deadlines_add(&srv->deadlines, &s->deadline, (uint64_t)sub->timeout_s * 1000, now_ms(srv)) != 0) {
-    lp_store_cancel(store, handle);
+    if (cache)
+      lp_cache_cancel(cache, handle);
+    else
+      lp_store_cancel(store, handle);
     free(extra_copy);
     return 0;
   }
@@ -731,6 +841,9 @@ static int park(sconn *s, native_handler *nh, lp_store *store, const lp_http_eve
   s->parked_extra_len = extra.len;
   s->parked_by = nh;
   s->parked_store = store;
+  s->parked_cache = cache;
+  s->parked_floor = floor;
+  s->mark_batch = 0;
   s->parked_handle = handle;
   s->parked_keep = head->keep_alive != 0;
   s->parked_http10 = head->minor == 0;
@@ -865,13 +978,16 @@ static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, cons
       return 1;
     }
   }
-  return may_park && park(s, nh, store, head, extra, &sub);
+  return may_park && park(s, nh, store, NULL, 0, head, extra, &sub);
 }
 
-/* A catch-up long poll to the manager's handler in Redis mode, answered here when the engine's
- * node-local cache (lp_cache) holds its events: 1 when answered, 0 when the Lua handler must run
- * (the cache cannot tell, nothing after the cursor yet, no cursor, an error, anything unusual). */
-static int fast_cached(sconn *s, const native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query) {
+/* A long poll to the manager's handler in Redis mode, served here when the engine's node-local
+ * cache (lp_cache) can tell: answered when the cache holds its events, parked on the cache (when
+ * may_park) when nothing comes after its cursor up to the cache's position (an LP_CACHE_WAIT).
+ * 1 when served, 0 when the Lua handler must run (the cache cannot tell: a read from Redis; no
+ * cursor, an error, anything unusual). */
+static int fast_cached(sconn *s, native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query,
+                       int may_park) {
   server *srv = s->srv;
   lp_fast_sub sub;
   if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1 || !sub.has_since)
@@ -879,12 +995,19 @@ static int fast_cached(sconn *s, const native_handler *nh, lp_cache *cache, cons
   lp_buf *body = &srv->fast_body;
   lp_buf_reset(body);
   lp_cache_pos cursor;
-  if (lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, body,
-                      &cursor) != LP_CACHE_EVENTS)
-    return 0; /* waiting, or a read from Redis: the engine's, in Lua */
+  int r = lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, body,
+                          &cursor);
+  if (r != LP_CACHE_EVENTS && r != LP_CACHE_WAIT) return 0;
   int allowed;
   if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
   lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  if (r == LP_CACHE_WAIT) {
+    /* The floor: the cache knows every event of these categories up to cursor and none comes after
+     * the client's; some stamped cursor.ts may still come (a later seq). Continuing from the floor
+     * skips none, and repeats none the client got unless cursor.ts is its since_time. */
+    int64_t floor = cursor.ts - 1 > sub.since ? cursor.ts - 1 : sub.since;
+    return may_park && park(s, nh, NULL, cache, floor, head, extra, &sub);
+  }
   lp_slice answer = {body->data, body->len};
   answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
   if (body->cap > (1u << 20)) lp_buf_free(body);
@@ -1145,7 +1268,7 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
       native_route *r = find_route(srv, options ? ROUTE_OPTIONS : post ? ROUTE_POST : ROUTE_GET, path);
       if (r && r->h->enabled) {
         int served = options                       ? fast_preflight(s, r->h, head)
-                     : r->h->kind == NATIVE_CACHED ? fast_cached(s, r->h, route_cache(srv, r), head, query)
+                     : r->h->kind == NATIVE_CACHED ? fast_cached(s, r->h, route_cache(srv, r), head, query, 1)
                      : r->h->kind == NATIVE_SSE    ? fast_sse(s, r->h, route_store(srv, r), head, query)
                      : r->h->kind == NATIVE_SUBSCRIPTION
                          ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
@@ -1684,7 +1807,7 @@ static int conn_native(lua_State *L) {
       push_attached(L, s);
       int watched = !lua_isnil(L, -1);
       lua_pop(L, 1);
-      answered = h->kind == NATIVE_CACHED ? fast_cached(s, h, cache, head, query)
+      answered = h->kind == NATIVE_CACHED ? fast_cached(s, h, cache, head, query, !watched)
                  : h->kind == NATIVE_SSE  ? !watched && fast_sse(s, h, store, head, query)
                                           : fast_subscription(s, h, store, head, query, !watched);
     }
@@ -1767,6 +1890,8 @@ static int make_native(lua_State *L, int kind) {
   luaL_checktype(L, 2, LUA_TTABLE);
   native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
   memset(h, 0, sizeof *h);
+  h->mark_ref = LUA_NOREF;
+  h->batch = 1;
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
   h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
@@ -1788,6 +1913,13 @@ static int make_native(lua_State *L, int kind) {
   lua_getfield(L, 2, "cors");
   if (!lua_isnil(L, -1)) read_cors(L, lua_gettop(L), &h->cors);
   lua_pop(L, 1);
+  if (kind == NATIVE_CACHED) {
+    lua_getfield(L, 2, "mark");
+    if (lua_isfunction(L, -1))
+      h->mark_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    else
+      lua_pop(L, 1);
+  }
   lua_pushvalue(L, 1);
   lua_setiuservalue(L, -2, 1);
   h->enabled = 1;
@@ -1796,9 +1928,12 @@ static int make_native(lua_State *L, int kind) {
 
 static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SUBSCRIPTION); }
 
-/* core.native_cached_subscription(cache, { as native_subscription }) -> handler: the manager's
- * long-poll handler in Redis mode, for the catch-ups the engine's node-local cache
- * (core.new_cache) answers with events; everything else goes to Lua (nothing is parked). */
+/* core.native_cached_subscription(cache, { as native_subscription, mark = function(batch) }) ->
+ * handler: the manager's long-poll handler in Redis mode, for the catch-ups the engine's
+ * node-local cache (core.new_cache) answers with events and the polls it parks on that cache
+ * (nothing after the cursor); everything else goes to Lua. A parked poll whose time is up gets
+ * the timeout answer once mark(batch) handed the batch's Redis mark to handler:marked(batch, T)
+ * (without mark, or with T nil: its floor, see fast_cached). */
 static int l_native_cached_subscription(lua_State *L) { return make_native(L, NATIVE_CACHED); }
 
 /* core.native_publish(store, { max_category_bytes, header_block }) -> handler: the manager's
@@ -1818,10 +1953,19 @@ static void finish_streams(native_handler *nh) {
 }
 
 /* handler:disable(): every later request goes to the Lua handler, the polls parked on the
- * handler get the timeout answer now and its streams end (the manager shutting down). */
+ * handler get the timeout answer now (in Redis mode once the mark they all wait for came,
+ * handler:marked) and its streams end (the manager shutting down). */
 static int native_disable(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   h->enabled = 0;
+  if (h->kind == NATIVE_CACHED && h->mark_ref != LUA_NOREF) {
+    native_handler *ignored = NULL;
+    for (sconn *s = h->parked; s; s = s->park_next) expire_cached(s, &ignored);
+    ask_mark(L, NULL, h);
+    luaL_unref(L, LUA_REGISTRYINDEX, h->mark_ref); /* it holds the manager: no more marks */
+    h->mark_ref = LUA_NOREF;
+    return 0; /* answered when the mark comes, or when the engine closes the cache (floors) */
+  }
   answer_parked(h);
   finish_streams(h);
   return 0;
@@ -1832,6 +1976,17 @@ static int native_streams(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   lua_pushinteger(L, (lua_Integer)h->nstreams);
   return 1;
+}
+
+/* handler:marked(batch, T | nil): the Redis mark of a batch of timed-out parked polls (nil: none
+ * could be had): those still parked get the timeout answer (T, or their floor). */
+static int native_marked(lua_State *L) {
+  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
+  lua_Integer b = luaL_checkinteger(L, 2);
+  int has_T = !lua_isnoneornil(L, 3);
+  lua_Integer T = has_T ? luaL_checkinteger(L, 3) : 0;
+  if (b > 0) settle_marks(h, (uint64_t)b, has_T, (int64_t)T);
+  return 0;
 }
 
 /* handler:parked() -> how many long polls wait parked on it. */
@@ -1845,6 +2000,8 @@ static int native_gc(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
   answer_parked(h);
   finish_streams(h);
+  luaL_unref(L, LUA_REGISTRYINDEX, h->mark_ref);
+  h->mark_ref = LUA_NOREF;
   lp_cors_free(&h->cors);
   free(h->block);
   h->block = NULL;
@@ -1995,13 +2152,15 @@ void lp_lua_server_open(lua_State *L) {
   }
   lua_pop(L, 1);
   if (luaL_newmetatable(L, NATIVE_MT)) {
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 4);
     lua_pushcfunction(L, native_disable);
     lua_setfield(L, -2, "disable");
     lua_pushcfunction(L, native_parked);
     lua_setfield(L, -2, "parked");
     lua_pushcfunction(L, native_streams);
     lua_setfield(L, -2, "streams");
+    lua_pushcfunction(L, native_marked);
+    lua_setfield(L, -2, "marked");
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, native_gc);
     lua_setfield(L, -2, "__gc");

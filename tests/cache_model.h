@@ -8,6 +8,10 @@
  * beyond Redis's). Cursors come from every event Redis holds, delivered to the node or not (a
  * client may have seen them on another node).
  *
+ * Polls parked on a WAIT (lp_cache_wait) are checked too: each is woken by the first event of its
+ * categories that reaches the node after the position it parked at, with that event's answer,
+ * once; none stays parked past such an event; a reset ends them.
+ *
  * One exception is the design's, not a defect: a lost message is noticed when the next one
  * arrives (a gap in the sequence); until then answers are not checked. Pub/sub runs on TCP, so a
  * message is lost only with its connection, which the link reports at once (sync). */
@@ -25,6 +29,7 @@
 #define CM_CATEGORIES 3
 #define CM_LOG_MAX 4096
 #define CM_QUEUE_MAX 4096
+#define CM_PARKED_MAX 16
 
 typedef struct cm_event {
   int64_t ts, seq;
@@ -33,8 +38,23 @@ typedef struct cm_event {
   char data[24];
 } cm_event;
 
+struct cm_model;
+
+/* A poll parked on the cache (the HTTP engine's, in the model). */
+typedef struct cm_parked {
+  lp_waiter w;
+  struct cm_model *m;
+  int parked;
+  unsigned mask; /* its categories */
+  lp_cache_pos cursor;
+  uint64_t handle;
+} cm_parked;
+
 typedef struct cm_model {
   lp_cache *cache;
+  cm_parked parked[CM_PARKED_MAX];
+  const cm_event *delivering; /* the event lp_cache_add is being handed */
+  uint64_t checked_wakes;
   lp_store *redis; /* Redis's streams, this epoch */
   size_t bufsize;
   int epoch;
@@ -56,9 +76,46 @@ typedef struct cm_model {
 
 static const char *const cm_names[CM_CATEGORIES] = {"a", "b", "c"};
 
+/* Whether event e comes after a parked poll's position and is one of its categories. */
+static int cm_is_new_to(const cm_parked *p, const cm_event *e, const char *epoch) {
+  if (!(p->mask & (1u << e->cat))) return 0;
+  if (strcmp(p->cursor.epoch, epoch) != 0) return 1;
+  return e->ts > p->cursor.ts || (e->ts == p->cursor.ts && e->seq > p->cursor.seq);
+}
+
+static void cm_epoch(const struct cm_model *m, char *out, size_t n);
+
+static void cm_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
+  cm_parked *p = (cm_parked *)w;
+  struct cm_model *m = p->m;
+  const cm_event *e = m->delivering;
+  char epoch[32];
+  cm_epoch(m, epoch, sizeof epoch);
+  p->parked = 0;
+  if (!e || !cm_is_new_to(p, e, epoch)) {
+    m->failure = "a parked poll was woken by an event it must not get";
+    return;
+  }
+  lp_buf want = LP_BUF_INIT, got = LP_BUF_INIT;
+  lp_buf_append_str(&want, "{\"events\":[");
+  lp_event_json_append(&want, (lp_slice){cm_names[e->cat], strlen(cm_names[e->cat])},
+                       (lp_slice){e->data, strlen(e->data)}, e->id, e->ts);
+  lp_buf_append_str(&want, "]}");
+  for (size_t i = 0; i < n; i++) lp_buf_append(&got, answer[i].ptr, answer[i].len);
+  if (got.len != want.len || memcmp(got.data, want.data, got.len) != 0)
+    m->failure = "a parked poll's answer is not its event's";
+  m->checked_wakes++;
+  lp_buf_free(&want);
+  lp_buf_free(&got);
+}
+
+static void cm_ended(lp_waiter *w) { ((cm_parked *)w)->parked = 0; }
+
+static const lp_waiter_ops CM_PARKED_OPS = {cm_woken, cm_ended};
+
 static lp_slice cm_slice(const char *s) { return (lp_slice){s, strlen(s)}; }
 
-static void cm_epoch(const cm_model *m, char *out, size_t n) { snprintf(out, n, "epoch%d", m->epoch); }
+static void cm_epoch(const struct cm_model *m, char *out, size_t n) { snprintf(out, n, "epoch%d", m->epoch); }
 
 static void cm_pos(const cm_model *m, int64_t ts, int64_t seq, lp_cache_pos *p) {
   char e[32];
@@ -78,7 +135,7 @@ static lp_store *cm_new_redis(size_t bufsize) {
 static int cm_init(cm_model *m, size_t bufsize, size_t max_categories) {
   memset(m, 0, sizeof *m);
   m->bufsize = bufsize;
-  lp_cache_config cfg = {bufsize, 1024, max_categories};
+  lp_cache_config cfg = {bufsize, 1024, max_categories, 0};
   m->cache = lp_cache_new(&cfg);
   m->redis = cm_new_redis(bufsize);
   m->ts = 1000;
@@ -163,8 +220,23 @@ static void cm_deliver(cm_model *m) {
     lp_cache_start(m->cache, &p);
   }
   cm_pos(m, e.ts, e.seq, &p);
+  m->delivering = &e;
   if (lp_cache_add(m->cache, &p, cm_slice(cm_names[e.cat]), e.id, cm_slice(e.data)) != LP_OK)
     m->failure = "the cache refused an event";
+  m->delivering = NULL;
+  char epoch[32];
+  cm_epoch(m, epoch, sizeof epoch);
+  for (int i = 0; i < CM_PARKED_MAX; i++)
+    if (m->parked[i].parked && cm_is_new_to(&m->parked[i], &e, epoch))
+      m->failure = "a parked poll missed an event of its categories";
+}
+
+/* A parked poll's client leaves. */
+static void cm_leave(cm_model *m, unsigned a) {
+  cm_parked *p = &m->parked[a % CM_PARKED_MAX];
+  if (!p->parked) return;
+  if (lp_cache_cancel(m->cache, p->handle) != 1) m->failure = "a parked poll's wait was gone";
+  p->parked = 0;
 }
 
 static void cm_lose(cm_model *m) {
@@ -289,6 +361,19 @@ static void cm_answer(cm_model *m, unsigned mask, unsigned a, unsigned b) {
   } else {
     m->checked_waits++;
     if (count != 0) m->failure = "the cache said wait where Redis had events";
+    /* the HTTP engine parks such a poll */
+    cm_parked *p = &m->parked[(a + b) % CM_PARKED_MAX];
+    if (!p->parked && b % 2 == 0) {
+      p->w.ops = &CM_PARKED_OPS;
+      p->m = m;
+      p->mask = 0;
+      for (size_t i = 0; i < n; i++) p->mask |= 1u << (unsigned)(cats[i].ptr[0] - 'a');
+      p->cursor = cursor;
+      if (lp_cache_wait(m->cache, cats, n, &p->w, &p->handle) == LP_OK)
+        p->parked = 1;
+      else
+        m->failure = "a valid cache refused a parked poll";
+    }
   }
 }
 
@@ -305,7 +390,9 @@ static void cm_step(cm_model *m, const unsigned char *p) {
     else
       cm_deliver(m);
   } else if (op == 10) {
-    if (p[1] % 8 == 0)
+    if (p[1] % 16 == 15)
+      cm_leave(m, p[2]);
+    else if (p[1] % 8 == 0)
       cm_restart(m);
     else if (p[1] % 8 == 1)
       cm_sync(m);

@@ -23,7 +23,7 @@ static const char *ID3 = "00000000-0000-4000-8000-000000000003";
 static const char *ID4 = "00000000-0000-4000-8000-000000000004";
 
 static lp_cache *new_cache(size_t size, size_t max_categories) {
-  lp_cache_config cfg = {size, 1024, max_categories};
+  lp_cache_config cfg = {size, 1024, max_categories, 0};
   return lp_cache_new(&cfg);
 }
 
@@ -252,7 +252,7 @@ static void test_limits_refusals_resets(void) {
   lp_buf_free(&out);
   lp_cache_free(c);
   lp_cache_free(NULL);
-  lp_cache_config bad = {0, 1024, 0};
+  lp_cache_config bad = {0, 1024, 0, 0};
   CHECK(lp_cache_new(&bad) == NULL);
   report("max_categories, refused events, resets and bad arguments", ok);
 }
@@ -275,6 +275,99 @@ static void test_new_epoch_message(void) {
   report("a message of another epoch moves the newest position", ok);
 }
 
+/* A parked poll as the HTTP engine keeps one: what woke or ended it. */
+typedef struct test_parked {
+  lp_waiter w;
+  int woken, ended;
+  char answer[256];
+} test_parked;
+
+static void tp_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
+  test_parked *t = (test_parked *)w;
+  size_t len = 0;
+  t->woken++;
+  for (size_t i = 0; i < n; i++) {
+    if (len + answer[i].len >= sizeof t->answer) break;
+    memcpy(t->answer + len, answer[i].ptr, answer[i].len);
+    len += answer[i].len;
+  }
+  t->answer[len] = 0;
+}
+
+static void tp_ended(lp_waiter *w) { ((test_parked *)w)->ended++; }
+
+static const lp_waiter_ops TP_OPS = {tp_woken, tp_ended};
+
+static int park1(lp_cache *c, test_parked *t, const char *cat, uint64_t *handle) {
+  memset(t, 0, sizeof *t);
+  t->w.ops = &TP_OPS;
+  lp_slice s = S(cat);
+  return lp_cache_wait(c, &s, 1, &t->w, handle);
+}
+
+static void test_parked_polls(void) {
+  int ok = 1;
+  lp_cache_config cfg = {3, 1024, 2, 3};
+  lp_cache *c = lp_cache_new(&cfg);
+  lp_buf out = LP_BUF_INIT;
+  test_parked a1, a2, b1, gone, over;
+  uint64_t h, hgone;
+  CHECK(park1(c, &a1, "a", &h) == LP_EINVAL); /* an invalid cache parks nothing */
+  lp_cache_pos start = P("e", 0, 0);
+  lp_cache_start(c, &start);
+  CHECK(park1(c, &a1, "a", &h) == LP_OK);
+  CHECK(park1(c, &a2, "a", &h) == LP_OK);
+  CHECK(park1(c, &gone, "b", &hgone) == LP_OK);
+  CHECK(lp_cache_cancel(c, hgone) == 1 && lp_cache_cancel(c, hgone) == 0);
+  memset(&b1, 0, sizeof b1);
+  b1.w.ops = &TP_OPS;
+  lp_slice ab[2] = {S("a"), S("b")};
+  CHECK(lp_cache_wait(c, ab, 2, &b1.w, &h) == LP_OK);
+  CHECK(park1(c, &over, "a", &h) == LP_EWAITERS); /* max_waiting_per_category */
+  lp_cache_stats st;
+  lp_cache_get_stats(c, &st);
+  CHECK(st.parked == 3);
+  /* an event of a: every poll on a is answered once with the answer the Lua path writes */
+  CHECK(add(c, "e", 10, 1, "a", ID1, "{\"n\":1}") == LP_OK);
+  const char *want =
+      "{\"events\":[{\"timestamp\":10,\"category\":\"a\",\"data\":{\"n\":1},\"id\":\""
+      "00000000-0000-4000-8000-000000000001\"}]}";
+  CHECK(a1.woken == 1 && a2.woken == 1 && b1.woken == 1 && gone.woken == 0);
+  CHECK(strcmp(a1.answer, want) == 0 && strcmp(b1.answer, want) == 0);
+  CHECK(add(c, "e", 11, 2, "a", ID2, "2") == LP_OK); /* woken once: their waits are gone */
+  CHECK(a1.woken == 1 && b1.woken == 1);
+  /* a category the cache does not keep (over max_categories) still wakes its polls */
+  CHECK(add(c, "e", 12, 3, "b", ID3, "3") == LP_OK);
+  CHECK(park1(c, &gone, "c", &h) == LP_OK);
+  CHECK(add(c, "e", 13, 4, "c", ID4, "4") == LP_OK);
+  CHECK(gone.woken == 1 && strstr(gone.answer, "\"category\":\"c\"") != NULL);
+  /* an event a read put here already wakes nobody: a poll parked on the category is past it */
+  lp_cache_event evs[1] = {{20, ID1, {"5", 1}}};
+  lp_cache_reset(c, 0);
+  lp_cache_start(c, &start);
+  lp_cache_pos at = P("e", 25, 12);
+  CHECK(lp_cache_warm(c, S("w"), 0, evs, 1, 0, &at) == 1);
+  CHECK(add(c, "e", 22, 10, "z", ID2, "6") == LP_OK);
+  lp_cache_pos cursor;
+  CHECK(answer1(c, "w", 20, ID1, &out, &cursor) == LP_CACHE_WAIT && cursor.ts == 25 && cursor.seq == 12);
+  CHECK(park1(c, &a1, "w", &h) == LP_OK);
+  CHECK(add(c, "e", 20, 9, "w", ID1, "5") == LP_OK);
+  CHECK(a1.woken == 0);
+  /* a reset ends every parked wait, without an answer */
+  CHECK(park1(c, &a2, "x", &h) == LP_OK);
+  lp_cache_reset(c, 1);
+  CHECK(a1.ended == 1 && a2.ended == 1 && a1.woken == 0);
+  lp_cache_get_stats(c, &st);
+  CHECK(st.parked == 0 && st.woken == 4 && st.ended == 2);
+  /* and so does freeing the cache */
+  lp_cache_start(c, &start);
+  CHECK(park1(c, &a1, "a", &h) == LP_OK);
+  lp_buf_free(&out);
+  lp_cache_free(c);
+  CHECK(a1.ended == 1);
+  report("parked polls: woken once by their categories' next event, ended by a reset", ok);
+}
+
 /* A xorshift generator: the programs are the same on every run. */
 static uint64_t rng_state;
 static unsigned rnd(void) {
@@ -287,7 +380,7 @@ static unsigned rnd(void) {
 static void test_model(void) {
   int ok = 1;
   static cm_model m;
-  uint64_t events = 0, waits = 0;
+  uint64_t events = 0, waits = 0, wakes = 0;
   for (unsigned seed = 1; seed <= 40 && ok; seed++) {
     rng_state = 0x9e3779b97f4a7c15ull * seed;
     if (!cm_init(&m, 1 + seed % 4, seed % 5 == 0 ? 2 : 0)) {
@@ -305,11 +398,12 @@ static void test_model(void) {
     }
     events += m.checked_events;
     waits += m.checked_waits;
+    wakes += m.checked_wakes;
     cm_free(&m);
   }
-  printf("# model: %llu answers with events and %llu waits checked\n", (unsigned long long)events,
-         (unsigned long long)waits);
-  CHECK(events > 1000 && waits > 500); /* the programs reach both answers */
+  printf("# model: %llu answers with events, %llu waits and %llu parked polls woken checked\n",
+         (unsigned long long)events, (unsigned long long)waits, (unsigned long long)wakes);
+  CHECK(events > 1000 && waits > 500 && wakes > 200); /* the programs reach every answer */
   report("seeded programs: every answer is Redis's as of what the node knows", ok);
 }
 
@@ -324,6 +418,7 @@ int main(void) {
   test_warmed_category_with_others();
   test_limits_refusals_resets();
   test_new_epoch_message();
+  test_parked_polls();
   test_model();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;

@@ -444,15 +444,22 @@ function M.start(options)
     end
   elseif not o.clock and engine.core_cache then
     -- Redis mode: catch-up polls the engine's node-local cache answers with events, in C from
-    -- that cache (lp_cache, the rule engine/redis/cache.lua answers with); the rest go to Lua
+    -- that cache (lp_cache, the rule engine/redis/cache.lua answers with), and polls with nothing
+    -- after their cursor parked on it, in C, until pub/sub brings an event of theirs; a parked
+    -- poll's timeout takes a Redis mark (one per batch of timeouts); the rest go to Lua
     local cache = engine:core_cache()
     if cache then
+      local function mark(batch)
+        local ok = engine:timeout_mark(function(ts) manager.native:marked(batch, ts) end)
+        if not ok then manager.native:marked(batch, nil) end
+      end
       manager.native = core.native_cached_subscription(cache, {
         max_category_bytes = o.max_category_bytes,
         max_categories_per_subscription = o.max_categories_per_subscription,
         max_longpoll_timeout_seconds = o.max_longpoll_timeout_seconds,
         header_block = answers.JSON.text,
         cors = manager.cors and manager.cors:native("GET, HEAD"),
+        mark = mark,
       })
       native.register(handlers.subscription, manager.native)
     end

@@ -73,7 +73,7 @@ function M.new(options, host)
     local shard, err = Shard.new {
       cfg = cfg, prefix = cfg.prefix, node_id = node_id, store = self.store, ttl_ms = options.ttl_ms or 0,
       max_event_buffer_size = options.max_event_buffer_size, max_category_bytes = options.max_category_bytes,
-      max_categories = options.max_categories,
+      max_categories = options.max_categories, max_waiting_per_category = options.max_waiting_per_category,
       limits_of = limits_of, log = log, on_event = host_event,
     }
     if not shard then
@@ -318,6 +318,8 @@ function Engine:stats(with_categories)
   end
   -- this node's figures: its own stored publishes, the events it handed to its subscribers
   s.published, s.delivered = self.published, delivered
+  -- the polls the HTTP engine parked on the node-local cache wait too
+  if #shards == 1 and not self.store_closed then s.waiting = s.waiting + (shards[1].cache_parked or 0) end
   s.redis = #shards == 1 and shards[1] or shards
   s.redis_online = online
   local idem = self.idempotency

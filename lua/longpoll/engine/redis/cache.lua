@@ -4,7 +4,8 @@
 -- (which cursors it covers: a base position, hold_from per category, a node not behind the
 -- client, one category with events, Redis's buffer rule so "missed" agrees, no TTL) are in C,
 -- src/lp_cache.[ch] (core.new_cache); the HTTP engine answers catch-up polls from the same C
--- cache without entering Lua (core.native_cached_subscription, see Cache:core_cache). This
+-- cache without entering Lua, and parks on it the polls with nothing after their cursor, which
+-- Cache:add's event wakes in C (core.native_cached_subscription, see Cache:core_cache). This
 -- wrapper logs and speaks the engine's positions ({ epoch, ts, seq } tables).
 --
 -- Dropped (reset) when pub/sub was lost, on a gap, on a new epoch (Redis lost its data); the
@@ -20,12 +21,14 @@ Cache.__index = Cache
 
 local M = {}
 
--- store_options: max_event_buffer_size, max_category_bytes (each category's buffer);
+-- store_options: max_event_buffer_size, max_category_bytes (each category's buffer),
+-- max_waiting_per_category (the polls the HTTP engine parks on the cache, per category);
 -- max_categories: how many categories it keeps at most (0: no limit; the others go to Redis).
 function M.new(store_options, log, max_categories)
   return setmetatable({ log = log, c = core.new_cache {
     max_event_buffer_size = store_options.max_event_buffer_size,
     max_category_bytes = store_options.max_category_bytes,
+    max_waiting_per_category = store_options.max_waiting_per_category or 0,
     max_categories = max_categories or 0,
   } }, Cache)
 end
@@ -70,7 +73,8 @@ function Cache:stats()
 end
 
 -- The C cache (longpoll.core), for the HTTP engine's native handler, which answers from it what
--- answer() would answer with events (nothing else).
+-- answer() would answer with events, and parks on it the polls answer() would make wait (a
+-- reset, close included, answers them).
 function Cache:core_cache()
   return self.c
 end

@@ -47,7 +47,8 @@ function M.new(opts)
   -- the local cache keeps one buffer size and no TTL: off with a TTL or per-category rules
   if opts.ttl_ms == 0 and cfg.cache and not opts.limits_of then
     self.cache = Cache.new({ max_event_buffer_size = opts.max_event_buffer_size,
-      max_category_bytes = opts.max_category_bytes }, log, opts.max_categories)
+      max_category_bytes = opts.max_category_bytes, max_waiting_per_category = opts.max_waiting_per_category },
+      log, opts.max_categories)
   end
   self.position = Position.new(log, function()
     if not self.cache then return end
@@ -250,6 +251,8 @@ function Shard:stats()
   s.pubsub_seq = self.msg_seq
   if self.cache then
     for k, v in pairs(self.cache:stats()) do s[k] = v end
+    -- the polls parked on the cache (in C, by the HTTP engine) are this node's subscribers too
+    s.waiters, s.delivered = s.waiters + s.cache_parked, s.delivered + s.cache_woken
   end
   s.unreplicated = self.unreplicated
   s.idempotency_keys = self.idempotency_keys or 0
