@@ -9,7 +9,7 @@ WARN      := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wstrict-prototypes -
 CORE_SRC  := src/lp_buf.c src/lp_json.c src/lp_store.c src/lp_uuid.c src/lp_http.c src/lp_conn.c src/lp_fast.c \
              src/lp_waiter.c src/lp_deadlines.c src/lp_cors.c src/lp_cache.c src/lp_sse.c src/lp_static.c
 # the Lua binding; the server engine runs on luv's libuv loop
-LUA_SRC   := src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_server.c src/lp_lua_stderr.c \
+LUA_SRC   := src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_server.c src/lp_lua_native.c src/lp_lua_stream.c src/lp_lua_stderr.c \
              src/lp_lua_fingerprint.c src/lp_lua_cache.c src/lp_lua_static.c
 LUV_LIBS  := -llua5.4-luv -luv
 CORE_HDR  := $(wildcard src/*.h)

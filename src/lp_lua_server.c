@@ -1,10 +1,10 @@
 /* lp_lua_server: the HTTP server engine on luv's own libuv loop, in longpoll.core
  * (core.http_server). It accepts, reads, writes and keeps the time; lp_conn decides what each
- * connection does; whole requests go to one Lua function (longpoll.server routes them), and
- * answers come back through the connection handle (longpoll.HttpConn) that response.lua uses.
- * Lua timers, luv sockets and this server share one loop. */
-#include "lp_lua_server.h"
-
+ * connection does; the manager's own handlers are served in C (lp_lua_native.c, lp_lua_stream.c)
+ * and static mounts too (lp_lua_static.c); other requests go whole to one Lua function
+ * (longpoll.server routes them), and answers come back through the connection handle
+ * (longpoll.HttpConn) that response.lua uses. Lua timers, luv sockets and this server share one
+ * loop. */
 #include <lauxlib.h>
 #include <lua.h>
 #include <signal.h>
@@ -12,180 +12,20 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/time.h>
 #include <time.h>
 #include <uv.h>
 
-#include "lp_cache.h"
-#include "lp_conn.h"
-#include "lp_cors.h"
-#include "lp_deadlines.h"
-#include "lp_fast.h"
-#include "lp_json.h"
-#include "lp_lua_static.h"
-#include "lp_sse.h"
-#include "lp_waiter.h"
-/* lua-luv-dev: luv_loop, luv_context, luv_handle_t (its luv.h has a `()` prototype) */
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wstrict-prototypes"
-#include "luv/lhandle.h"
-#pragma GCC diagnostic pop
+#include "lp_lua_engine.h"
 
 void lp_lua_http_push_request(lua_State *L, const lp_http_event *head, lp_slice body, const char *remote_addr);
-lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
-lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
 
 #define SERVER_MT "longpoll.HttpServer"
 #define CONN_MT "longpoll.HttpConn"
 #define SHADOW_MT "longpoll.HttpServerHandles"
-#define NATIVE_MT "longpoll.NativeHandler"
-
-/* A handler the engine can run itself (core.native_subscription): the manager's long-poll
- * handler, for the polls it answers at once from the buffers and those it parks here, in C, until
- * a publish wakes them or their timeout passes. User value 1: the store. NATIVE_CACHED
- * (core.native_cached_subscription): that handler in Redis mode, for the catch-ups the engine's
- * node-local cache (lp_cache) answers with events, and the polls it parks on that cache until
- * pub/sub brings an event of theirs; user value 1: the cache. NATIVE_SSE (core.native_sse): the
- * manager's SSE handler, whose streams are served here, in C, from the store (see fast_sse);
- * user value 1: the store. */
-enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE };
-
-struct sconn;
-
-typedef struct native_handler {
-  int kind;
-  int enabled; /* the manager turns it off when it shuts down */
-  lp_fast_limits limits;
-  char *block; /* the answer's header lines (the manager's JSON block) */
-  size_t block_len;
-  lp_cors cors;         /* the manager's CORS policy, when its handlers are wrapped by one */
-  struct sconn *parked; /* the long polls parked on it (any server's), newest first */
-  size_t nparked;
-  struct sconn *streams; /* NATIVE_SSE: its open streams (any server's), newest first */
-  size_t nstreams;
-  uint64_t heartbeat_ms, retry_ms; /* NATIVE_SSE */
-  /* NATIVE_CACHED: a parked poll's timeout needs a Redis mark (engine/redis/marks.lua) for its
-   * timestamp. Polls whose time is up stay parked (an event may still reach them) in the
-   * expiring list, oldest first, each with the batch it joined; mark_ref is the manager's Lua
-   * function mark(batch), which asks the engine for one mark per batch and hands it back
-   * (handler:marked(batch, T)). LUA_NOREF: no mark (each poll answers with its floor). */
-  int mark_ref;
-  uint64_t batch;                    /* the batch polls timing out now join (from 1) */
-  struct sconn *exp_head, *exp_tail; /* the expiring list */
-  struct native_handler *mark_next;  /* handlers to ask for a mark (on_poll_timer's list) */
-  int mark_wanted;                   /* in that list */
-} native_handler;
-
-/* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
-enum { ROUTE_GET = 0, ROUTE_POST, ROUTE_OPTIONS };
-typedef struct native_route {
-  int post; /* ROUTE_GET, ROUTE_POST or ROUTE_OPTIONS */
-  char *path;
-  size_t path_len;
-  int ref; /* registry ref of the native_handler's userdata */
-  native_handler *h;
-} native_route;
-#define READ_BUFFER 65536
-
-typedef struct server server;
-
-typedef struct sconn {
-  uv_tcp_t tcp; /* first: a handle is its connection */
-  uv_shutdown_t shutdown_req;
-  lp_conn conn;
-  server *srv;
-  size_t queued;      /* bytes handed to uv_write and not completed */
-  int box_ref;        /* registry ref of the Lua handle (longpoll.HttpConn) */
-  int drain_ref;      /* conn:on_drain's function, LUA_NOREF when none */
-  size_t drain_below; /* ... called once queued is at most this */
-  lp_lua_task *task;  /* the C producer of the pending response's body (a static file), or NULL */
-  size_t task_below;  /* its drain runs once queued is at most this, when task_waits */
-  unsigned task_waits : 1;
-  uint64_t id;
-  size_t request_bytes;         /* written for the current request */
-  unsigned reserve : 1;         /* admitted above max_connections: served only for immediate answers */
-  unsigned native_declined : 1; /* the native handler already declined the current request */
-  unsigned counted : 1;
-  unsigned handle_closing : 1;
-  struct sconn *prev, *next;             /* every connection whose handle is open */
-  struct sconn *sched_prev, *sched_next; /* waiting for lp_conn_resume */
-  int in_sched;
-  /* A long poll parked here, in C, on its store subscription (see park): woken by a publish
-   * (waiter), timed out (deadline, in the server's set) or gone with its client. */
-  native_handler *parked_by;         /* NULL when no long poll is parked */
-  lp_store *parked_store;            /* valid while parked: closing the store ends the wait first */
-  lp_cache *parked_cache;            /* instead of parked_store (Redis mode); a reset ends the wait first */
-  int64_t parked_floor;              /* Redis mode: the timeout timestamp when no mark can be had */
-  uint64_t mark_batch;               /* Redis mode: the mark batch its timeout waits for, 0 when none */
-  struct sconn *exp_prev, *exp_next; /* parked_by's expiring list */
-  uint64_t parked_handle;
-  lp_waiter waiter;
-  lp_deadline deadline;
-  struct sconn *park_prev, *park_next; /* parked_by's list */
-  unsigned parked_keep : 1;            /* the request allows keep-alive */
-  unsigned parked_http10 : 1;
-  char *parked_extra; /* the answer's own header lines (CORS), owned; NULL when none */
-  size_t parked_extra_len;
-  /* An SSE stream served here, in C (see fast_sse): its store subscription (owned by waiter)
-   * is woken by each event and waits again (stream_after); its heartbeat is its deadline. A
-   * connection has a parked poll or a stream, never both. */
-  native_handler *stream_by; /* NULL when no stream */
-  lp_store *stream_store;
-  uint64_t stream_handle;      /* 0 between a wake and the wait again */
-  lp_slice *stream_categories; /* owned, one block with the names */
-  size_t stream_ncategories;
-  struct sconn *stream_prev, *stream_next; /* stream_by's list */
-  unsigned stream_chunked : 1;             /* HTTP/1.1: chunks; HTTP/1.0: until the connection ends */
-  unsigned stream_keep : 1;                /* the connection may serve another request after it */
-  char remote[64];
-} sconn;
 
 typedef struct conn_box {
   sconn *s; /* NULL once the connection is closed */
 } conn_box;
-
-struct server {
-  /* luv owns the loop and reads every handle's data as its own luv_handle_t (uv.walk, the
-   * loop's collection at exit): each of ours points here, at a record whose userdata is the
-   * server's shadow object (see SHADOW_MT). Our callbacks find their struct by address. */
-  luv_handle_t walk;
-  struct server **shadow; /* the shadow object's pointer to us */
-  lua_State *L;           /* main thread */
-  uv_loop_t *loop;
-  uv_tcp_t listener;
-  uv_timer_t sweep;
-  uv_idle_t turn;         /* runs the scheduled connections */
-  uv_timer_t poll_timer;  /* the next timeout of a parked long poll */
-  lp_deadlines deadlines; /* the parked long polls' timeouts */
-  uint64_t poll_timer_at; /* when poll_timer fires, 0 when stopped */
-  lp_conn_config config;
-  int dispatch_ref, gone_ref, log_ref, close_ref, self_ref;
-  sconn *conns;
-  sconn *sched_head;
-  size_t count; /* counted connections (not the refused ones) */
-  size_t max_connections, reserve;
-  int handles; /* open uv handles */
-  int listening, closing, closed;
-  uint64_t next_id;
-  char host[64];
-  int port;
-  time_t date_second;
-  char date_line[64];
-  uint64_t refused, refused_logged_at, refused_unlogged;
-  native_route *routes;
-  size_t nroutes;
-  lp_lua_statics *statics; /* server:static mounts, served in C (lp_lua_static.c) */
-  lp_buf fast_scratch, fast_body, fast_head, fast_extra;
-  lp_woken fast_woken;                /* the parked polls a fast publish woke */
-  lp_buf stream_frame;                /* the chunk of the event being written to the streams */
-  const lp_store *stream_frame_store; /* ... which store's event: with seq, says whose it is */
-  uint64_t stream_frame_seq;
-  size_t stream_frame_message;       /* where the SSE message starts in it (after the chunk size) */
-  uint64_t fast_answers;             /* requests answered without entering Lua */
-  struct sconn *current;             /* the connection whose request a Lua handler runs now */
-  const lp_http_event *current_head; /* its head, valid while it runs */
-  char read_buffer[READ_BUFFER];
-};
 
 typedef struct write_req {
   uv_write_t req;
@@ -193,8 +33,6 @@ typedef struct write_req {
   size_t len;
   char data[];
 } write_req;
-
-static uint64_t now_ms(server *srv) { return uv_now(srv->loop); }
 
 /* ---------------------------------------------------------------------------------------------
  * Calls into Lua (always on the main thread, protected) */
@@ -263,13 +101,27 @@ static void log_line(server *srv, const char *level, const char *message, const 
   protected_c(srv, log_in_lua, &lc); /* the logger itself is pcall'd by longpoll.server */
 }
 
+void lp_lua_engine_log(server *srv, const char *level, const char *message, const char *key, lua_Integer value) {
+  log_line(srv, level, message, key, value);
+}
+
+int lp_lua_engine_pcall(lua_State *L, server *srv, int nargs) {
+  int base = lua_gettop(L) - nargs;
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, base);
+  int status = lua_pcall(L, nargs, 0, base);
+  if (status != LUA_OK) {
+    if (srv && status != LUA_ERRMEM) log_callback_error(srv);
+    lua_pop(L, 1);
+  }
+  lua_remove(L, base); /* traceback */
+  return status;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * The host of each lp_conn */
 
 static void maybe_closed(server *srv);
-static void free_native(lua_State *L, server *srv);
-static void unpark(struct sconn *s, int cancel);
-static void stream_end(struct sconn *s);
 
 static void sched_remove(sconn *s) {
   if (!s->in_sched) return;
@@ -281,8 +133,6 @@ static void sched_remove(sconn *s) {
   s->sched_prev = s->sched_next = NULL;
   s->in_sched = 0;
 }
-
-#define SERVER_OF(handle, field) ((server *)((char *)(handle)-offsetof(server, field)))
 
 static void on_turn(uv_idle_t *h) {
   server *srv = SERVER_OF(h, turn);
@@ -445,8 +295,8 @@ static void drop_task(sconn *s) {
 static void host_close(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
-  unpark(s, 1);
-  stream_end(s);
+  lp_lua_native_unpark(s);
+  lp_lua_stream_end(s);
   drop_task(s);
   if (s->handle_closing) return;
   s->handle_closing = 1;
@@ -479,8 +329,8 @@ static void host_gone(void *ud) {
   sconn *s = ud;
   server *srv = s->srv;
   lua_State *L = srv->L;
-  unpark(s, 1); /* a parked poll's client left: its wait ends, nothing is answered */
-  stream_end(s);
+  lp_lua_native_unpark(s); /* a parked poll's client left: its wait ends, nothing is answered */
+  lp_lua_stream_end(s);
   drop_task(s);
   if (s->box_ref == LUA_NOREF) return;
   if (s->counted && s->conn.phase == LP_CONN_CLOSED) { /* gone for good: the count says so already */
@@ -498,8 +348,7 @@ static void host_gone(void *ud) {
   call_lua(srv, 1);
 }
 
-static const char *host_date(void *ud) {
-  server *srv = ((sconn *)ud)->srv;
+const char *lp_lua_engine_date(server *srv) {
   time_t t = time(NULL);
   if (t != srv->date_second) {
     struct tm tm;
@@ -509,6 +358,8 @@ static const char *host_date(void *ud) {
   }
   return srv->date_line;
 }
+
+static const char *host_date(void *ud) { return lp_lua_engine_date(((sconn *)ud)->srv); }
 
 /* Runs fn(L) with ud as a light userdata in protected mode; errors are logged. Returns the
  * lua_pcall status. Pushing a light C function allocates nothing, so this itself cannot fail. */
@@ -554,703 +405,6 @@ static int make_box(lua_State *L) {
   return 0;
 }
 
-static int64_t wall_clock_ms(void) {
-  struct timeval tv;
-  gettimeofday(&tv, NULL);
-  return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
-}
-
-static native_route *find_route(server *srv, int post, lp_slice path) {
-  for (size_t i = 0; i < srv->nroutes; i++) {
-    native_route *r = &srv->routes[i];
-    if (r->post == post && r->path_len == path.len && memcmp(r->path, path.ptr, path.len) == 0) return r;
-  }
-  return NULL;
-}
-
-static lp_store *route_store(server *srv, native_route *r) {
-  lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
-  lua_getiuservalue(L, -1, 1);
-  lp_store *store = lp_lua_store_of(L, -1);
-  lua_pop(L, 2);
-  return store;
-}
-
-static lp_cache *route_cache(server *srv, native_route *r) {
-  lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
-  lua_getiuservalue(L, -1, 1);
-  lp_cache *cache = lp_lua_cache_of(L, -1);
-  lua_pop(L, 2);
-  return cache;
-}
-
-/* Writes a 200 with the handler's header block and the body pieces (at most 7); the response is
- * done. keep_alive, http10: what the request asked for. */
-static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
-                       const lp_slice *body, size_t nbody) {
-  server *srv = s->srv;
-  lp_buf *h = &srv->fast_head;
-  int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
-  size_t len = 0;
-  for (size_t i = 0; i < nbody; i++) len += body[i].len;
-  char length[48];
-  snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
-  lp_buf_reset(h);
-  int rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
-  if (rc == 0 && extra.len) rc = lp_buf_append(h, extra.ptr, extra.len);
-  if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
-  if (rc == 0) rc = lp_buf_append_str(h, length);
-  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
-  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && http10) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
-  if (rc != 0) {
-    lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
-    return;
-  }
-  lp_slice bufs[8] = {{h->data, h->len}};
-  for (size_t i = 0; i < nbody && i < 7; i++) bufs[i + 1] = body[i];
-  lp_conn_write(&s->conn, bufs, 1 + (nbody < 7 ? nbody : 7));
-  srv->fast_answers++;
-  lp_conn_response_done(&s->conn, keep, now_ms(srv));
-}
-
-/* ---------------------------------------------------------------------------------------------
- * Long polls parked in C: a poll with nothing to answer yet waits on its store subscription
- * (lp_store_wait_owned, the connection's lp_waiter is the owner) with its timeout in the
- * server's lp_deadlines, until a publish wakes it (parked_woken, called by whoever published:
- * the store's Lua binding or fast_publish), its time is up (time_out) or its client leaves
- * (unpark from host_gone / host_close). No Lua runs on any of these paths. */
-
-#define CONTAINER(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
-
-static void poll_timer_arm(server *srv);
-static void stream_heartbeat(sconn *s);
-
-/* Takes s out of its handler's list and the timeouts; cancel: the store subscription is still
- * there (the client left, the time is up). */
-/* Takes s out of its handler's expiring list, if it is in it. */
-static void exp_remove(sconn *s) {
-  native_handler *nh = s->parked_by;
-  if (!s->mark_batch) return;
-  if (s->exp_prev)
-    s->exp_prev->exp_next = s->exp_next;
-  else
-    nh->exp_head = s->exp_next;
-  if (s->exp_next)
-    s->exp_next->exp_prev = s->exp_prev;
-  else
-    nh->exp_tail = s->exp_prev;
-  s->exp_prev = s->exp_next = NULL;
-  s->mark_batch = 0;
-}
-
-static void unpark(sconn *s, int cancel) {
-  native_handler *nh = s->parked_by;
-  if (!nh) return;
-  if (cancel && s->parked_cache)
-    lp_cache_cancel(s->parked_cache, s->parked_handle);
-  else if (cancel)
-    lp_store_cancel(s->parked_store, s->parked_handle);
-  exp_remove(s);
-  if (s->park_prev)
-    s->park_prev->park_next = s->park_next;
-  else
-    nh->parked = s->park_next;
-  if (s->park_next) s->park_next->park_prev = s->park_prev;
-  s->park_prev = s->park_next = NULL;
-  nh->nparked--;
-  lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
-  s->parked_by = NULL;
-  s->parked_store = NULL;
-  s->parked_cache = NULL;
-  free(s->parked_extra); /* unless taken before (take_extra) */
-  s->parked_extra = NULL;
-  s->parked_extra_len = 0;
-}
-
-/* The parked poll's own header lines, handed over to the caller (free them after the answer);
- * taken before unpark, which frees what is left. */
-static lp_slice take_extra(sconn *s) {
-  lp_slice extra = {s->parked_extra, s->parked_extra_len};
-  s->parked_extra = NULL;
-  s->parked_extra_len = 0;
-  return extra;
-}
-
-static void parked_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
-  sconn *s = CONTAINER(w, sconn, waiter);
-  native_handler *nh = s->parked_by;
-  if (!nh) return;
-  lp_slice extra = take_extra(s);
-  unpark(s, 0); /* the publish ended the subscription */
-  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, answer, n);
-  free((char *)extra.ptr);
-}
-
-/* The golongpoll timeout answer with timestamp T. cancel: the wait is still there. */
-static void answer_timeout_at(sconn *s, int64_t T, int cancel) {
-  native_handler *nh = s->parked_by;
-  lp_slice extra = take_extra(s);
-  unpark(s, cancel);
-  char body[96];
-  int len = snprintf(body, sizeof body, "{\"timeout\":\"no events before timeout\",\"timestamp\":%lld}", (long long)T);
-  lp_slice piece = {body, (size_t)len};
-  answer_200(s, nh, s->parked_keep, s->parked_http10, extra, &piece, 1);
-  free((char *)extra.ptr);
-}
-
-/* The store closed under the poll (the manager answers its polls before it closes the store;
- * this is the backstop): the manager's 503. A cache ended the wait (a reset: pub/sub lost, a
- * gap, a new epoch, the engine closing): events may have been missed, so the timeout answer
- * with the poll's floor, from which the client's next poll reads what it missed. */
-static void parked_ended(lp_waiter *w) {
-  sconn *s = CONTAINER(w, sconn, waiter);
-  if (!s->parked_by) return;
-  if (s->parked_cache) return answer_timeout_at(s, s->parked_floor, 0);
-  unpark(s, 0);
-  lp_conn_fail(&s->conn, 503, "manager is shut down", now_ms(s->srv));
-}
-
-static const lp_waiter_ops PARKED_OPS = {.woken = parked_woken, .ended = parked_ended};
-
-/* The golongpoll timeout answer, with a timestamp no later event reaches (the store's mark; in
- * Redis mode the poll's floor: use this only when no Redis mark can be had). */
-static void answer_timeout(sconn *s) {
-  int64_t T = s->parked_cache ? s->parked_floor : lp_store_mark_time(s->parked_store, wall_clock_ms());
-  answer_timeout_at(s, T, 1);
-}
-
-/* Every poll of nh's expiring list that joined batch b or an earlier one gets the timeout answer:
- * with T, the batch's Redis mark (has_T), or its floor. Those still parked when the mark came got
- * no event published before it (the marker follows every such event on pub/sub). */
-static void settle_marks(native_handler *nh, uint64_t b, int has_T, int64_t T) {
-  sconn *s;
-  while ((s = nh->exp_head) != NULL && s->mark_batch <= b)
-    answer_timeout_at(s, has_T && T > s->parked_floor ? T : s->parked_floor, 1);
-}
-
-/* Asks the manager's mark function (on L, protected; errors logged through srv when given) for
- * the mark of nh's open batch, and opens the next; without the function, or when the call fails,
- * the batch is answered with its polls' floors. */
-static void ask_mark(lua_State *L, server *srv, native_handler *nh) {
-  nh->mark_wanted = 0;
-  uint64_t b = nh->batch;
-  if (!nh->exp_head || nh->exp_tail->mark_batch != b) return; /* answered meanwhile */
-  nh->batch = b + 1; /* polls timing out while the mark is asked for join the next batch */
-  int status = LUA_ERRRUN;
-  if (nh->mark_ref != LUA_NOREF) {
-    lua_pushcfunction(L, traceback);
-    int base = lua_gettop(L);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, nh->mark_ref);
-    lua_pushinteger(L, (lua_Integer)b);
-    status = lua_pcall(L, 1, 0, base);
-    if (status != LUA_OK) {
-      if (srv && status != LUA_ERRMEM) log_callback_error(srv);
-      lua_pop(L, 1);
-    }
-    lua_pop(L, 1); /* traceback */
-  }
-  if (status != LUA_OK) settle_marks(nh, b, 0, 0);
-}
-
-/* A poll parked on a cache whose time is up: it joins its handler's open batch (kept parked). */
-static void expire_cached(sconn *s, native_handler **wanted) {
-  native_handler *nh = s->parked_by;
-  if (s->mark_batch) return;
-  s->mark_batch = nh->batch;
-  s->exp_next = NULL;
-  s->exp_prev = nh->exp_tail;
-  if (nh->exp_tail)
-    nh->exp_tail->exp_next = s;
-  else
-    nh->exp_head = s;
-  nh->exp_tail = s;
-  if (!nh->mark_wanted) {
-    nh->mark_wanted = 1;
-    nh->mark_next = *wanted;
-    *wanted = nh;
-  }
-}
-
-static void on_poll_timer(uv_timer_t *t) {
-  server *srv = SERVER_OF(t, poll_timer);
-  srv->poll_timer_at = 0;
-  uint64_t now = now_ms(srv);
-  lp_deadline *e;
-  native_handler *wanted = NULL;
-  while ((e = lp_deadlines_pop_expired(&srv->deadlines, now)) != NULL) {
-    sconn *s = CONTAINER(e, sconn, deadline);
-    if (s->parked_by && s->parked_cache)
-      expire_cached(s, &wanted);
-    else if (s->parked_by)
-      answer_timeout(s);
-    else if (s->stream_by)
-      stream_heartbeat(s);
-  }
-  while (wanted) { /* one mark per handler and turn */
-    native_handler *nh = wanted;
-    wanted = nh->mark_next;
-    ask_mark(srv->L, srv, nh);
-  }
-  poll_timer_arm(srv);
-}
-
-/* Sets the timer for the earliest timeout, unless it fires before that already. */
-static void poll_timer_arm(server *srv) {
-  uint64_t at;
-  if (!lp_deadlines_next(&srv->deadlines, &at)) return;
-  if (srv->poll_timer_at != 0 && srv->poll_timer_at <= at) return;
-  uint64_t now = now_ms(srv);
-  srv->poll_timer_at = at > 0 ? at : 1;
-  uv_timer_start(&srv->poll_timer, on_poll_timer, at > now ? at - now : 0, 0);
-}
-
-/* Parks the poll of s on store, or on cache (Redis mode, with its timeout floor): 1 when it waits
- * now, 0 when the Lua handler must take it (a connection above the cap may not wait; the store
- * refused, e.g. max_waiting_per_category: Lua says why). */
-static int park(sconn *s, native_handler *nh, lp_store *store, lp_cache *cache, int64_t floor,
-                const lp_http_event *head, lp_slice extra, const lp_fast_sub *sub) {
-  server *srv = s->srv;
-  if (s->reserve || srv->closing || s->parked_by) return 0;
-  char *extra_copy = NULL;
-  if (extra.len) {
-    extra_copy = malloc(extra.len);
-    if (!extra_copy) return 0;
-    memcpy(extra_copy, extra.ptr, extra.len);
-  }
-  s->waiter.ops = &PARKED_OPS;
-  uint64_t handle;
-  int rc = cache ? lp_cache_wait(cache, sub->categories, sub->ncategories, &s->waiter, &handle)
-                 : lp_store_wait_owned(store, sub->categories, sub->ncategories, &s->waiter, &handle);
-  if (rc != LP_OK) {
-    free(extra_copy);
-    return 0;
-  }
-  if (lp_deadlines_add(&srv->deadlines, &s->deadline, (uint64_t)sub->timeout_s * 1000, now_ms(srv)) != 0) {
-    if (cache)
-      lp_cache_cancel(cache, handle);
-    else
-      lp_store_cancel(store, handle);
-    free(extra_copy);
-    return 0;
-  }
-  s->parked_extra = extra_copy;
-  s->parked_extra_len = extra.len;
-  s->parked_by = nh;
-  s->parked_store = store;
-  s->parked_cache = cache;
-  s->parked_floor = floor;
-  s->mark_batch = 0;
-  s->parked_handle = handle;
-  s->parked_keep = head->keep_alive != 0;
-  s->parked_http10 = head->minor == 0;
-  s->park_prev = NULL;
-  s->park_next = nh->parked;
-  if (nh->parked) nh->parked->park_prev = s;
-  nh->parked = s;
-  nh->nparked++;
-  poll_timer_arm(srv);
-  return 1;
-}
-
-/* Every poll parked on nh gets the timeout answer now (the manager shuts down). */
-static void answer_parked(native_handler *nh) {
-  while (nh->parked) answer_timeout(nh->parked);
-}
-
-/* ---------------------------------------------------------------------------------------------
- * CORS, as longpoll.cors wraps the manager's handlers */
-
-/* The value of request header name (lower-case), or an empty slice with ptr NULL. */
-static lp_slice header_value(const lp_http_event *head, const char *name) {
-  size_t len = strlen(name);
-  for (size_t i = 0; i < head->nheaders; i++) {
-    lp_slice n = head->headers[i].name;
-    if (n.len == len && memcmp(n.ptr, name, len) == 0) return head->headers[i].value;
-  }
-  return (lp_slice){NULL, 0};
-}
-
-/* The handler's CORS lines for this request into out (emptied first; lp_cors_lines); *allowed:
- * whether its Origin is allowed. 0, or -1 when memory ran out. */
-static int cors_lines(const native_handler *nh, const lp_http_event *head, lp_buf *out, int *allowed) {
-  lp_buf_reset(out);
-  lp_slice origin = header_value(head, "origin");
-  *allowed = !nh->cors.on || lp_cors_allowed(&nh->cors, origin);
-  return lp_cors_lines(&nh->cors, origin, out);
-}
-
-/* An allowed preflight (OPTIONS with Origin and Access-Control-Request-Method) to a route of a
- * handler under the policy: 204 with the policy's headers. 1 when answered, 0 when the Lua
- * handler decides (not allowed, not a preflight). */
-static int fast_preflight(sconn *s, const native_handler *nh, const lp_http_event *head) {
-  server *srv = s->srv;
-  int allowed;
-  if (!nh->cors.on || !header_value(head, "origin").ptr || !header_value(head, "access-control-request-method").ptr)
-    return 0;
-  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0 || !allowed) return 0;
-  int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
-  lp_buf *h = &srv->fast_head;
-  lp_buf_reset(h);
-  int rc = lp_buf_append_str(h, "HTTP/1.1 204 No Content\r\n");
-  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
-  if (rc == 0) rc = lp_buf_append(h, nh->cors.preflight, nh->cors.preflight_len);
-  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
-  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
-  if (rc != 0) return 0;
-  lp_slice bufs[1] = {{h->data, h->len}};
-  lp_conn_write(&s->conn, bufs, 1);
-  srv->fast_answers++;
-  lp_conn_response_done(&s->conn, keep, now_ms(srv));
-  return 1;
-}
-
-/* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
- * run (always with an Idempotency-Key). Only publishes that wake no Lua waiter (no Lua long poll,
- * stream or watcher waits on the category; the polls parked here are answered here) are taken:
- * the manager registers this handler only when it has no add-on to tell. */
-static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
-  server *srv = s->srv;
-  /* an idempotent publish (Idempotency-Key, issue 17) is the Lua handler's: it looks the key up */
-  for (size_t i = 0; i < head->nheaders; i++) {
-    lp_slice n = head->headers[i].name;
-    if (n.len == 15 && memcmp(n.ptr, "idempotency-key", 15) == 0) return 0;
-  }
-  lp_publish_body pb;
-  const char *err;
-  if (lp_json_parse_publish(body.ptr ? body.ptr : "", body.len, &pb, &err) != 0) return 0;
-  int ok = pb.has_category && pb.category.len >= 1 && pb.category.len <= r->h->limits.max_category_bytes && pb.has_data;
-  lp_store *store = ok ? route_store(srv, r) : NULL;
-  lp_slice category = {pb.category.data, pb.category.len};
-  lp_store_stats st;
-  if (store) lp_store_get_stats(store, &st);
-  if (!store || lp_store_unowned_waiting_in(store, category) > 0 ||
-      lp_woken_reserve(&srv->fast_woken, st.waiting) != LP_OK) {
-    lp_buf_free(&pb.category);
-    return 0;
-  }
-  int allowed;
-  if (cors_lines(r->h, head, &srv->fast_extra, &allowed) != 0) {
-    lp_buf_free(&pb.category);
-    return 0;
-  }
-  lp_slice data = {pb.data, pb.data_len};
-  lp_published out;
-  int rc = lp_store_publish(store, category, data, wall_clock_ms(), lp_woken_add, &srv->fast_woken, &out);
-  lp_buf_free(&pb.category);
-  if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
-  lp_woken_answer(&srv->fast_woken, &out);
-  static const lp_slice SUCCESS = {"{\"success\":true}", 16};
-  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
-  answer_200(s, r->h, head->keep_alive, head->minor == 0, extra, &SUCCESS, 1);
-  return 1;
-}
-
-/* A long poll to the manager's handler, served here: answered from the store when events after
- * its cursor exist, else parked (when may_park) until one is published. 1 when served, 0 when
- * the Lua handler must run (an error, anything unusual, a poll that may not be parked). */
-static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice query,
-                             int may_park) {
-  server *srv = s->srv;
-  lp_fast_sub sub;
-  if (!store || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
-  int allowed;
-  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
-  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
-  if (sub.has_since) {
-    lp_buf *body = &srv->fast_body;
-    lp_buf_reset(body);
-    size_t count = 0;
-    int missed = 0;
-    int rc = lp_store_fetch(store, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL,
-                            wall_clock_ms(), body, &count, &missed);
-    if (rc != LP_OK) return 0;
-    if (count > 0) {
-      lp_slice answer = {body->data, body->len};
-      answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
-      /* one huge answer should not pin its memory */
-      if (body->cap > (1u << 20)) lp_buf_free(body);
-      return 1;
-    }
-  }
-  return may_park && park(s, nh, store, NULL, 0, head, extra, &sub);
-}
-
-/* A long poll to the manager's handler in Redis mode, served here when the engine's node-local
- * cache (lp_cache) can tell: answered when the cache holds its events, parked on the cache (when
- * may_park) when nothing comes after its cursor up to the cache's position (an LP_CACHE_WAIT).
- * 1 when served, 0 when the Lua handler must run (the cache cannot tell: a read from Redis; no
- * cursor, an error, anything unusual). */
-static int fast_cached(sconn *s, native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query,
-                       int may_park) {
-  server *srv = s->srv;
-  lp_fast_sub sub;
-  if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1 || !sub.has_since)
-    return 0;
-  lp_buf *body = &srv->fast_body;
-  lp_buf_reset(body);
-  lp_cache_pos cursor;
-  int r = lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, body,
-                          &cursor);
-  if (r != LP_CACHE_EVENTS && r != LP_CACHE_WAIT) return 0;
-  int allowed;
-  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
-  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
-  if (r == LP_CACHE_WAIT) {
-    /* The floor: the cache knows every event of these categories up to cursor and none comes after
-     * the client's; some stamped cursor.ts may still come (a later seq). Continuing from the floor
-     * skips none, and repeats none the client got unless cursor.ts is its since_time. */
-    int64_t floor = cursor.ts - 1 > sub.since ? cursor.ts - 1 : sub.since;
-    return may_park && park(s, nh, NULL, cache, floor, head, extra, &sub);
-  }
-  lp_slice answer = {body->data, body->len};
-  answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
-  if (body->cap > (1u << 20)) lp_buf_free(body);
-  return 1;
-}
-
-/* ---------------------------------------------------------------------------------------------
- * SSE streams served in C: the manager's SSE handler (core.native_sse), as longpoll.sse serves
- * it in memory mode, with the same bytes. A stream's subscription is an owned waiter on the store
- * (lp_store_wait_owned): whoever publishes hands it the event (stream_woken, which writes the
- * message, framed once per event for every stream) and then lets it wait again (stream_after).
- * Its heartbeat is its deadline in the server's set; the manager's shutdown finishes it. */
-
-static void stream_unlink(sconn *s) {
-  native_handler *nh = s->stream_by;
-  if (s->stream_prev)
-    s->stream_prev->stream_next = s->stream_next;
-  else
-    nh->streams = s->stream_next;
-  if (s->stream_next) s->stream_next->stream_prev = s->stream_prev;
-  s->stream_prev = s->stream_next = NULL;
-  nh->nstreams--;
-}
-
-/* Forgets the stream of s (its client left, a write failed, it was finished): its wait ends;
- * the response is left as it is. Nothing when s has no stream. */
-static void stream_end(sconn *s) {
-  if (!s->stream_by) return;
-  if (s->stream_handle) lp_store_cancel(s->stream_store, s->stream_handle);
-  s->stream_handle = 0;
-  stream_unlink(s);
-  lp_deadlines_remove(&s->srv->deadlines, &s->deadline);
-  free(s->stream_categories);
-  s->stream_categories = NULL;
-  s->stream_ncategories = 0;
-  s->stream_by = NULL;
-  s->stream_store = NULL;
-}
-
-/* Writes one piece of the stream's body (a chunk on HTTP/1.1); a failure (the client is gone or
- * let too much pile up: the connection is closed) ends the stream. 0 or -1. */
-static int stream_write(sconn *s, const char *data, size_t len) {
-  char size[24];
-  lp_slice bufs[3] = {{data, len}};
-  size_t n = 1;
-  if (s->stream_chunked) {
-    int sl = snprintf(size, sizeof size, "%zx\r\n", len);
-    bufs[0] = (lp_slice){size, (size_t)sl};
-    bufs[1] = (lp_slice){data, len};
-    bufs[2] = (lp_slice){"\r\n", 2};
-    n = 3;
-  }
-  if (lp_conn_write(&s->conn, bufs, n) != 0) {
-    stream_end(s);
-    return -1;
-  }
-  return 0;
-}
-
-/* Ends the stream's response cleanly (the last chunk; an HTTP/1.0 stream ends with its
- * connection): the manager shuts down, or the stream cannot wait again. */
-static void stream_finish(sconn *s) {
-  if (!s->stream_by) return;
-  int keep = s->stream_keep;
-  if (s->stream_chunked && lp_conn_write(&s->conn, &(lp_slice){"0\r\n\r\n", 5}, 1) != 0) keep = 0;
-  stream_end(s);
-  lp_conn_response_done(&s->conn, keep, now_ms(s->srv));
-}
-
-static void stream_heartbeat(sconn *s) {
-  if (stream_write(s, LP_SSE_HEARTBEAT, sizeof LP_SSE_HEARTBEAT - 1) != 0) return;
-  if (lp_deadlines_add(&s->srv->deadlines, &s->deadline, s->stream_by->heartbeat_ms, now_ms(s->srv)) != 0)
-    stream_finish(s); /* no memory for its heartbeats: the browser reconnects */
-}
-
-/* The SSE message of the event, built once per event for every stream it wakes (all of them
- * write the same bytes); NULL when memory ran out. */
-static const lp_buf *stream_message(server *srv, const lp_store *store, const lp_published *p) {
-  lp_buf *m = &srv->stream_frame;
-  if (srv->stream_frame_store == store && srv->stream_frame_seq == p->seq && m->len > 0) return m;
-  srv->stream_frame_store = NULL;
-  lp_buf_reset(m);
-  if (lp_sse_message_append(m, p->json, p->json_len, p->timestamp, p->id) != 0) return NULL;
-  srv->stream_frame_store = store;
-  srv->stream_frame_seq = p->seq;
-  return m;
-}
-
-static void stream_woken(lp_waiter *w, const lp_published *p) {
-  sconn *s = CONTAINER(w, sconn, waiter);
-  if (!s->stream_by) return;
-  s->stream_handle = 0; /* the publish ended the subscription: stream_after waits again */
-  const lp_buf *m = stream_message(s->srv, s->stream_store, p);
-  if (!m) {
-    stream_end(s);
-    lp_conn_abort(&s->conn); /* never a stream with a hole: the browser resumes after its last id */
-    return;
-  }
-  stream_write(s, m->data, m->len);
-}
-
-/* Every stream the publish woke was written to: this one waits for the next event. */
-static void stream_after(lp_waiter *w) {
-  sconn *s = CONTAINER(w, sconn, waiter);
-  if (!s->stream_by || s->stream_handle) return;
-  if (lp_store_wait_owned(s->stream_store, s->stream_categories, s->stream_ncategories, &s->waiter,
-                          &s->stream_handle) != LP_OK) {
-    s->stream_handle = 0;
-    log_line(s->srv, "warn", "sse stream ended: cannot wait", NULL, 0);
-    stream_finish(s);
-  }
-}
-
-/* The store closed under the stream (the manager finishes its streams before; the backstop). */
-static void stream_ended(lp_waiter *w) {
-  sconn *s = CONTAINER(w, sconn, waiter);
-  s->stream_handle = 0;
-  stream_finish(s);
-}
-
-static const lp_waiter_ops STREAM_OPS = {.ended = stream_ended, .woken_event = stream_woken, .after = stream_after};
-
-/* Appends one event of a catch-up to the buffer (ctx); an lp_event_fn. */
-static int append_message(void *ctx, const lp_event_view *e) {
-  return lp_sse_message_append(ctx, e->json, e->json_len, e->timestamp, e->id);
-}
-
-/* An owned copy of the categories (slices and names in one block), or NULL. */
-static lp_slice *copy_categories(const lp_fast_sub *sub) {
-  size_t bytes = sub->ncategories * sizeof(lp_slice);
-  for (size_t i = 0; i < sub->ncategories; i++) bytes += sub->categories[i].len;
-  lp_slice *list = malloc(bytes ? bytes : 1);
-  if (!list) return NULL;
-  char *names = (char *)(list + sub->ncategories);
-  for (size_t i = 0; i < sub->ncategories; i++) {
-    memcpy(names, sub->categories[i].ptr, sub->categories[i].len);
-    list[i] = (lp_slice){names, sub->categories[i].len};
-    names += sub->categories[i].len;
-  }
-  return list;
-}
-
-/* The request's Last-Event-ID in *value (ptr NULL when absent); 0 when it is there twice (the
- * Lua handler reads the headers' joined value). */
-static int last_event_id(const lp_http_event *head, lp_slice *value) {
-  int seen = 0;
-  *value = (lp_slice){NULL, 0};
-  for (size_t i = 0; i < head->nheaders; i++) {
-    lp_slice n = head->headers[i].name;
-    if (n.len == 13 && memcmp(n.ptr, "last-event-id", 13) == 0) {
-      if (seen++) return 0;
-      *value = head->headers[i].value;
-    }
-  }
-  return 1;
-}
-
-/* A GET to the manager's SSE handler, served here: the stream's head, its preamble, the events
- * after its cursor, and from then on each event as it is published. 1 when served, 0 when the Lua
- * handler must run (an error, anything unusual, a stream the store will not take). */
-static int fast_sse(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice query) {
-  server *srv = s->srv;
-  lp_fast_sub sub;
-  lp_slice resume;
-  if (!store || s->reserve || srv->closing || s->parked_by || s->stream_by || !last_event_id(head, &resume) ||
-      lp_fast_parse_stream(query, resume, &nh->limits, &srv->fast_scratch, &sub) != 1)
-    return 0;
-  int allowed;
-  if (cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
-  lp_slice *categories = copy_categories(&sub);
-  if (!categories) return 0;
-  /* waiting first: when the store refuses (max_waiting_per_category), nothing was taken yet */
-  s->waiter.ops = &STREAM_OPS;
-  uint64_t handle;
-  if (lp_store_wait_owned(store, categories, sub.ncategories, &s->waiter, &handle) != LP_OK) {
-    free(categories);
-    return 0;
-  }
-  int64_t now = wall_clock_ms();
-  lp_buf *body = &srv->fast_body;
-  lp_buf_reset(body);
-  int missed = 0, rc = 0;
-  if (sub.has_since) {
-    size_t count = 0;
-    if (lp_buf_append_str(body, LP_SSE_MISSED) != 0) rc = -1; /* kept only if missed */
-    if (rc == 0 &&
-        lp_store_fetch_each(store, categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, now,
-                            append_message, body, &count, &missed) != LP_OK)
-      rc = -1;
-  }
-  if (rc == 0 && lp_deadlines_add(&srv->deadlines, &s->deadline, nh->heartbeat_ms, now_ms(srv)) != 0) rc = -1;
-  if (rc != 0) {
-    lp_store_cancel(store, handle);
-    free(categories);
-    return 0; /* nothing was delivered (fetch_each counts only a whole read) */
-  }
-  s->stream_by = nh;
-  s->stream_store = store;
-  s->stream_handle = handle;
-  s->stream_categories = categories;
-  s->stream_ncategories = sub.ncategories;
-  s->stream_chunked = head->minor == 1;
-  s->stream_keep = s->stream_chunked && head->keep_alive && lp_conn_may_keep_alive(&s->conn);
-  s->stream_prev = NULL;
-  s->stream_next = nh->streams;
-  if (nh->streams) nh->streams->stream_prev = s;
-  nh->streams = s;
-  nh->nstreams++;
-  poll_timer_arm(srv);
-  srv->fast_answers++;
-  /* the head, as response.lua's write_head builds it */
-  lp_buf *h = &srv->fast_head;
-  lp_buf_reset(h);
-  rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
-  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
-  if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
-  if (rc == 0 && s->stream_chunked) rc = lp_buf_append_str(h, "Transfer-Encoding: chunked\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, host_date(s));
-  if (rc == 0 && !s->stream_keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
-  /* the preamble, in the CORS lines' buffer (they are in the head now) */
-  lp_buf *pre = &srv->fast_extra;
-  lp_buf_reset(pre);
-  if (rc == 0)
-    rc = lp_sse_preamble_append(pre, (int64_t)nh->retry_ms, !sub.has_since,
-                                sub.has_since ? 0 : lp_store_mark_time(store, now));
-  if (rc != 0) {
-    stream_end(s);
-    lp_conn_abort(&s->conn);
-    return 1;
-  }
-  if (lp_conn_write(&s->conn, &(lp_slice){h->data, h->len}, 1) != 0) {
-    stream_end(s);
-    return 1;
-  }
-  if (stream_write(s, pre->data, pre->len) != 0) return 1;
-  /* the catch-up as longpoll.sse writes it: one piece, the missed notice first */
-  size_t skip = missed ? 0 : sizeof LP_SSE_MISSED - 1;
-  if (body->len > skip) stream_write(s, body->data + skip, body->len - skip);
-  if (body->cap > (1u << 20)) lp_buf_free(body);
-  return 1;
-}
-
 static void reserve_check(sconn *s);
 
 static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
@@ -1258,26 +412,7 @@ static void host_request(void *ud, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
   s->request_bytes = 0;
   s->native_declined = 0;
-  if (srv->nroutes > 0) {
-    int get = head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0;
-    int post = head->method.len == 4 && memcmp(head->method.ptr, "POST", 4) == 0;
-    int options = head->method.len == 7 && memcmp(head->method.ptr, "OPTIONS", 7) == 0;
-    lp_slice path, query;
-    if ((get || post || options) && lp_http_split_target(head->target, &path, &query) == 0 &&
-        !memchr(path.ptr, '%', path.len)) {
-      native_route *r = find_route(srv, options ? ROUTE_OPTIONS : post ? ROUTE_POST : ROUTE_GET, path);
-      if (r && r->h->enabled) {
-        int served = options                       ? fast_preflight(s, r->h, head)
-                     : r->h->kind == NATIVE_CACHED ? fast_cached(s, r->h, route_cache(srv, r), head, query, 1)
-                     : r->h->kind == NATIVE_SSE    ? fast_sse(s, r->h, route_store(srv, r), head, query)
-                     : r->h->kind == NATIVE_SUBSCRIPTION
-                         ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
-                         : fast_publish(s, r, head, body);
-        if (served) return;
-        s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
-      }
-    }
-  }
+  if (lp_lua_native_serve(s, head, body)) return;
   if (lp_lua_static_request(srv->statics, s, head)) { /* a static mount's, answered in C */
     reserve_check(s);
     return;
@@ -1455,7 +590,7 @@ static void finish_close(server *srv) {
   luaL_unref(L, LUA_REGISTRYINDEX, srv->dispatch_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, srv->gone_ref);
   srv->dispatch_ref = srv->gone_ref = LUA_NOREF;
-  free_native(L, srv);
+  lp_lua_native_free(L, srv);
   int self = srv->self_ref;
   srv->self_ref = LUA_NOREF;
   if (cb != LUA_NOREF) {
@@ -1703,7 +838,7 @@ static int server_gc(lua_State *L) {
     luaL_unref(L, LUA_REGISTRYINDEX, srv->gone_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, srv->log_ref);
     luaL_unref(L, LUA_REGISTRYINDEX, srv->close_ref);
-    free_native(L, srv);
+    lp_lua_native_free(L, srv);
     free(srv);
     *p = NULL;
   }
@@ -1807,9 +942,7 @@ static int conn_native(lua_State *L) {
       push_attached(L, s);
       int watched = !lua_isnil(L, -1);
       lua_pop(L, 1);
-      answered = h->kind == NATIVE_CACHED ? fast_cached(s, h, cache, head, query, !watched)
-                 : h->kind == NATIVE_SSE  ? !watched && fast_sse(s, h, store, head, query)
-                                          : fast_subscription(s, h, store, head, query, !watched);
+      answered = lp_lua_native_handback(s, h, store, cache, head, query, watched);
     }
   }
   lua_pushboolean(L, answered);
@@ -1840,215 +973,6 @@ static int conn_queued(lua_State *L) {
   return 1;
 }
 
-/* ---------------------------------------------------------------------------------------------
- * Native handlers */
-
-static size_t opt_size_at(lua_State *L, int t, const char *k) {
-  lua_getfield(L, t, k);
-  int ok;
-  lua_Integer v = lua_tointegerx(L, -1, &ok);
-  if (!ok || v < 1) luaL_error(L, "option '%s' must be a positive integer", k);
-  lua_pop(L, 1);
-  return (size_t)v;
-}
-
-/* cors = { any = bool, origins = { origin, ... }, credentials = bool, preflight = "header
- * lines" } (made by longpoll.cors Policy:native). The handler's userdata owns what is read here
- * from the moment it is set (its __gc frees it), even on an error. */
-static void read_cors(lua_State *L, int t, lp_cors *c) {
-  luaL_checktype(L, t, LUA_TTABLE);
-  c->on = 1;
-  lua_getfield(L, t, "any");
-  c->any = lua_toboolean(L, -1);
-  lua_getfield(L, t, "credentials");
-  c->credentials = lua_toboolean(L, -1);
-  lua_getfield(L, t, "preflight");
-  size_t len;
-  const char *lines = luaL_checklstring(L, -1, &len);
-  if (lp_cors_set_preflight(c, lines, len) != 0) luaL_error(L, "out of memory");
-  lua_getfield(L, t, "origins");
-  luaL_checktype(L, -1, LUA_TTABLE);
-  size_t n = (size_t)lua_rawlen(L, -1);
-  for (size_t i = 0; i < n; i++) {
-    lua_rawgeti(L, -1, (lua_Integer)i + 1);
-    const char *origin = luaL_checklstring(L, -1, &len);
-    if (lp_cors_add_origin(c, origin, len) != 0) luaL_error(L, "out of memory");
-    lua_pop(L, 1);
-  }
-  lua_pop(L, 4);
-}
-
-/* core.native_subscription(store, { max_category_bytes, max_categories_per_subscription,
- *   max_longpoll_timeout_seconds, header_block[, cors] }) -> handler: what a server needs to answer the
- * manager's catch-up long polls itself (see longpoll.http.native). handler:disable() sends
- * every later request to the Lua handler (the manager shutting down). */
-static int make_native(lua_State *L, int kind) {
-  if (kind == NATIVE_CACHED)
-    luaL_argcheck(L, lp_lua_cache_of(L, 1) != NULL, 1, "a cache expected");
-  else
-    luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
-  luaL_checktype(L, 2, LUA_TTABLE);
-  native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
-  memset(h, 0, sizeof *h);
-  h->mark_ref = LUA_NOREF;
-  h->batch = 1;
-  luaL_setmetatable(L, NATIVE_MT);
-  h->kind = kind;
-  h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind != NATIVE_PUBLISH) h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
-  if (h->kind == NATIVE_SUBSCRIPTION || h->kind == NATIVE_CACHED)
-    h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
-  if (h->kind == NATIVE_SSE) {
-    h->heartbeat_ms = opt_size_at(L, 2, "heartbeat_ms");
-    h->retry_ms = opt_size_at(L, 2, "retry_ms");
-  }
-  lua_getfield(L, 2, "header_block");
-  size_t len;
-  const char *block = luaL_checklstring(L, -1, &len);
-  h->block = malloc(len + 1);
-  if (!h->block) return luaL_error(L, "out of memory");
-  memcpy(h->block, block, len + 1);
-  h->block_len = len;
-  lua_pop(L, 1);
-  lua_getfield(L, 2, "cors");
-  if (!lua_isnil(L, -1)) read_cors(L, lua_gettop(L), &h->cors);
-  lua_pop(L, 1);
-  if (kind == NATIVE_CACHED) {
-    lua_getfield(L, 2, "mark");
-    if (lua_isfunction(L, -1))
-      h->mark_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    else
-      lua_pop(L, 1);
-  }
-  lua_pushvalue(L, 1);
-  lua_setiuservalue(L, -2, 1);
-  h->enabled = 1;
-  return 1;
-}
-
-static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SUBSCRIPTION); }
-
-/* core.native_cached_subscription(cache, { as native_subscription, mark = function(batch) }) ->
- * handler: the manager's long-poll handler in Redis mode, for the catch-ups the engine's
- * node-local cache (core.new_cache) answers with events and the polls it parks on that cache
- * (nothing after the cursor); everything else goes to Lua. A parked poll whose time is up gets
- * the timeout answer once mark(batch) handed the batch's Redis mark to handler:marked(batch, T)
- * (without mark, or with T nil: its floor, see fast_cached). */
-static int l_native_cached_subscription(lua_State *L) { return make_native(L, NATIVE_CACHED); }
-
-/* core.native_publish(store, { max_category_bytes, header_block }) -> handler: the manager's
- * publish handler, for publishes that wake nobody (the manager registers it only when it has no
- * add-on to tell). */
-static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
-
-/* core.native_sse(store, { max_category_bytes, max_categories_per_subscription, heartbeat_ms,
- *   retry_ms, header_block[, cors] }) -> handler: the manager's SSE handler in memory mode, whose
- * streams the engine serves in C (HEAD and errors go to Lua). header_block: the stream's header
- * lines (longpoll.answers STREAM). */
-static int l_native_sse(lua_State *L) { return make_native(L, NATIVE_SSE); }
-
-/* Every stream of nh ends cleanly now (the manager shutting down). */
-static void finish_streams(native_handler *nh) {
-  while (nh->streams) stream_finish(nh->streams);
-}
-
-/* handler:disable(): every later request goes to the Lua handler, the polls parked on the
- * handler get the timeout answer now (in Redis mode once the mark they all wait for came,
- * handler:marked) and its streams end (the manager shutting down). */
-static int native_disable(lua_State *L) {
-  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
-  h->enabled = 0;
-  if (h->kind == NATIVE_CACHED && h->mark_ref != LUA_NOREF) {
-    native_handler *ignored = NULL;
-    for (sconn *s = h->parked; s; s = s->park_next) expire_cached(s, &ignored);
-    ask_mark(L, NULL, h);
-    luaL_unref(L, LUA_REGISTRYINDEX, h->mark_ref); /* it holds the manager: no more marks */
-    h->mark_ref = LUA_NOREF;
-    return 0; /* answered when the mark comes, or when the engine closes the cache (floors) */
-  }
-  answer_parked(h);
-  finish_streams(h);
-  return 0;
-}
-
-/* handler:streams() -> how many SSE streams it serves now. */
-static int native_streams(lua_State *L) {
-  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
-  lua_pushinteger(L, (lua_Integer)h->nstreams);
-  return 1;
-}
-
-/* handler:marked(batch, T | nil): the Redis mark of a batch of timed-out parked polls (nil: none
- * could be had): those still parked get the timeout answer (T, or their floor). */
-static int native_marked(lua_State *L) {
-  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
-  lua_Integer b = luaL_checkinteger(L, 2);
-  int has_T = !lua_isnoneornil(L, 3);
-  lua_Integer T = has_T ? luaL_checkinteger(L, 3) : 0;
-  if (b > 0) settle_marks(h, (uint64_t)b, has_T, (int64_t)T);
-  return 0;
-}
-
-/* handler:parked() -> how many long polls wait parked on it. */
-static int native_parked(lua_State *L) {
-  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
-  lua_pushinteger(L, (lua_Integer)h->nparked);
-  return 1;
-}
-
-static int native_gc(lua_State *L) {
-  native_handler *h = luaL_checkudata(L, 1, NATIVE_MT);
-  answer_parked(h);
-  finish_streams(h);
-  luaL_unref(L, LUA_REGISTRYINDEX, h->mark_ref);
-  h->mark_ref = LUA_NOREF;
-  lp_cors_free(&h->cors);
-  free(h->block);
-  h->block = NULL;
-  h->enabled = 0;
-  return 0;
-}
-
-static void drop_route(lua_State *L, server *srv, size_t i) {
-  luaL_unref(L, LUA_REGISTRYINDEX, srv->routes[i].ref);
-  free(srv->routes[i].path);
-  srv->routes[i] = srv->routes[--srv->nroutes];
-}
-
-/* server:native_route(method, path, handler | nil): a GET (a subscription handler) or POST (a
- * publish handler) to path is answered by the native handler when it can, and an OPTIONS
- * preflight by a handler under a CORS policy (nil: never). */
-static int server_native_route(lua_State *L) {
-  server *srv = check_server(L);
-  const char *method = luaL_checkstring(L, 2);
-  int post = strcmp(method, "POST") == 0 ? ROUTE_POST : strcmp(method, "OPTIONS") == 0 ? ROUTE_OPTIONS : ROUTE_GET;
-  luaL_argcheck(L, post != ROUTE_GET || strcmp(method, "GET") == 0, 2, "GET, POST or OPTIONS");
-  size_t len;
-  const char *path = luaL_checklstring(L, 3, &len);
-  native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
-  if (h && post == ROUTE_OPTIONS && !h->cors.on) h = NULL; /* only preflights are answered */
-  if (h && post != ROUTE_OPTIONS && (post == ROUTE_POST) != (h->kind == NATIVE_PUBLISH))
-    h = NULL; /* not for this method */
-  lp_slice p = {path, len};
-  native_route *r = find_route(srv, post, p);
-  if (r) drop_route(L, srv, (size_t)(r - srv->routes));
-  if (!h) return 0;
-  native_route *grown = realloc(srv->routes, (srv->nroutes + 1) * sizeof *grown);
-  if (!grown) return luaL_error(L, "out of memory");
-  srv->routes = grown;
-  char *copy = malloc(len + 1);
-  if (!copy) return luaL_error(L, "out of memory");
-  memcpy(copy, path, len + 1);
-  lua_pushvalue(L, 4);
-  native_route *nr = &srv->routes[srv->nroutes++];
-  nr->post = post;
-  nr->path = copy;
-  nr->path_len = len;
-  nr->h = h;
-  nr->ref = luaL_ref(L, LUA_REGISTRYINDEX);
-  return 0;
-}
-
 /* server:static_mount(prefix, dir[, follow_symlinks]): files under dir answer GET and HEAD below
  * prefix, in C (lp_lua_static.c); server:route_path(path): a route owns path, no mount takes it. */
 static int server_static_mount(lua_State *L) { return lp_lua_static_mount(L, &check_server(L)->statics); }
@@ -2060,20 +984,8 @@ static int server_fast_answers(lua_State *L) {
   return 1;
 }
 
-static void free_native(lua_State *L, server *srv) {
-  while (srv->nroutes > 0) drop_route(L, srv, srv->nroutes - 1);
-  free(srv->routes);
-  srv->routes = NULL;
-  lp_buf_free(&srv->fast_scratch);
-  lp_buf_free(&srv->fast_body);
-  lp_buf_free(&srv->fast_head);
-  lp_buf_free(&srv->fast_extra);
-  lp_woken_free(&srv->fast_woken);
-  lp_buf_free(&srv->stream_frame);
-  lp_deadlines_free(&srv->deadlines);
-  lp_lua_static_free(srv->statics);
-  srv->statics = NULL;
-}
+/* server:native_route(method, path, handler | nil): see lp_lua_native_route. */
+static int server_native_route(lua_State *L) { return lp_lua_native_route(L, check_server(L)); }
 
 /* What uv.walk hands to Lua for each of the server's handles: one object per server that says
  * what they are. */
@@ -2134,13 +1046,8 @@ static int l_raise_nofile(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg functions[] = {{"http_server", l_http_server},
-                                     {"raise_nofile_limit", l_raise_nofile},
-                                     {"native_subscription", l_native_subscription},
-                                     {"native_publish", l_native_publish},
-                                     {"native_cached_subscription", l_native_cached_subscription},
-                                     {"native_sse", l_native_sse},
-                                     {NULL, NULL}};
+static const luaL_Reg functions[] = {
+    {"http_server", l_http_server}, {"raise_nofile_limit", l_raise_nofile}, {NULL, NULL}};
 
 /* Adds core.http_server to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_server_open(lua_State *L) {
@@ -2148,21 +1055,6 @@ void lp_lua_server_open(lua_State *L) {
     luaL_newlib(L, server_methods);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, server_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, NATIVE_MT)) {
-    lua_createtable(L, 0, 4);
-    lua_pushcfunction(L, native_disable);
-    lua_setfield(L, -2, "disable");
-    lua_pushcfunction(L, native_parked);
-    lua_setfield(L, -2, "parked");
-    lua_pushcfunction(L, native_streams);
-    lua_setfield(L, -2, "streams");
-    lua_pushcfunction(L, native_marked);
-    lua_setfield(L, -2, "marked");
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, native_gc);
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);
@@ -2179,4 +1071,5 @@ void lp_lua_server_open(lua_State *L) {
   }
   lua_pop(L, 1);
   luaL_setfuncs(L, functions, 0);
+  lp_lua_native_open(L);
 }
