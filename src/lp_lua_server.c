@@ -98,8 +98,9 @@ typedef struct sconn {
   struct sconn *prev, *next;             /* every connection whose handle is open */
   struct sconn *sched_prev, *sched_next; /* waiting for lp_conn_resume */
   int in_sched;
-  /* A long poll parked here, in C, on its store subscription (see park): woken by a publish
-   * (waiter), timed out (deadline, in the server's set) or gone with its client. */
+  /* A long poll parked here, in C, on its store subscription or on a Redis cache (see park):
+   * woken by a publish or a pub/sub event (waiter), timed out (deadline, in the server's set) or
+   * gone with its client. */
   native_handler *parked_by;         /* NULL when no long poll is parked */
   lp_store *parked_store;            /* valid while parked: closing the store ends the wait first */
   lp_cache *parked_cache;            /* instead of parked_store (Redis mode); a reset ends the wait first */
@@ -577,7 +578,12 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
  * (lp_store_wait_owned, the connection's lp_waiter is the owner) with its timeout in the
  * server's lp_deadlines, until a publish wakes it (parked_woken, called by whoever published:
  * the store's Lua binding or fast_publish), its time is up (time_out) or its client leaves
- * (unpark from host_gone / host_close). No Lua runs on any of these paths. */
+ * (unpark from host_gone / host_close). No Lua runs on any of these paths.
+ * In Redis mode (NATIVE_CACHED) the poll waits on the engine's node-local cache instead
+ * (lp_cache_wait): the pub/sub event the engine hands the cache wakes it (cache:add, the same
+ * parked_woken); a reset of the cache ends it (parked_ended: the timeout answer with its floor);
+ * its timeout needs a Redis mark, so it waits in its handler's expiring list, still parked, for
+ * the one mark its batch asks Lua for (expire_cached, ask_mark, settle_marks). */
 
 #define CONTAINER(ptr, type, field) ((type *)((char *)(ptr)-offsetof(type, field)))
 
