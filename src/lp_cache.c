@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lp_json.h"
 #include "lp_uuid.h"
 
 /* How many ids of the newest millisecond are remembered; past it the others count as unseen
@@ -217,7 +218,9 @@ static void wake_parked(lp_cache *c, lp_slice category, const char *id, lp_slice
   size_t waiting = lp_store_waiting_in(c->parked, category), count;
   if (waiting == 0) return;
   lp_buf_reset(&c->json);
-  if (lp_woken_reserve(&c->woken, waiting) != LP_OK ||
+  /* the engine hands over only events it made JSON of; anything else cannot be answered here */
+  if (!lp_uuid_is_valid(id, strlen(id)) || !lp_utf8_is_valid(category.ptr, category.len) ||
+      lp_woken_reserve(&c->woken, waiting) != LP_OK ||
       lp_event_json_append(&c->json, category, data_json, id, ts) != LP_OK) {
     end_parked(c); /* none may miss the event: their owners answer them another way */
     return;

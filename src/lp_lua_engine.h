@@ -101,8 +101,9 @@ typedef struct sconn {
   struct sconn *prev, *next;             /* every connection whose handle is open */
   struct sconn *sched_prev, *sched_next; /* waiting for lp_conn_resume */
   int in_sched;
-  /* A long poll parked here, in C, on its store subscription (see park): woken by a publish
-   * (waiter), timed out (deadline, in the server's set) or gone with its client. */
+  /* A long poll parked here, in C, on its store subscription or on a Redis cache (see park):
+   * woken by a publish or a pub/sub event (waiter), timed out (deadline, in the server's set) or
+   * gone with its client. */
   native_handler *parked_by;         /* NULL when no long poll is parked */
   lp_store *parked_store;            /* valid while parked: closing the store ends the wait first */
   lp_cache *parked_cache;            /* instead of parked_store (Redis mode); a reset ends the wait first */

@@ -74,7 +74,12 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
  * (lp_store_wait_owned, the connection's lp_waiter is the owner) with its timeout in the
  * server's lp_deadlines, until a publish wakes it (parked_woken, called by whoever published:
  * the store's Lua binding or fast_publish), its time is up (time_out) or its client leaves
- * (unpark from host_gone / host_close). No Lua runs on any of these paths. */
+ * (unpark from host_gone / host_close). No Lua runs on any of these paths.
+ * In Redis mode (NATIVE_CACHED) the poll waits on the engine's node-local cache instead
+ * (lp_cache_wait): the pub/sub event the engine hands the cache wakes it (cache:add, the same
+ * parked_woken); a reset of the cache ends it (parked_ended: the timeout answer with its floor);
+ * its timeout needs a Redis mark, so it waits in its handler's expiring list, still parked, for
+ * the one mark its batch asks Lua for (expire_cached, ask_mark, settle_marks). */
 
 static void poll_timer_arm(server *srv);
 

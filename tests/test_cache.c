@@ -341,6 +341,10 @@ static void test_parked_polls(void) {
   CHECK(park1(c, &gone, "c", &h) == LP_OK);
   CHECK(add(c, "e", 13, 4, "c", ID4, "4") == LP_OK);
   CHECK(gone.woken == 1 && strstr(gone.answer, "\"category\":\"c\"") != NULL);
+  /* an event that cannot be answered (not a UUID) ends the parked waits instead */
+  CHECK(park1(c, &gone, "c", &h) == LP_OK);
+  CHECK(add(c, "e", 14, 5, "c", "not-a-uuid", "5") == LP_OK); /* c is not kept: nothing refused */
+  CHECK(gone.woken == 0 && gone.ended == 1);
   /* an event a read put here already wakes nobody: a poll parked on the category is past it */
   lp_cache_event evs[1] = {{20, ID1, {"5", 1}}};
   lp_cache_reset(c, 0);
@@ -358,7 +362,7 @@ static void test_parked_polls(void) {
   lp_cache_reset(c, 1);
   CHECK(a1.ended == 1 && a2.ended == 1 && a1.woken == 0);
   lp_cache_get_stats(c, &st);
-  CHECK(st.parked == 0 && st.woken == 4 && st.ended == 2);
+  CHECK(st.parked == 0 && st.woken == 4 && st.ended == 3);
   /* and so does freeing the cache */
   lp_cache_start(c, &start);
   CHECK(park1(c, &a1, "a", &h) == LP_OK);
