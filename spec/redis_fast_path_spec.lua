@@ -356,6 +356,38 @@ describe("Redis native long-poll path: polls parked in C on the cache", function
     end)
   end)
 
+  it("counts the parked polls and the Lua waiters under one max_waiting_per_category", function()
+    nodes_fixture.with(R.url, 1, { max_waiting_per_category = 2 }, function(nodes)
+      local A = nodes[1]
+      lua_route(A)
+      local e1 = assert(A.publish("a", 1))
+      caught_up(A, A)
+      local q = cursor("a", e1)
+      -- one poll parked in C, one waiting in Lua: the category is full
+      local parked, lua_wait = poll(A, "/events", q), poll(A, "/lua", q)
+      wait_until("both polls to wait", function() return rs(A).waiters == 2 end)
+      assert.equals(1, rs(A).cache_parked)
+      -- a third poll is refused by either path, with the Lua handler's answer
+      for _, path in ipairs { "/events", "/lua" } do
+        local status, _, body = response(poll(A, path, q))
+        assert.equals(503, status, path)
+        assert.matches("max_waiting_per_category", cjson.decode(body).error, 1, true)
+      end
+      assert.same({ 1, 2 }, { rs(A).cache_parked, rs(A).waiters })
+      -- a place freed is a place taken: the parked poll's client leaves, another parks
+      parked:close()
+      wait_until("the poll to be forgotten", function() return rs(A).cache_parked == 0 end)
+      local again = poll(A, "/events", q)
+      wait_until("the new poll to park", function() return rs(A).cache_parked == 1 end)
+      local e2 = assert(A.publish("a", 2))
+      for _, conn in ipairs { again, lua_wait } do
+        local status, _, body = response(conn)
+        assert.equals(200, status)
+        assert.equals(e2.id, cjson.decode(body).events[1].id)
+      end
+    end)
+  end)
+
   it("forgets a parked poll whose client left, and answers the others at shutdown", function()
     nodes_fixture.with(R.url, 1, {}, function(nodes)
       local A = nodes[1]

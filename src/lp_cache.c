@@ -271,6 +271,8 @@ int lp_cache_wait(lp_cache *c, const lp_slice *categories, size_t n, lp_waiter *
 
 int lp_cache_cancel(lp_cache *c, uint64_t handle) { return lp_store_cancel(c->parked, handle); }
 
+size_t lp_cache_parked_in(const lp_cache *c, lp_slice category) { return lp_store_waiting_in(c->parked, category); }
+
 int lp_cache_warm(lp_cache *c, lp_slice category, int64_t since, const lp_cache_event *events, size_t n, int missed,
                   const lp_cache_pos *pos) {
   if (!c->valid || missed) return 0;

@@ -108,6 +108,9 @@ int lp_cache_answer(lp_cache *c, const lp_slice *categories, size_t n, int64_t s
 int lp_cache_wait(lp_cache *c, const lp_slice *categories, size_t n, lp_waiter *owner, uint64_t *handle);
 /* Ends a parked wait without an answer: 1 when it was parked, 0 for a dead handle. */
 int lp_cache_cancel(lp_cache *c, uint64_t handle);
+/* How many polls are parked on category now (the engine adds its own waiters to this for
+ * max_waiting_per_category, which counts both). */
+size_t lp_cache_parked_in(const lp_cache *c, lp_slice category);
 
 typedef struct lp_cache_stats {
   int valid;

@@ -377,6 +377,13 @@ static int l_take_waiters(lua_State *L) {
   return 1;
 }
 
+/* store:waiting_in(category) -> how many subscriptions wait on it now */
+static int l_waiting_in(lua_State *L) {
+  store_ud *u = check_store(L, 1);
+  lua_pushinteger(L, (lua_Integer)lp_store_waiting_in(u->store, check_slice(L, 2)));
+  return 1;
+}
+
 static int l_mark_time(lua_State *L) {
   store_ud *u = check_store(L, 1);
   lua_pushinteger(L, (lua_Integer)lp_store_mark_time(u->store, (int64_t)luaL_checkinteger(L, 2)));
@@ -598,7 +605,8 @@ static const luaL_Reg store_methods[] = {{"publish", l_publish},
                                          {"close", store_close},
                                          {NULL, NULL}};
 /* for engines that keep events elsewhere (Redis) */
-static const luaL_Reg store_engine_methods[] = {{"take_waiters", l_take_waiters}, {NULL, NULL}};
+static const luaL_Reg store_engine_methods[] = {
+    {"take_waiters", l_take_waiters}, {"waiting_in", l_waiting_in}, {NULL, NULL}};
 
 static const luaL_Reg store_meta[] = {{"__gc", store_close}, {"__close", store_close}, {NULL, NULL}};
 

@@ -228,6 +228,16 @@ static int l_stats(lua_State *L) {
   return 1;
 }
 
+/* cache:parked_in(category) -> how many polls are parked on it now */
+static int l_parked_in(lua_State *L) {
+  cache_ud *u = check_cache(L);
+  size_t len;
+  const char *name = luaL_checklstring(L, 2, &len);
+  lp_slice category = {name, len};
+  lua_pushinteger(L, (lua_Integer)lp_cache_parked_in(u->cache, category));
+  return 1;
+}
+
 static int cache_gc(lua_State *L) {
   cache_ud *u = luaL_checkudata(L, 1, CACHE_MT);
   lp_cache_free(u->cache);
@@ -236,8 +246,9 @@ static int cache_gc(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg cache_methods[] = {{"start", l_start}, {"reset", l_reset},   {"valid", l_valid}, {"add", l_add},
-                                         {"warm", l_warm},   {"answer", l_answer}, {"stats", l_stats}, {NULL, NULL}};
+static const luaL_Reg cache_methods[] = {{"start", l_start}, {"reset", l_reset},         {"valid", l_valid},
+                                         {"add", l_add},     {"warm", l_warm},           {"answer", l_answer},
+                                         {"stats", l_stats}, {"parked_in", l_parked_in}, {NULL, NULL}};
 
 /* Adds core.new_cache to the module table on top of the stack (from luaopen_longpoll_core). */
 void lp_lua_cache_open(lua_State *L) {

@@ -61,6 +61,10 @@ typedef struct native_handler {
    * function mark(batch), which asks the engine for one mark per batch and hands it back
    * (handler:marked(batch, T)). LUA_NOREF: no mark (each poll answers with its floor). */
   int mark_ref;
+  /* NATIVE_CACHED: max_waiting_per_category (0: none) counts the polls parked on the cache and
+   * the engine's own waiters, in the store of waiting_ref (a registry ref, LUA_NOREF: none). */
+  size_t max_waiting;
+  int waiting_ref;
   uint64_t batch;                    /* the batch polls timing out now join (from 1) */
   struct sconn *exp_head, *exp_tail; /* the expiring list */
   struct native_handler *mark_next;  /* handlers to ask for a mark (on_poll_timer's list) */

@@ -433,6 +433,23 @@ static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, cons
  * may_park) when nothing comes after its cursor up to the cache's position (an LP_CACHE_WAIT).
  * 1 when served, 0 when the Lua handler must run (the cache cannot tell: a read from Redis; no
  * cursor, an error, anything unusual). */
+/* Whether a poll on sub's categories may park on the cache under max_waiting_per_category, which
+ * counts the polls parked there and the engine's own waiters together; 0: the Lua handler decides
+ * (and refuses when the category is full). */
+static int room_to_park(server *srv, const native_handler *nh, const lp_cache *cache, const lp_fast_sub *sub) {
+  if (nh->max_waiting == 0) return 1;
+  lua_State *L = srv->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, nh->waiting_ref);
+  const lp_store *waiting = lp_lua_store_of(L, -1);
+  lua_pop(L, 1);
+  for (size_t i = 0; i < sub->ncategories; i++) {
+    size_t n = lp_cache_parked_in(cache, sub->categories[i]);
+    if (waiting) n += lp_store_waiting_in(waiting, sub->categories[i]);
+    if (n >= nh->max_waiting) return 0;
+  }
+  return 1;
+}
+
 static int fast_cached(sconn *s, native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query,
                        int may_park) {
   server *srv = s->srv;
@@ -453,7 +470,7 @@ static int fast_cached(sconn *s, native_handler *nh, lp_cache *cache, const lp_h
      * the client's; some stamped cursor.ts may still come (a later seq). Continuing from the floor
      * skips none, and repeats none the client got unless cursor.ts is its since_time. */
     int64_t floor = cursor.ts - 1 > sub.since ? cursor.ts - 1 : sub.since;
-    return may_park && park(s, nh, NULL, cache, floor, head, extra, &sub);
+    return may_park && room_to_park(srv, nh, cache, &sub) && park(s, nh, NULL, cache, floor, head, extra, &sub);
   }
   lp_slice answer = {body->data, body->len};
   answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &answer, 1);
@@ -550,7 +567,7 @@ static int make_native(lua_State *L, int kind) {
   luaL_checktype(L, 2, LUA_TTABLE);
   native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
   memset(h, 0, sizeof *h);
-  h->mark_ref = LUA_NOREF;
+  h->mark_ref = h->waiting_ref = LUA_NOREF;
   h->batch = 1;
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
@@ -579,6 +596,14 @@ static int make_native(lua_State *L, int kind) {
       h->mark_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     else
       lua_pop(L, 1);
+    lua_getfield(L, 2, "max_waiting_per_category");
+    h->max_waiting = (size_t)luaL_optinteger(L, -1, 0);
+    lua_pop(L, 1);
+    lua_getfield(L, 2, "waiting_store");
+    if (lp_lua_store_of(L, -1))
+      h->waiting_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    else
+      lua_pop(L, 1);
   }
   lua_pushvalue(L, 1);
   lua_setiuservalue(L, -2, 1);
@@ -588,7 +613,8 @@ static int make_native(lua_State *L, int kind) {
 
 static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SUBSCRIPTION); }
 
-/* core.native_cached_subscription(cache, { as native_subscription, mark = function(batch) }) ->
+/* core.native_cached_subscription(cache, { as native_subscription, mark = function(batch),
+ *   max_waiting_per_category, waiting_store = the engine's store of waiters }) ->
  * handler: the manager's long-poll handler in Redis mode, for the catch-ups the engine's
  * node-local cache (core.new_cache) answers with events and the polls it parks on that cache
  * (nothing after the cursor); everything else goes to Lua. A parked poll whose time is up gets
@@ -656,7 +682,8 @@ static int native_gc(lua_State *L) {
   answer_parked(h);
   lp_lua_stream_finish_all(h);
   luaL_unref(L, LUA_REGISTRYINDEX, h->mark_ref);
-  h->mark_ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, h->waiting_ref);
+  h->mark_ref = h->waiting_ref = LUA_NOREF;
   lp_cors_free(&h->cors);
   free(h->block);
   h->block = NULL;

@@ -460,6 +460,9 @@ function M.start(options)
         header_block = answers.JSON.text,
         cors = manager.cors and manager.cors:native("GET, HEAD"),
         mark = mark,
+        -- one cap for the polls parked on the cache and the engine's own waiters
+        max_waiting_per_category = o.max_waiting_per_category,
+        waiting_store = engine:core_waiting_store(),
       })
       native.register(handlers.subscription, manager.native)
     end

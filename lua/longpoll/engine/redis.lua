@@ -303,6 +303,12 @@ function Engine:core_cache()
   return shards[1]:core_cache()
 end
 
+-- The C store that indexes this node's own waiters (longpoll.core), for the HTTP engine: its
+-- polls parked on the cache share max_waiting_per_category with these waiters.
+function Engine:core_waiting_store()
+  return self.store
+end
+
 -- engine:stats(with_categories) -> table: the waiter index's figures and each Redis's.
 function Engine:stats(with_categories)
   local s = self.store_closed and { closed = true } or self.store:stats(with_categories)

@@ -52,6 +52,12 @@ function Cache:add(ev)
   if not ok then self.log("warn", "local cache: event refused", { category = ev.category, error = err }) end
 end
 
+-- How many polls the HTTP engine parks on category now (max_waiting_per_category counts them
+-- with the engine's own waiters).
+function Cache:parked_in(category)
+  return self.c:parked_in(category)
+end
+
 -- The answer to a catch-up from the cache: "events", body | "wait", cursor (nothing after the
 -- cursor: wait from cursor, a position) | nil (ask Redis).
 function Cache:answer(categories, since, last_id)

@@ -79,7 +79,8 @@ function M.new(opts)
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
-    cache = self.cache, keys = self.keys, ttl_ms = opts.ttl_ms, limits_of = opts.limits_of, log = log }
+    cache = self.cache, keys = self.keys, ttl_ms = opts.ttl_ms, limits_of = opts.limits_of, log = log,
+    max_waiting_per_category = opts.max_waiting_per_category }
   self.link:start()
   return self
 end

@@ -24,11 +24,14 @@ local M = {}
 --   keys = { clock = "...", stream = f(category), dropped = f(category) },
 --   ttl_ms = event TTL (0: forever), log = function(level, message, fields),
 --   limits_of = nil or function(category) -> { event_ttl_ms =, ... } (per-category rules),
+--   max_waiting_per_category = the cap on the waiters of one category (0: none), counting
+--     these waiters and the polls parked in C on the cache together,
 -- }
 function M.new(parts)
   return setmetatable({
     store = parts.store, link = parts.link, position = parts.position, marks = parts.marks, cache = parts.cache,
     keys = parts.keys, ttl_ms = parts.ttl_ms, limits_of = parts.limits_of, log = parts.log,
+    max_waiting = parts.max_waiting_per_category or 0,
     by_handle = {}, by_id = {}, next_id = 0, count = 0, fetches = 0,
     delivered = 0, -- events handed out, once per subscriber (stats, the dashboard)
   }, Waiters)
@@ -42,8 +45,19 @@ end
 ---------------------------------------------------------------------------------------------
 -- Registration
 
+local WAITERS_FULL = "too many waiting subscribers in this category (max_waiting_per_category)"
+
 -- Registers w in the local store under a fresh store handle.
 function Waiters:_wait(w)
+  local cache, max = self.cache, self.max_waiting
+  if cache and max > 0 then
+    -- the store counts these waiters; the polls parked in C on the cache count too
+    for _, category in ipairs(w.categories) do
+      if self.store:waiting_in(category) + cache:parked_in(category) >= max then
+        return nil, WAITERS_FULL, "EWAITERS"
+      end
+    end
+  end
   local handle, err, code = self.store:wait(w.categories)
   if not handle then return nil, err, code end
   w.handle = handle
