@@ -169,10 +169,10 @@ struct server {
   lp_lua_statics *statics; /* server:static mounts, served in C (lp_lua_static.c) */
   lp_buf fast_scratch, fast_body, fast_head, fast_extra;
   lp_woken fast_woken;                /* the parked polls a fast publish woke */
-  lp_buf stream_frame;                /* the chunk of the event being written to the streams */
-  const lp_store *stream_frame_store; /* ... which store's event: with seq, says whose it is */
+  lp_buf stream_frame;                /* the SSE message of the event being written to streams */
+  const lp_store *stream_frame_store; /* whose event it is: its store, seq and id */
   uint64_t stream_frame_seq;
-  size_t stream_frame_message;       /* where the SSE message starts in it (after the chunk size) */
+  char stream_frame_id[LP_UUID_LEN + 1];
   uint64_t fast_answers;             /* requests answered without entering Lua */
   struct sconn *current;             /* the connection whose request a Lua handler runs now */
   const lp_http_event *current_head; /* its head, valid while it runs */

@@ -74,15 +74,19 @@ void lp_lua_stream_heartbeat(sconn *s) {
 }
 
 /* The SSE message of the event, built once per event for every stream it wakes (all of them
- * write the same bytes); NULL when memory ran out. */
+ * write the same bytes); NULL when memory ran out. The event's id says whose message is kept:
+ * a store freed and another made at its address counts its seq from 1 again, ids never repeat. */
 static const lp_buf *stream_message(server *srv, const lp_store *store, const lp_published *p) {
   lp_buf *m = &srv->stream_frame;
-  if (srv->stream_frame_store == store && srv->stream_frame_seq == p->seq && m->len > 0) return m;
+  if (srv->stream_frame_store == store && srv->stream_frame_seq == p->seq && m->len > 0 &&
+      memcmp(srv->stream_frame_id, p->id, sizeof srv->stream_frame_id) == 0)
+    return m;
   srv->stream_frame_store = NULL;
   lp_buf_reset(m);
   if (lp_sse_message_append(m, p->json, p->json_len, p->timestamp, p->id) != 0) return NULL;
   srv->stream_frame_store = store;
   srv->stream_frame_seq = p->seq;
+  memcpy(srv->stream_frame_id, p->id, sizeof srv->stream_frame_id);
   return m;
 }
 
