@@ -1,5 +1,7 @@
 -- One connection to Redis on luv's loop. Commands are pipelined: each is
--- written at once and its callback queued; replies (parsed by hiredis) are
+-- queued for writing and its callback queued; the commands of one loop turn go
+-- out in one write (publishes that arrive together cost one system call), made
+-- before the loop next waits. Replies (parsed by hiredis) are
 -- matched to callbacks in order. Replies no command waits for (pub/sub
 -- messages) go to on_push. A connection is used once: after it fails, the
 -- owner makes a new one (the engine reconnects with backoff).
@@ -17,11 +19,17 @@ local M = {}
 -- on_push(reply): a reply no command waits for.
 -- on_lost(message): called once when the connection fails (never after close()).
 function M.new(opts, on_push, on_lost)
-  return setmetatable({
+  local self = setmetatable({
     opts = opts, on_push = on_push, on_lost = on_lost,
     queue = {}, head = 1, tail = 0, -- callbacks of the commands in flight, oldest at head
+    out = {}, -- commands not written yet, in order
     ready = false, closed = false,
   }, Connection)
+  self.flush_fn = function() self:_flush() end
+  self.on_written = function(err)
+    if err then self:abort("write error: " .. tostring(err)) end
+  end
+  return self
 end
 
 local function close_handle(h)
@@ -36,6 +44,8 @@ function Connection:_release(on_lost, message)
   if self.tcp then self.tcp:read_stop() end
   close_handle(self.tcp)
   close_handle(self.timer)
+  close_handle(self.flusher)
+  self.out = {}
   if self.reader then self.reader:close() end
   local queue, head, tail = self.queue, self.head, self.tail
   self.queue, self.head, self.tail = {}, 1, 0
@@ -89,9 +99,27 @@ function Connection:_on_read(err, data)
 end
 
 function Connection:_write(bytes)
-  self.tcp:write(bytes, function(err)
-    if err then self:abort("write error: " .. tostring(err)) end
-  end)
+  local out = self.out
+  out[#out + 1] = bytes
+  if #out > 1 then return end
+  local flusher = self.flusher
+  if not flusher then
+    -- an idle handle: while it is active the loop does not wait for I/O before running it
+    flusher = uv.new_idle()
+    flusher:unref()
+    self.flusher = flusher
+  end
+  flusher:start(self.flush_fn)
+end
+
+-- Writes what this turn queued, in one write.
+function Connection:_flush()
+  self.flusher:stop()
+  local out = self.out
+  if #out == 0 or self.closed then return end
+  self.out = {}
+  local ok, err = self.tcp:write(#out == 1 and out[1] or out, self.on_written)
+  if not ok then self:abort("write error: " .. tostring(err)) end
 end
 
 function Connection:_unusable()
