@@ -173,6 +173,7 @@ struct server {
   const lp_store *stream_frame_store; /* whose event it is: its store, seq and id */
   uint64_t stream_frame_seq;
   char stream_frame_id[LP_UUID_LEN + 1];
+  char stream_frame_size[24];        /* its chunk size line, "<hex>\r\n" */
   uint64_t fast_answers;             /* requests answered without entering Lua */
   struct sconn *current;             /* the connection whose request a Lua handler runs now */
   const lp_http_event *current_head; /* its head, valid while it runs */
@@ -210,6 +211,14 @@ int lp_lua_native_handback(sconn *s, native_handler *h, lp_store *store, lp_cach
 void lp_lua_native_unpark(sconn *s);
 void lp_lua_native_timer_arm(server *srv);
 int lp_lua_native_cors_lines(const native_handler *nh, const lp_http_event *head, lp_buf *out, int *allowed);
+/* The first value of request header name (lower-case; ptr NULL when absent), *count (when given)
+ * how many times it is there. */
+lp_slice lp_lua_native_header(const lp_http_event *head, const char *name, size_t *count);
+/* An answer's head into h (emptied first): the status line, extra lines (CORS), the block, the
+ * framing line ("" for none), Date and the Connection line for keep / http10. 0, or -1 when
+ * memory ran out. */
+int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice extra, lp_slice block,
+                       const char *framing, int keep, int http10);
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);

@@ -38,6 +38,20 @@ static lp_cache *route_cache(server *srv, native_route *r) {
   return cache;
 }
 
+int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice extra, lp_slice block,
+                       const char *framing, int keep, int http10) {
+  lp_buf_reset(h);
+  int rc = lp_buf_append_str(h, status_line);
+  if (rc == 0 && extra.len) rc = lp_buf_append(h, extra.ptr, extra.len);
+  if (rc == 0 && block.len) rc = lp_buf_append(h, block.ptr, block.len);
+  if (rc == 0) rc = lp_buf_append_str(h, framing);
+  if (rc == 0) rc = lp_buf_append_str(h, lp_lua_engine_date(srv));
+  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
+  if (rc == 0 && keep && http10) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
+  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  return rc;
+}
+
 /* Writes a 200 with the handler's header block and the body pieces (at most 7); the response is
  * done. keep_alive, http10: what the request asked for. */
 static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
@@ -49,16 +63,8 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
   for (size_t i = 0; i < nbody; i++) len += body[i].len;
   char length[48];
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
-  lp_buf_reset(h);
-  int rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
-  if (rc == 0 && extra.len) rc = lp_buf_append(h, extra.ptr, extra.len);
-  if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
-  if (rc == 0) rc = lp_buf_append_str(h, length);
-  if (rc == 0) rc = lp_buf_append_str(h, lp_lua_engine_date(srv));
-  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && http10) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
-  if (rc != 0) {
+  lp_slice block = {nh->block, nh->block_len};
+  if (lp_lua_native_head(h, srv, "HTTP/1.1 200 OK\r\n", extra, block, length, keep, http10) != 0) {
     lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
     return;
   }
@@ -311,14 +317,19 @@ static void answer_parked(native_handler *nh) {
 /* ---------------------------------------------------------------------------------------------
  * CORS, as longpoll.cors wraps the manager's handlers */
 
-/* The value of request header name (lower-case), or an empty slice with ptr NULL. */
-static lp_slice header_value(const lp_http_event *head, const char *name) {
-  size_t len = strlen(name);
+lp_slice lp_lua_native_header(const lp_http_event *head, const char *name, size_t *count) {
+  size_t len = strlen(name), n = 0;
+  lp_slice value = {NULL, 0};
   for (size_t i = 0; i < head->nheaders; i++) {
-    lp_slice n = head->headers[i].name;
-    if (n.len == len && memcmp(n.ptr, name, len) == 0) return head->headers[i].value;
+    lp_slice h = head->headers[i].name;
+    if (h.len == len && memcmp(h.ptr, name, len) == 0 && n++ == 0) value = head->headers[i].value;
   }
-  return (lp_slice){NULL, 0};
+  if (count) *count = n;
+  return value;
+}
+
+static lp_slice header_value(const lp_http_event *head, const char *name) {
+  return lp_lua_native_header(head, name, NULL);
 }
 
 /* The handler's CORS lines for this request into out (emptied first; lp_cors_lines); *allowed:
@@ -341,15 +352,9 @@ static int fast_preflight(sconn *s, const native_handler *nh, const lp_http_even
   if (lp_lua_native_cors_lines(nh, head, &srv->fast_extra, &allowed) != 0 || !allowed) return 0;
   int keep = head->keep_alive && lp_conn_may_keep_alive(&s->conn);
   lp_buf *h = &srv->fast_head;
-  lp_buf_reset(h);
-  int rc = lp_buf_append_str(h, "HTTP/1.1 204 No Content\r\n");
-  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
-  if (rc == 0) rc = lp_buf_append(h, nh->cors.preflight, nh->cors.preflight_len);
-  if (rc == 0) rc = lp_buf_append_str(h, lp_lua_engine_date(srv));
-  if (rc == 0 && !keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0 && keep && head->minor == 0) rc = lp_buf_append_str(h, "Connection: keep-alive\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
-  if (rc != 0) return 0;
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len}, lines = {nh->cors.preflight, nh->cors.preflight_len};
+  if (lp_lua_native_head(h, srv, "HTTP/1.1 204 No Content\r\n", extra, lines, "", keep, head->minor == 0) != 0)
+    return 0;
   lp_slice bufs[1] = {{h->data, h->len}};
   lp_conn_write(&s->conn, bufs, 1);
   srv->fast_answers++;

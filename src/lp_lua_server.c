@@ -43,8 +43,6 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-static void log_line(server *srv, const char *level, const char *message, const char *key, lua_Integer value);
-
 /* Logs the error message on top of the stack ("server callback failed") through the server's
  * logger, when it has one; the message stays on the stack. */
 static void log_callback_error(server *srv) {
@@ -60,18 +58,21 @@ static void log_callback_error(server *srv) {
   if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
 }
 
-/* Calls the function below nargs arguments on the stack, dropping results. */
-static void call_lua(server *srv, int nargs) {
-  lua_State *L = srv->L;
+int lp_lua_engine_pcall(lua_State *L, server *srv, int nargs) {
   int base = lua_gettop(L) - nargs;
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
-  if (lua_pcall(L, nargs, 0, base) != LUA_OK) {
-    log_callback_error(srv);
+  int status = lua_pcall(L, nargs, 0, base);
+  if (status != LUA_OK) {
+    if (srv) log_callback_error(srv);
     lua_pop(L, 1);
   }
-  lua_remove(L, base);
+  lua_remove(L, base); /* traceback */
+  return status;
 }
+
+/* Calls the function below nargs arguments on the stack, dropping results. */
+static void call_lua(server *srv, int nargs) { lp_lua_engine_pcall(srv->L, srv, nargs); }
 
 typedef struct log_call {
   server *srv;
@@ -95,27 +96,10 @@ static int log_in_lua(lua_State *L) {
 
 static int protected_c(server *srv, lua_CFunction fn, void *ud);
 
-static void log_line(server *srv, const char *level, const char *message, const char *key, lua_Integer value) {
+void lp_lua_engine_log(server *srv, const char *level, const char *message, const char *key, lua_Integer value) {
   if (srv->log_ref == LUA_NOREF) return;
   log_call lc = {srv, level, message, key, value};
   protected_c(srv, log_in_lua, &lc); /* the logger itself is pcall'd by longpoll.server */
-}
-
-void lp_lua_engine_log(server *srv, const char *level, const char *message, const char *key, lua_Integer value) {
-  log_line(srv, level, message, key, value);
-}
-
-int lp_lua_engine_pcall(lua_State *L, server *srv, int nargs) {
-  int base = lua_gettop(L) - nargs;
-  lua_pushcfunction(L, traceback);
-  lua_insert(L, base);
-  int status = lua_pcall(L, nargs, 0, base);
-  if (status != LUA_OK) {
-    if (srv && status != LUA_ERRMEM) log_callback_error(srv);
-    lua_pop(L, 1);
-  }
-  lua_remove(L, base); /* traceback */
-  return status;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -515,14 +499,15 @@ static void log_refused(server *srv) {
   uint64_t now = now_ms(srv);
   if (srv->refused_logged_at != 0 && now - srv->refused_logged_at < 1000) return;
   srv->refused_logged_at = now ? now : 1;
-  log_line(srv, "warn", "too many connections: refused with 503", "refused", (lua_Integer)srv->refused_unlogged);
+  lp_lua_engine_log(srv, "warn", "too many connections: refused with 503", "refused",
+                    (lua_Integer)srv->refused_unlogged);
   srv->refused_unlogged = 0;
 }
 
 static void on_connection(uv_stream_t *listener, int status) {
   server *srv = SERVER_OF(listener, listener);
   if (status < 0) {
-    log_line(srv, "warn", "accept failed", "code", status);
+    lp_lua_engine_log(srv, "warn", "accept failed", "code", status);
     return;
   }
   if (srv->closing) return;

@@ -37,15 +37,19 @@ void lp_lua_stream_end(sconn *s) {
   s->stream_store = NULL;
 }
 
-/* Writes one piece of the stream's body (a chunk on HTTP/1.1); a failure (the client is gone or
- * let too much pile up: the connection is closed) ends the stream. 0 or -1. */
-static int stream_write(sconn *s, const char *data, size_t len) {
+/* Writes one piece of the stream's body (a chunk on HTTP/1.1, whose size line is size when
+ * given); a failure (the client is gone or let too much pile up: the connection is closed) ends
+ * the stream. 0 or -1. */
+static int stream_write_sized(sconn *s, const char *data, size_t len, const char *size_line) {
   char size[24];
   lp_slice bufs[3] = {{data, len}};
   size_t n = 1;
   if (s->stream_chunked) {
-    int sl = snprintf(size, sizeof size, "%zx\r\n", len);
-    bufs[0] = (lp_slice){size, (size_t)sl};
+    if (!size_line) {
+      snprintf(size, sizeof size, "%zx\r\n", len);
+      size_line = size;
+    }
+    bufs[0] = (lp_slice){size_line, strlen(size_line)};
     bufs[1] = (lp_slice){data, len};
     bufs[2] = (lp_slice){"\r\n", 2};
     n = 3;
@@ -56,6 +60,8 @@ static int stream_write(sconn *s, const char *data, size_t len) {
   }
   return 0;
 }
+
+static int stream_write(sconn *s, const char *data, size_t len) { return stream_write_sized(s, data, len, NULL); }
 
 /* Ends the stream's response cleanly (the last chunk; an HTTP/1.0 stream ends with its
  * connection): the manager shuts down, or the stream cannot wait again. */
@@ -87,6 +93,7 @@ static const lp_buf *stream_message(server *srv, const lp_store *store, const lp
   srv->stream_frame_store = store;
   srv->stream_frame_seq = p->seq;
   memcpy(srv->stream_frame_id, p->id, sizeof srv->stream_frame_id);
+  snprintf(srv->stream_frame_size, sizeof srv->stream_frame_size, "%zx\r\n", m->len);
   return m;
 }
 
@@ -100,7 +107,7 @@ static void stream_woken(lp_waiter *w, const lp_published *p) {
     lp_conn_abort(&s->conn); /* never a stream with a hole: the browser resumes after its last id */
     return;
   }
-  stream_write(s, m->data, m->len);
+  stream_write_sized(s, m->data, m->len, s->srv->stream_frame_size);
 }
 
 /* Every stream the publish woke was written to: this one waits for the next event. */
@@ -147,16 +154,9 @@ static lp_slice *copy_categories(const lp_fast_sub *sub) {
 /* The request's Last-Event-ID in *value (ptr NULL when absent); 0 when it is there twice (the
  * Lua handler reads the headers' joined value). */
 static int last_event_id(const lp_http_event *head, lp_slice *value) {
-  int seen = 0;
-  *value = (lp_slice){NULL, 0};
-  for (size_t i = 0; i < head->nheaders; i++) {
-    lp_slice n = head->headers[i].name;
-    if (n.len == 13 && memcmp(n.ptr, "last-event-id", 13) == 0) {
-      if (seen++) return 0;
-      *value = head->headers[i].value;
-    }
-  }
-  return 1;
+  size_t seen;
+  *value = lp_lua_native_header(head, "last-event-id", &seen);
+  return seen <= 1;
 }
 
 /* A GET to the manager's SSE handler, served here: the stream's head, its preamble, the events
@@ -214,14 +214,9 @@ int lp_lua_stream_serve(sconn *s, native_handler *nh, lp_store *store, const lp_
   srv->fast_answers++;
   /* the head, as response.lua's write_head builds it */
   lp_buf *h = &srv->fast_head;
-  lp_buf_reset(h);
-  rc = lp_buf_append_str(h, "HTTP/1.1 200 OK\r\n");
-  if (rc == 0) rc = lp_buf_append(h, srv->fast_extra.data, srv->fast_extra.len);
-  if (rc == 0) rc = lp_buf_append(h, nh->block, nh->block_len);
-  if (rc == 0 && s->stream_chunked) rc = lp_buf_append_str(h, "Transfer-Encoding: chunked\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, lp_lua_engine_date(srv));
-  if (rc == 0 && !s->stream_keep) rc = lp_buf_append_str(h, "Connection: close\r\n");
-  if (rc == 0) rc = lp_buf_append_str(h, "\r\n");
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len}, block = {nh->block, nh->block_len};
+  rc = lp_lua_native_head(h, srv, "HTTP/1.1 200 OK\r\n", extra, block,
+                          s->stream_chunked ? "Transfer-Encoding: chunked\r\n" : "", s->stream_keep, 0);
   /* the preamble, in the CORS lines' buffer (they are in the head now) */
   lp_buf *pre = &srv->fast_extra;
   lp_buf_reset(pre);
