@@ -386,7 +386,7 @@ describe("the in-memory key table (idempotency.new_keys)", function()
         now = now + math.random(0, 3)
         local key = "k" .. math.random(1, 80) .. ("x"):rep(math.random(0, 3) * 40)
         local fp = math.random(1, 10) == 1 and "other" or "fp"
-        local slot, code, prior = k:begin(key, fp, now)
+        local ticket, code, prior = k:begin(key, fp, now)
         local e, rcode, rprior = r.begin(key, fp, now)
         local where = ("seed %d step %d"):format(seed, step)
         assert.equals(rcode, code, where)
@@ -394,10 +394,10 @@ describe("the in-memory key table (idempotency.new_keys)", function()
         if e then
           local roll = math.random(1, 10)
           if roll <= 8 then
-            k:commit(slot, key, "id" .. step, step)
+            k:commit(ticket, key, "id" .. step, step)
             r.commit(e, "id" .. step, step)
           elseif roll == 9 then
-            k:abort(slot, key)
+            k:abort(ticket, key)
             r.abort(e)
           end -- else left in flight
         end

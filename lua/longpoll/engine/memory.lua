@@ -121,21 +121,21 @@ end
 function Memory:publish(category, data_json, callback, data, opts)
   if self.closed then return nil, "manager is shut down", "ECLOSED" end
   local key = opts and opts.idempotency_key
-  local record
+  local ticket
   if key then
     local code, prior
-    record, code, prior = self.keys:begin(key, opts.fingerprint, self.now())
-    if not record then return nil, idempotency.message(code), code, prior end
+    ticket, code, prior = self.keys:begin(key, opts.fingerprint, self.now())
+    if not ticket then return nil, idempotency.message(code), code, prior end
   end
   local json, id, timestamp, woken, _, answer = self.store:publish(category, data_json, self.now())
   if not json then
-    if record then self.keys:abort(record, key) end
+    if ticket then self.keys:abort(ticket, key) end
     return nil, id, timestamp -- message, code
   end
   local event = { id = id, timestamp = timestamp, category = category, data_json = data_json, json = json,
     data = data }
   deliver(self, event, woken, answer)
-  if record then self.keys:commit(record, key, id, timestamp) end
+  if ticket then self.keys:commit(ticket, key, id, timestamp) end
   if callback then callback(event) end
   return true
 end
