@@ -8,7 +8,7 @@ CC=${CC:-clang}
 case "$CC" in *clang*) ;; *) CC=clang ;; esac # libFuzzer needs clang, whatever make's CC is
 FUZZ_CFLAGS=${FUZZ_CFLAGS:-}
 mkdir -p "$out"
-core="$root/src/lp_buf.c $root/src/lp_json.c $root/src/lp_store.c $root/src/lp_uuid.c $root/src/lp_http.c $root/src/lp_conn.c $root/src/lp_waiter.c $root/src/lp_cache.c $root/src/lp_fast.c $root/src/lp_static.c"
+core="$root/src/lp_buf.c $root/src/lp_json.c $root/src/lp_store.c $root/src/lp_uuid.c $root/src/lp_http.c $root/src/lp_conn.c $root/src/lp_waiter.c $root/src/lp_cache.c $root/src/lp_fast.c $root/src/lp_static.c $root/src/lp_stats.c $root/src/lp_keys.c"
 flags="-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -Wall -Wextra -Wshadow
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -I$root/src"
 for f in json store http conn cache static; do

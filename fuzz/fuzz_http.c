@@ -11,6 +11,7 @@
 #include "lp_fast.h"
 #include "lp_http.h"
 #include "lp_json.h"
+#include "lp_stats.h"
 
 #define CHECK(cond)                                                                    \
   do {                                                                                 \
@@ -479,6 +480,23 @@ static void check_fast(const uint8_t *data, size_t size, unsigned b) {
   lp_buf_free(&scratch);
 }
 
+/* The stats handler's reading of a request (lp_stats): whatever the query and Accept, an answer
+ * it takes is one of the three, and a page within the bounds the Lua handler checks. */
+static void check_stats(const uint8_t *data, size_t size, unsigned b) {
+  lp_slice query = {(const char *)data, size};
+  lp_slice accept = {(const char *)data, size / 2};
+  lp_stats_request r;
+  int rc = lp_stats_parse_request(query, (b & 1) ? accept : (lp_slice){NULL, 0}, (int)(b & 2), &r);
+  CHECK(rc == 0 || rc == 1);
+  if (rc != 1) return;
+  CHECK(r.answer == LP_STATS_ANSWER_JSON || r.answer == LP_STATS_ANSWER_PROMETHEUS ||
+        r.answer == LP_STATS_ANSWER_DASHBOARD);
+  if (r.has_page) {
+    CHECK(b & 2);
+    CHECK(r.limit >= 1 && r.limit <= LP_STATS_MAX_CATEGORY_LIMIT && r.offset <= LP_STATS_MAX_CATEGORY_OFFSET);
+  }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (size < 4) return 0;
   lp_http_limits lim = {16 + 4 * (size_t)data[0], 1 + (size_t)data[1], 1 + (size_t)data[2] % 96};
@@ -521,5 +539,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
   /* 4. The bytes as the query of a long poll and of a stream, as the C path reads them. */
   check_fast(data, size, b3);
+
+  /* 5. The bytes as the query (and Accept) of a stats request. */
+  check_stats(data, size, b3);
   return 0;
 }

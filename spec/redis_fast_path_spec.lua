@@ -259,7 +259,7 @@ describe("Redis native long-poll path: polls parked in C on the cache", function
       wait_until("the polls to wait", function() return rs(B).waiters == 3 end)
       local st = rs(B)
       assert.equals(2, st.cache_parked) -- /events (one category and two); /lua waits in Lua
-      assert.equals(2, B.manager:stats().timeouts_pending - B.manager.timeouts.count)
+      assert.equals(2, B.manager:stats().timeouts_pending - B.manager.timeouts:count())
       assert.equals(3, B.manager:stats().waiting)
       local fast, delivered = B.srv:fast_answers(), st.delivered
       local e2 = assert(A.publish("a", { n = 2 }))

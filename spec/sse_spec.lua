@@ -240,7 +240,7 @@ describe("sse handler", function()
       for i = 1, 5 do streams[i] = open_stream(t.port, { { "category", "hb" .. i } }) end
       assert.truthy(wait_until(function() return t.manager:stats().sse_streams == 5 end))
       assert.equals(5, t.manager.native_sse:streams()) -- served in C
-      assert.equals(0, t.manager.sse.count)
+      assert.equals(0, t.manager.sse:count())
       for i = 1, 5 do
         assert.truthy(streams[i]:wait_for(function(st) return st.comments >= 2 end, 3500))
       end
@@ -255,7 +255,7 @@ describe("sse handler", function()
       local before = timers()
       local streams = {}
       for i = 1, 5 do streams[i] = open_stream(t.port, { { "category", "hb" .. i } }, nil, "/lua-sse") end
-      assert.truthy(wait_until(function() return t.manager.sse.count == 5 end))
+      assert.truthy(wait_until(function() return t.manager.sse:count() == 5 end))
       assert.is_true(timers() - before <= 1)
       local hub_timer = t.manager.sse.timer
       assert.truthy(hub_timer)
@@ -264,7 +264,7 @@ describe("sse handler", function()
       end
       assert.equals(hub_timer, t.manager.sse.timer)
       for i = 1, 5 do streams[i]:close() end
-      assert.truthy(wait_until(function() return t.manager.sse.count == 0 end))
+      assert.truthy(wait_until(function() return t.manager.sse:count() == 0 end))
       assert.is_nil(t.manager.sse.timer) -- no streams, no timer
     end, { timeout_ms = 20000, setup = function(manager, srv)
       -- a wrapper that sets a header: the response is no longer as received, so Lua serves it

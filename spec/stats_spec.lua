@@ -224,8 +224,12 @@ describe("stats handler", function()
   end)
 
   it("escapes label values", function()
-    assert.equals('a\\"b\\\\c\\nd', stats.escape_label('a"b\\c\nd'))
-    assert.equals("plain ✓", stats.escape_label("plain ✓"))
+    local odd = 'a"b\\c\nd'
+    local text = stats.prometheus { uptime_seconds = 0, categories_offset = 0, categories_limit = 2,
+      by_category_order = { odd, "plain ✓" },
+      by_category = { [odd] = { events = 1, bytes = 2, waiting = 3 }, ["plain ✓"] = { events = 0, bytes = 0, waiting = 0 } } }
+    assert.truthy(text:find('longpoll_category_buffered_events{category="a\\"b\\\\c\\nd"} 1\n', 1, true), text)
+    assert.truthy(text:find('longpoll_category_waiting_subscribers{category="plain ✓"} 0\n', 1, true), text)
   end)
 
   it("refuses an unknown format, answers HEAD, and says 503 after shutdown", function()

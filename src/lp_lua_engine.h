@@ -38,8 +38,11 @@ lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
  * node-local cache (lp_cache) answers with events, and the polls it parks on that cache until
  * pub/sub brings an event of theirs; user value 1: the cache. NATIVE_SSE (core.native_sse): the
  * manager's SSE handler, whose streams are served here, in C, from the store (see fast_sse);
- * user value 1: the store. */
-enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE };
+ * user value 1: the store. NATIVE_STATS (core.native_stats): the manager's stats handler in memory
+ * mode (lp_lua_stats.c); user value 1: the store, 2: its options (which hold what it reads). */
+enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE, NATIVE_STATS };
+
+typedef struct lp_lua_stats lp_lua_stats; /* lp_lua_stats.c */
 
 struct sconn;
 
@@ -69,6 +72,7 @@ typedef struct native_handler {
   struct sconn *exp_head, *exp_tail; /* the expiring list */
   struct native_handler *mark_next;  /* handlers to ask for a mark (on_poll_timer's list) */
   int mark_wanted;                   /* in that list */
+  lp_lua_stats *stats;               /* NATIVE_STATS: what it reads besides the store, owned */
 } native_handler;
 
 /* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
@@ -207,7 +211,7 @@ int lp_lua_engine_pcall(lua_State *L, server *srv, int nargs);
  * the native handler type and its constructors added to the module table on top of L. */
 int lp_lua_native_serve(sconn *s, const lp_http_event *head, lp_slice body);
 int lp_lua_native_handback(sconn *s, native_handler *h, lp_store *store, lp_cache *cache, const lp_http_event *head,
-                           lp_slice query, int watched);
+                           lp_slice path, lp_slice query, int watched);
 void lp_lua_native_unpark(sconn *s);
 void lp_lua_native_timer_arm(server *srv);
 int lp_lua_native_cors_lines(const native_handler *nh, const lp_http_event *head, lp_buf *out, int *allowed);
@@ -219,6 +223,10 @@ lp_slice lp_lua_native_header(const lp_http_event *head, const char *name, size_
  * memory ran out. */
 int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice extra, lp_slice block,
                        const char *framing, int keep, int http10);
+/* Writes a 200 with the header block and the body pieces (at most 7): the response is done.
+ * keep_alive, http10: what the request asked for; extra: the answer's own lines (CORS). */
+void lp_lua_native_answer_200(sconn *s, lp_slice block, int keep_alive, int http10, lp_slice extra,
+                              const lp_slice *body, size_t nbody);
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);
@@ -229,5 +237,14 @@ int lp_lua_stream_serve(sconn *s, native_handler *nh, lp_store *store, const lp_
 void lp_lua_stream_end(sconn *s);
 void lp_lua_stream_heartbeat(sconn *s);
 void lp_lua_stream_finish_all(native_handler *nh);
+
+/* lp_lua_stats.c: a GET of the stats path served on s (1; 0: Lua's turn: HEAD, an error to
+ * explain, a query it does not decode); the options of core.native_stats read from the table at
+ * t into h->stats; h->stats freed; the gauges and text functions added to the module table. */
+int lp_lua_stats_serve(sconn *s, native_handler *nh, lp_store *store, const lp_http_event *head, lp_slice path,
+                       lp_slice query);
+int lp_lua_stats_read(lua_State *L, int t, native_handler *h);
+void lp_lua_stats_free(lp_lua_stats *st);
+void lp_lua_stats_open(lua_State *L);
 
 #endif

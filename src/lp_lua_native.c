@@ -52,10 +52,8 @@ int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice
   return rc;
 }
 
-/* Writes a 200 with the handler's header block and the body pieces (at most 7); the response is
- * done. keep_alive, http10: what the request asked for. */
-static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
-                       const lp_slice *body, size_t nbody) {
+void lp_lua_native_answer_200(sconn *s, lp_slice block, int keep_alive, int http10, lp_slice extra,
+                              const lp_slice *body, size_t nbody) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
   int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
@@ -63,7 +61,6 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
   for (size_t i = 0; i < nbody; i++) len += body[i].len;
   char length[48];
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
-  lp_slice block = {nh->block, nh->block_len};
   if (lp_lua_native_head(h, srv, "HTTP/1.1 200 OK\r\n", extra, block, length, keep, http10) != 0) {
     lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
     return;
@@ -73,6 +70,13 @@ static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int h
   lp_conn_write(&s->conn, bufs, 1 + (nbody < 7 ? nbody : 7));
   srv->fast_answers++;
   lp_conn_response_done(&s->conn, keep, now_ms(srv));
+}
+
+/* A 200 with the handler's header block. */
+static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
+                       const lp_slice *body, size_t nbody) {
+  lp_slice block = {nh->block, nh->block_len};
+  lp_lua_native_answer_200(s, block, keep_alive, http10, extra, body, nbody);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -500,6 +504,7 @@ int lp_lua_native_serve(sconn *s, const lp_http_event *head, lp_slice body) {
         int served = options                       ? fast_preflight(s, r->h, head)
                      : r->h->kind == NATIVE_CACHED ? fast_cached(s, r->h, route_cache(srv, r), head, query, 1)
                      : r->h->kind == NATIVE_SSE    ? lp_lua_stream_serve(s, r->h, route_store(srv, r), head, query)
+                     : r->h->kind == NATIVE_STATS  ? lp_lua_stats_serve(s, r->h, route_store(srv, r), head, path, query)
                      : r->h->kind == NATIVE_SUBSCRIPTION
                          ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
                          : fast_publish(s, r, head, body);
@@ -512,10 +517,11 @@ int lp_lua_native_serve(sconn *s, const lp_http_event *head, lp_slice body) {
 }
 
 int lp_lua_native_handback(sconn *s, native_handler *h, lp_store *store, lp_cache *cache, const lp_http_event *head,
-                           lp_slice query, int watched) {
-  return h->kind == NATIVE_CACHED ? fast_cached(s, h, cache, head, query, !watched)
-         : h->kind == NATIVE_SSE  ? !watched && lp_lua_stream_serve(s, h, store, head, query)
-                                  : fast_subscription(s, h, store, head, query, !watched);
+                           lp_slice path, lp_slice query, int watched) {
+  return h->kind == NATIVE_CACHED  ? fast_cached(s, h, cache, head, query, !watched)
+         : h->kind == NATIVE_SSE   ? !watched && lp_lua_stream_serve(s, h, store, head, query)
+         : h->kind == NATIVE_STATS ? lp_lua_stats_serve(s, h, store, head, path, query)
+                                   : fast_subscription(s, h, store, head, query, !watched);
 }
 
 void lp_lua_native_unpark(sconn *s) { unpark(s, 1); }
@@ -570,14 +576,14 @@ static int make_native(lua_State *L, int kind) {
   else
     luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
   luaL_checktype(L, 2, LUA_TTABLE);
-  native_handler *h = lua_newuserdatauv(L, sizeof *h, 1);
+  native_handler *h = lua_newuserdatauv(L, sizeof *h, 2);
   memset(h, 0, sizeof *h);
   h->mark_ref = h->waiting_ref = LUA_NOREF;
   h->batch = 1;
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
-  h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind != NATIVE_PUBLISH) h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+  if (kind != NATIVE_STATS) h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
+  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_STATS) h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
   if (h->kind == NATIVE_SUBSCRIPTION || h->kind == NATIVE_CACHED)
     h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
   if (h->kind == NATIVE_SSE) {
@@ -610,6 +616,11 @@ static int make_native(lua_State *L, int kind) {
     else
       lua_pop(L, 1);
   }
+  if (kind == NATIVE_STATS) {
+    lp_lua_stats_read(L, 2, h);
+    lua_pushvalue(L, 2); /* keeps what h->stats points at alive */
+    lua_setiuservalue(L, -2, 2);
+  }
   lua_pushvalue(L, 1);
   lua_setiuservalue(L, -2, 1);
   h->enabled = 1;
@@ -637,6 +648,13 @@ static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH
  * streams the engine serves in C (HEAD and errors go to Lua). header_block: the stream's header
  * lines (longpoll.answers STREAM). */
 static int l_native_sse(lua_State *L) { return make_native(L, NATIVE_SSE); }
+
+/* core.native_stats(store, { header_block (JSON), prometheus_block, page_block, page_before,
+ *   page_after (the dashboard page around its stats URL), categories (stats_categories),
+ *   keys (core.new_keys), polls, streams (the native long-poll and SSE handlers), lua_polls,
+ *   lua_streams (gauges: the long polls and streams Lua serves)[, cors] }) -> handler: the
+ * manager's stats handler in memory mode; HEAD and errors go to Lua. */
+static int l_native_stats(lua_State *L) { return make_native(L, NATIVE_STATS); }
 
 /* handler:disable(): every later request goes to the Lua handler, the polls parked on the
  * handler get the timeout answer now (in Redis mode once the mark they all wait for came,
@@ -690,6 +708,8 @@ static int native_gc(lua_State *L) {
   luaL_unref(L, LUA_REGISTRYINDEX, h->waiting_ref);
   h->mark_ref = h->waiting_ref = LUA_NOREF;
   lp_cors_free(&h->cors);
+  lp_lua_stats_free(h->stats);
+  h->stats = NULL;
   free(h->block);
   h->block = NULL;
   h->enabled = 0;
@@ -754,6 +774,7 @@ static const luaL_Reg functions[] = {{"native_subscription", l_native_subscripti
                                      {"native_publish", l_native_publish},
                                      {"native_cached_subscription", l_native_cached_subscription},
                                      {"native_sse", l_native_sse},
+                                     {"native_stats", l_native_stats},
                                      {NULL, NULL}};
 
 void lp_lua_native_open(lua_State *L) {
@@ -773,4 +794,5 @@ void lp_lua_native_open(lua_State *L) {
   }
   lua_pop(L, 1);
   luaL_setfuncs(L, functions, 0);
+  lp_lua_stats_open(L);
 }

@@ -927,7 +927,7 @@ static int conn_native(lua_State *L) {
       push_attached(L, s);
       int watched = !lua_isnil(L, -1);
       lua_pop(L, 1);
-      answered = lp_lua_native_handback(s, h, store, cache, head, query, watched);
+      answered = lp_lua_native_handback(s, h, store, cache, head, path, query, watched);
     }
   }
   lua_pushboolean(L, answered);

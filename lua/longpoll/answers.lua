@@ -44,12 +44,9 @@ function M.send_error(res, status, message)
   return res:send_block(status, M.JSON, M.error_body(message))
 end
 
--- Sends a body of another type with the no-cache headers (stats in Prometheus' format).
-function M.send_typed(res, status, content_type, body)
-  res:set_header("Content-Type", content_type)
-  for i = 1, #NO_CACHE_LIST do res:set_header(NO_CACHE_LIST[i][1], NO_CACHE_LIST[i][2]) end
-  return res:send(status, body)
-end
+-- The stats in Prometheus' text format: its type with the no-cache headers, as one block.
+M.PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+M.PROMETHEUS = response.header_block(block_with({ "Content-Type", M.PROMETHEUS_TYPE }, NO_CACHE_LIST))
 
 -- Starts an event stream: status 200 and the stream headers.
 function M.start_stream(res)

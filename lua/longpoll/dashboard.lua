@@ -2,6 +2,8 @@
 -- JavaScript, that polls the stats endpoint's JSON every second and draws the busiest
 -- categories, the waiting subscribers, and events and deliveries per second as live charts.
 -- Served by the stats handler to browsers (Accept: text/html) and by `serve --dashboard PATH`.
+local response = require "longpoll.http.response"
+
 local M = {}
 
 M.CONTENT_TYPE = "text/html; charset=utf-8"
@@ -200,6 +202,22 @@ function M.page(stats_url)
   return (PAGE:gsub("@STATS_URL@", function() return escape_html(stats_url) end))
 end
 
+-- The page around its one stats URL: before, after (the native stats handler writes the
+-- HTML-escaped URL between them, as M.page does).
+function M.page_parts()
+  local at, stop = PAGE:find("@STATS_URL@", 1, true)
+  assert(at and not PAGE:find("@STATS_URL@", stop + 1, true), "the page names its stats URL once")
+  return PAGE:sub(1, at - 1), PAGE:sub(stop + 1)
+end
+
+-- The page's header lines, as one block.
+M.BLOCK = response.header_block {
+  { "Content-Type", M.CONTENT_TYPE },
+  { "Cache-Control", "no-cache" },
+  { "X-Content-Type-Options", "nosniff" },
+  { "Content-Security-Policy", M.CSP },
+}
+
 -- Whether a request to the stats endpoint is a browser asking for a page: Accept names
 -- text/html and no ?format= was given.
 function M.wants_html(req)
@@ -210,11 +228,7 @@ end
 
 -- Sends the page for stats_url.
 function M.send(res, stats_url)
-  res:set_header("Content-Type", M.CONTENT_TYPE)
-  res:set_header("Cache-Control", "no-cache")
-  res:set_header("X-Content-Type-Options", "nosniff")
-  res:set_header("Content-Security-Policy", M.CSP)
-  return res:send(200, M.page(stats_url))
+  return res:send_block(200, M.BLOCK, M.page(stats_url))
 end
 
 -- handler(stats_url) -> function(req, res): the page on its own path (serve --dashboard PATH).

@@ -13,6 +13,7 @@ local memory = require "longpoll.engine.memory"
 local idempotency = require "longpoll.idempotency"
 local native = require "longpoll.http.native"
 local sse = require "longpoll.sse"
+local stats = require "longpoll.stats"
 
 local send_json, send_error = answers.send_json, answers.send_error
 
@@ -290,8 +291,8 @@ end
 function Manager:stats(with_categories)
   if self.closed then return { closed = true } end
   local s = self.engine:stats(with_categories)
-  s.timeouts_pending = self.timeouts.count + (self.native and self.native:parked() or 0) -- Lua and C long polls
-  s.sse_streams = (self.sse and self.sse.count or 0) + (self.native_sse and self.native_sse:streams() or 0)
+  s.timeouts_pending = self.timeouts:count() + (self.native and self.native:parked() or 0) -- Lua and C long polls
+  s.sse_streams = (self.sse and self.sse:count() or 0) + (self.native_sse and self.native_sse:streams() or 0)
   return s
 end
 
@@ -303,6 +304,7 @@ local function stop_serving(self)
   if self.native then self.native:disable() end
   if self.native_publish then self.native_publish:disable() end
   if self.native_sse then self.native_sse:disable() end -- its streams end cleanly
+  if self.native_stats then self.native_stats:disable() end
   local handles = {}
   for handle in pairs(self.waiting) do handles[#handles + 1] = handle end
   for _, handle in ipairs(handles) do
@@ -398,7 +400,12 @@ function M.start(options)
     if manager.native_sse and res.native and res:native(manager.native_sse, req, answers.STREAM) then return end
     return manager.sse:handle(req, res)
   end
-  handlers.stats = require("longpoll.stats").handler(manager)
+  local stats_handler = stats.handler(manager)
+  handlers.stats = function(req, res)
+    -- as for streams: a wrapper that ends by calling this handler hands the request to C
+    if manager.native_stats and res.native and res:native(manager.native_stats, req, answers.JSON) then return end
+    return stats_handler(req, res)
+  end
   if o.cors then
     local cors = require "longpoll.cors"
     local policy = cors.new(o.cors)
@@ -431,6 +438,17 @@ function M.start(options)
       cors = manager.cors and manager.cors:native("GET, HEAD"),
     })
     native.register(handlers.sse, manager.native_sse)
+    -- and the stats: JSON, Prometheus and the dashboard page written in C from the same figures
+    manager.native_stats = stats.native(engine:core_store(), {
+      keys = engine:core_keys(),
+      polls = manager.native,
+      streams = manager.native_sse,
+      lua_polls = manager.timeouts:gauge(),
+      lua_streams = manager.sse:gauge(),
+      categories = o.stats_categories,
+      cors = manager.cors and manager.cors:native("GET, HEAD"),
+    })
+    native.register(handlers.stats, manager.native_stats)
     -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
     -- that takes the debug line of each publish (a publish that wakes a Lua waiter stays Lua's)
     local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")

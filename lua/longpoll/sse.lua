@@ -2,6 +2,7 @@
 -- manager:follow (the engine's follow, in memory or Redis) from the (timestamp, id) cursor, so
 -- a reconnect with Last-Event-ID resumes exactly where the stream stopped, on any node.
 local uv = require "luv"
+local core = require "longpoll.core"
 local answers = require "longpoll.answers"
 local subscription = require "longpoll.subscription"
 local Timeouts = require "longpoll.timeouts"
@@ -46,7 +47,7 @@ function M.new(manager)
     manager = manager,
     streams = {}, -- stream -> true while open
     starting = {}, -- stream -> true while its "from now on" time is being asked for
-    count = 0,
+    open = core.new_gauge(), -- how many streams are open (read by the native stats handler)
     heartbeat_ms = manager.options.sse_heartbeat_seconds * 1000,
     timer = nil,
   }, Hub)
@@ -77,9 +78,18 @@ local function forget(self, stream)
   end
   if self.streams[stream] then
     self.streams[stream] = nil
-    self.count = self.count - 1
-    if self.count == 0 then stop_timer(self) end
+    self.open:add(-1)
+    if self.open:get() == 0 then stop_timer(self) end
   end
+end
+
+-- How many streams are open, and the gauge that says it (core.new_gauge, for a reader in C).
+function Hub:count()
+  return self.open:get()
+end
+
+function Hub:gauge()
+  return self.open
 end
 
 -- Writes a comment line to every stream, so proxies keep them open and dead peers show up.
@@ -141,7 +151,7 @@ local function open_stream(self, stream, start_ts)
   end
   stream.handle = handle
   self.streams[stream] = true
-  self.count = self.count + 1
+  self.open:add(1)
   start_timer(self)
   answers.start_stream(res)
   local preamble = "retry: " .. M.RETRY_MS .. "\n"

@@ -1,8 +1,10 @@
 -- Deadlines for thousands of waiting subscribers on one luv timer. Waits
 -- with the same length (whole seconds) expire in arrival order, so one FIFO
 -- per length is a priority queue with O(1) insert; cancelled entries are
--- skipped lazily when they reach the front.
+-- skipped lazily when they reach the front. How many are pending is a gauge in C
+-- (core.new_gauge), which the native stats handler reads without entering Lua.
 local uv = require "luv"
+local core = require "longpoll.core"
 
 local Timeouts = {}
 Timeouts.__index = Timeouts
@@ -13,7 +15,7 @@ function Timeouts.new(on_expire)
   local self = setmetatable({
     queues = {},        -- length_ms -> { keys = {}, deadlines = {}, head = 1, tail = 0 }
     live = {},          -- key -> deadline while pending
-    count = 0,
+    pending = core.new_gauge(), -- how many keys are pending
     on_expire = on_expire,
     timer = uv.new_timer(),
     armed_at = nil,     -- deadline the timer is set for
@@ -42,15 +44,25 @@ function Timeouts:add(key, length_ms)
   q.tail = q.tail + 1
   q.keys[q.tail], q.deadlines[q.tail] = key, deadline
   self.live[key] = deadline
-  self.count = self.count + 1
+  self.pending:add(1)
   self:_arm(deadline)
 end
 
 function Timeouts:cancel(key)
   if self.live[key] then
     self.live[key] = nil
-    self.count = self.count - 1
+    self.pending:add(-1)
   end
+end
+
+-- How many keys are pending.
+function Timeouts:count()
+  return self.pending:get()
+end
+
+-- The gauge of the pending keys (core.new_gauge), for a reader in C.
+function Timeouts:gauge()
+  return self.pending
 end
 
 function Timeouts:_fire()
@@ -68,7 +80,7 @@ function Timeouts:_fire()
       elseif deadline <= now then
         keys[i], deadlines[i] = nil, nil
         self.live[key] = nil
-        self.count = self.count - 1
+        self.pending:add(-1)
         expired[#expired + 1] = key
       else
         if not next_deadline or deadline < next_deadline then next_deadline = deadline end
@@ -101,7 +113,8 @@ end
 
 function Timeouts:close()
   Timeouts.close_handle(self.timer)
-  self.queues, self.live, self.count = {}, {}, 0
+  self.queues, self.live = {}, {}
+  self.pending:set(0)
 end
 
 return Timeouts

@@ -208,6 +208,11 @@ function Memory:core_store()
   return self.store
 end
 
+-- Its table of Idempotency-Keys (core.new_keys), for the native stats handler's figures.
+function Memory:core_keys()
+  return self.keys
+end
+
 function Memory:stats(with_categories)
   local s = self.store:stats(with_categories)
   for k, v in pairs(self.keys:stats(self.now())) do s[k] = v end
