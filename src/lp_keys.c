@@ -105,6 +105,19 @@ static int ring_grow(lp_keys *k) {
   return 0;
 }
 
+int lp_keys_check(lp_slice value, lp_slice *key) {
+  if (value.len >= 2 && value.ptr[0] == '"' && value.ptr[value.len - 1] == '"') {
+    value.ptr++;
+    value.len -= 2;
+    if (memchr(value.ptr, '"', value.len) || memchr(value.ptr, '\\', value.len)) return -1;
+  }
+  if (value.len < 1 || value.len > 255) return -1;
+  for (size_t i = 0; i < value.len; i++)
+    if ((unsigned char)value.ptr[i] < 32 || (unsigned char)value.ptr[i] > 126) return -1;
+  *key = value;
+  return 0;
+}
+
 lp_keys *lp_keys_new(size_t max_keys, size_t max_bytes, int64_t window_ms) {
   lp_keys *k = calloc(1, sizeof *k);
   if (!k) return NULL;

@@ -41,6 +41,11 @@ typedef struct lp_keys_stats {
   uint64_t replays, conflicts, evicted;
 } lp_keys_stats;
 
+/* The key of an Idempotency-Key header value (idempotency.lua's check_key): 1 to 255 printable
+ * ASCII characters, as sent or as a structured-field string ("..." without '"' or '\' inside,
+ * the quotes not part of the key). 0 and *key (pointing into value), or -1 when it is none. */
+int lp_keys_check(lp_slice value, lp_slice *key);
+
 /* NULL when memory ran out. max_keys, max_bytes >= 1; window_ms >= 1. */
 lp_keys *lp_keys_new(size_t max_keys, size_t max_bytes, int64_t window_ms);
 void lp_keys_free(lp_keys *k);

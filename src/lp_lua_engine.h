@@ -17,6 +17,7 @@
 #include "lp_cors.h"
 #include "lp_deadlines.h"
 #include "lp_fast.h"
+#include "lp_keys.h"
 #include "lp_lua_server.h"
 #include "lp_lua_static.h"
 #include "lp_waiter.h"
@@ -28,6 +29,7 @@
 
 lp_store *lp_lua_store_of(lua_State *L, int idx); /* lp_lua.c */
 lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
+lp_keys *lp_lua_keys_of(lua_State *L, int idx);   /* lp_lua_keys.c */
 
 #define NATIVE_MT "longpoll.NativeHandler"
 
@@ -73,6 +75,10 @@ typedef struct native_handler {
   struct native_handler *mark_next;  /* handlers to ask for a mark (on_poll_timer's list) */
   int mark_wanted;                   /* in that list */
   lp_lua_stats *stats;               /* NATIVE_STATS: what it reads besides the store, owned */
+  /* NATIVE_PUBLISH: the engine's Idempotency-Keys (user value 2 keeps them; NULL: a keyed publish
+   * is Lua's) and the body of the 422 answer (owned). */
+  lp_keys *keys;
+  char *mismatch_body;
 } native_handler;
 
 /* GET, POST or OPTIONS path -> native handler, mirrored from server:route (longpoll.server). */
@@ -223,10 +229,11 @@ lp_slice lp_lua_native_header(const lp_http_event *head, const char *name, size_
  * memory ran out. */
 int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice extra, lp_slice block,
                        const char *framing, int keep, int http10);
-/* Writes a 200 with the header block and the body pieces (at most 7): the response is done.
- * keep_alive, http10: what the request asked for; extra: the answer's own lines (CORS). */
-void lp_lua_native_answer_200(sconn *s, lp_slice block, int keep_alive, int http10, lp_slice extra,
-                              const lp_slice *body, size_t nbody);
+/* Writes an answer with the status line, the header block and the body pieces (at most 7): the
+ * response is done. keep_alive, http10: what the request asked for; extra: the answer's own lines
+ * (CORS). */
+void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10,
+                          lp_slice extra, const lp_slice *body, size_t nbody);
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);

@@ -1,57 +1,21 @@
-/* lp_lua_fingerprint: core.fingerprint(s1, s2, ...) -> 32 hex characters, a
- * 128-bit hash of the strings (each preceded by its length, so ("ab", "c") and
- * ("a", "bc") differ). It tells a retried publish from a different one under
- * the same Idempotency-Key; it is not a cryptographic hash (the key's owner is
- * the only one who could aim for a collision, and would only fool itself). */
+/* lp_lua_fingerprint: core.fingerprint(s1, s2, ...) -> 32 hex characters, lp_fingerprint of
+ * the strings. */
 #include <lauxlib.h>
 #include <lua.h>
-#include <stdint.h>
-#include <string.h>
 
-typedef struct fp_state {
-  uint64_t a; /* FNV-1a, 64 bits */
-  uint64_t b; /* a multiply-xorshift mix over 8-byte words */
-} fp_state;
-
-static void fp_bytes(fp_state *st, const unsigned char *p, size_t n) {
-  uint64_t a = st->a, b = st->b;
-  for (size_t i = 0; i < n; i++) {
-    a ^= p[i];
-    a *= UINT64_C(0x100000001b3);
-  }
-  while (n >= 8) {
-    uint64_t k;
-    memcpy(&k, p, 8);
-    b = (b ^ k) * UINT64_C(0xbf58476d1ce4e5b9);
-    b ^= b >> 31;
-    p += 8, n -= 8;
-  }
-  uint64_t k = 0;
-  memcpy(&k, p, n);
-  b = (b ^ k ^ ((uint64_t)n << 56)) * UINT64_C(0x94d049bb133111eb);
-  b ^= b >> 29;
-  st->a = a, st->b = b;
-}
+#include "lp_fingerprint.h"
 
 int lp_lua_fingerprint(lua_State *L) {
   int n = lua_gettop(L);
-  fp_state st = {UINT64_C(0xcbf29ce484222325), UINT64_C(0x9e3779b97f4a7c15)};
+  lp_fingerprint st;
+  lp_fingerprint_init(&st);
   for (int i = 1; i <= n; i++) {
     size_t len;
     const char *s = luaL_checklstring(L, i, &len);
-    unsigned char lenbytes[8];
-    for (int j = 0; j < 8; j++) lenbytes[j] = (unsigned char)((uint64_t)len >> (8 * j));
-    fp_bytes(&st, lenbytes, sizeof lenbytes);
-    fp_bytes(&st, (const unsigned char *)s, len);
+    lp_fingerprint_add(&st, s, len);
   }
-  uint64_t b = st.b * UINT64_C(0xbf58476d1ce4e5b9);
-  b ^= b >> 32;
-  char out[33];
-  static const char hex[] = "0123456789abcdef";
-  for (int j = 0; j < 16; j++) {
-    out[j] = hex[(st.a >> (60 - 4 * j)) & 15];
-    out[16 + j] = hex[(b >> (60 - 4 * j)) & 15];
-  }
-  lua_pushlstring(L, out, 32);
+  char out[LP_FINGERPRINT_LEN + 1];
+  lp_fingerprint_hex(&st, out);
+  lua_pushlstring(L, out, LP_FINGERPRINT_LEN);
   return 1;
 }

@@ -9,7 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lp_fingerprint.h"
 #include "lp_json.h"
+#include "lp_keys.h"
 #include "lp_lua_engine.h"
 
 static native_route *find_route(server *srv, int post, lp_slice path) {
@@ -52,8 +54,8 @@ int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice
   return rc;
 }
 
-void lp_lua_native_answer_200(sconn *s, lp_slice block, int keep_alive, int http10, lp_slice extra,
-                              const lp_slice *body, size_t nbody) {
+void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10,
+                          lp_slice extra, const lp_slice *body, size_t nbody) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
   int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
@@ -61,7 +63,7 @@ void lp_lua_native_answer_200(sconn *s, lp_slice block, int keep_alive, int http
   for (size_t i = 0; i < nbody; i++) len += body[i].len;
   char length[48];
   snprintf(length, sizeof length, "Content-Length: %zu\r\n", len);
-  if (lp_lua_native_head(h, srv, "HTTP/1.1 200 OK\r\n", extra, block, length, keep, http10) != 0) {
+  if (lp_lua_native_head(h, srv, status_line, extra, block, length, keep, http10) != 0) {
     lp_conn_abort(&s->conn); /* done already (events taken, event stored): no half answer */
     return;
   }
@@ -76,7 +78,7 @@ void lp_lua_native_answer_200(sconn *s, lp_slice block, int keep_alive, int http
 static void answer_200(sconn *s, const native_handler *nh, int keep_alive, int http10, lp_slice extra,
                        const lp_slice *body, size_t nbody) {
   lp_slice block = {nh->block, nh->block_len};
-  lp_lua_native_answer_200(s, block, keep_alive, http10, extra, body, nbody);
+  lp_lua_native_answer(s, "HTTP/1.1 200 OK\r\n", block, keep_alive, http10, extra, body, nbody);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -366,44 +368,103 @@ static int fast_preflight(sconn *s, const native_handler *nh, const lp_http_even
   return 1;
 }
 
+/* An Idempotency-Key's answer when the key was seen before (a replay: 200 naming the first event,
+ * with Idempotent-Replayed; a mismatch: 422), as publish_request in manager.lua writes it. */
+static void answer_seen_key(sconn *s, native_handler *nh, const lp_http_event *head, int code,
+                            const lp_keys_prior *prior) {
+  server *srv = s->srv;
+  lp_slice block = {nh->block, nh->block_len};
+  if (code == LP_KEYS_REPLAY) {
+    lp_buf *body = &srv->fast_body;
+    lp_buf_reset(body);
+    char ts[32];
+    snprintf(ts, sizeof ts, "%lld", (long long)prior->timestamp);
+    if (lp_buf_append_str(&srv->fast_extra, "Idempotent-Replayed: true\r\n") != 0 ||
+        lp_buf_append_str(body, "{\"success\":true,\"id\":\"") != 0 ||
+        lp_buf_append(body, prior->id.ptr, prior->id.len) != 0 || lp_buf_append_str(body, "\",\"timestamp\":") != 0 ||
+        lp_buf_append_str(body, ts) != 0 || lp_buf_append_char(body, '}') != 0) {
+      lp_conn_abort(&s->conn); /* counted as a replay already: no half answer */
+      return;
+    }
+    lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len}, answer = {body->data, body->len};
+    lp_lua_native_answer(s, "HTTP/1.1 200 OK\r\n", block, head->keep_alive, head->minor == 0, extra, &answer, 1);
+    return;
+  }
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  lp_slice answer = {nh->mismatch_body, strlen(nh->mismatch_body)};
+  lp_lua_native_answer(s, "HTTP/1.1 422 Unprocessable Content\r\n", block, head->keep_alive, head->minor == 0, extra,
+                       &answer, 1);
+}
+
 /* A publish to the manager's handler stored here: 1 when answered, 0 when the Lua handler must
- * run (always with an Idempotency-Key). Only publishes that wake no Lua waiter (no Lua long poll,
- * stream or watcher waits on the category; the polls parked here are answered here) are taken:
- * the manager registers this handler only when it has no add-on to tell. */
+ * run. Only publishes that wake no Lua waiter (no Lua long poll, stream or watcher waits on the
+ * category; the polls parked here are answered here) are taken: the manager registers this
+ * handler only when it has no add-on to tell. An Idempotency-Key is looked up and set here, in
+ * the engine's table (lp_keys), once nothing else can send the publish to Lua. */
 static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
-  /* an idempotent publish (Idempotency-Key, issue 17) is the Lua handler's: it looks the key up */
-  for (size_t i = 0; i < head->nheaders; i++) {
-    lp_slice n = head->headers[i].name;
-    if (n.len == 15 && memcmp(n.ptr, "idempotency-key", 15) == 0) return 0;
-  }
+  native_handler *nh = r->h;
+  size_t nkeys;
+  lp_slice header = lp_lua_native_header(head, "idempotency-key", &nkeys);
+  lp_slice key = {NULL, 0};
+  if (nkeys > 0 && (nkeys > 1 || !nh->keys || lp_keys_check(header, &key) != 0)) return 0; /* Lua says why */
   lp_publish_body pb;
   const char *err;
   if (lp_json_parse_publish(body.ptr ? body.ptr : "", body.len, &pb, &err) != 0) return 0;
-  int ok = pb.has_category && pb.category.len >= 1 && pb.category.len <= r->h->limits.max_category_bytes && pb.has_data;
+  int ok = pb.has_category && pb.category.len >= 1 && pb.category.len <= nh->limits.max_category_bytes && pb.has_data;
   lp_store *store = ok ? route_store(srv, r) : NULL;
   lp_slice category = {pb.category.data, pb.category.len};
   lp_store_stats st;
   if (store) lp_store_get_stats(store, &st);
-  if (!store || lp_store_unowned_waiting_in(store, category) > 0 ||
-      lp_woken_reserve(&srv->fast_woken, st.waiting) != LP_OK) {
-    lp_buf_free(&pb.category);
-    return 0;
-  }
   int allowed;
-  if (lp_lua_native_cors_lines(r->h, head, &srv->fast_extra, &allowed) != 0) {
+  if (!store || lp_store_unowned_waiting_in(store, category) > 0 ||
+      lp_woken_reserve(&srv->fast_woken, st.waiting) != LP_OK ||
+      lp_lua_native_cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) {
     lp_buf_free(&pb.category);
     return 0;
   }
   lp_slice data = {pb.data, pb.data_len};
+  uint64_t ticket = 0;
+  if (key.ptr) {
+    lp_fingerprint fp;
+    lp_fingerprint_init(&fp);
+    lp_fingerprint_add(&fp, category.ptr, category.len);
+    lp_fingerprint_add(&fp, data.ptr, data.len);
+    char hex[LP_FINGERPRINT_LEN + 1];
+    lp_fingerprint_hex(&fp, hex);
+    lp_keys_prior prior;
+    int code = lp_keys_begin(nh->keys, key, (lp_slice){hex, LP_FINGERPRINT_LEN}, wall_clock_ms(), &ticket, &prior);
+    if (code != LP_KEYS_NEW) {
+      lp_buf_free(&pb.category);
+      /* busy (counted nowhere) and out of memory: the Lua handler begins again and says so */
+      if (code != LP_KEYS_REPLAY && code != LP_KEYS_MISMATCH) return 0;
+      answer_seen_key(s, nh, head, code, &prior);
+      return 1;
+    }
+  }
   lp_published out;
   int rc = lp_store_publish(store, category, data, wall_clock_ms(), lp_woken_add, &srv->fast_woken, &out);
+  if (rc != LP_OK) { /* refused, nothing stored: the Lua handler says why (the key is free again) */
+    if (key.ptr) lp_keys_abort(nh->keys, ticket, key);
+    lp_buf_free(&pb.category);
+    return 0;
+  }
   lp_buf_free(&pb.category);
-  if (rc != LP_OK) return 0; /* refused, nothing stored: the Lua handler says why */
   lp_woken_answer(&srv->fast_woken, &out);
-  static const lp_slice SUCCESS = {"{\"success\":true}", 16};
   lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
-  answer_200(s, r->h, head->keep_alive, head->minor == 0, extra, &SUCCESS, 1);
+  if (!key.ptr) {
+    static const lp_slice SUCCESS = {"{\"success\":true}", 16};
+    answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &SUCCESS, 1);
+    return 1;
+  }
+  /* with the key the answer names the event, the same for the first request and replays */
+  lp_slice id = {out.id, strlen(out.id)};
+  if (lp_keys_commit(nh->keys, ticket, key, id, out.timestamp) != 0) lp_keys_abort(nh->keys, ticket, key);
+  char tail[64];
+  snprintf(tail, sizeof tail, "\",\"timestamp\":%lld}", (long long)out.timestamp);
+  static const char HEAD[] = "{\"success\":true,\"id\":\"";
+  lp_slice pieces[3] = {{HEAD, sizeof HEAD - 1}, id, {tail, strlen(tail)}};
+  answer_200(s, nh, head->keep_alive, head->minor == 0, extra, pieces, 3);
   return 1;
 }
 
@@ -616,6 +677,20 @@ static int make_native(lua_State *L, int kind) {
     else
       lua_pop(L, 1);
   }
+  if (kind == NATIVE_PUBLISH) {
+    lua_getfield(L, 2, "keys");
+    h->keys = lp_lua_keys_of(L, -1);
+    if (h->keys) {
+      lua_setiuservalue(L, -2, 2); /* keeps them alive */
+      size_t n;
+      lua_getfield(L, 2, "mismatch_body");
+      const char *m = luaL_checklstring(L, -1, &n);
+      if (!(h->mismatch_body = strdup(m))) return luaL_error(L, "out of memory");
+      lua_pop(L, 1);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
   if (kind == NATIVE_STATS) {
     lp_lua_stats_read(L, 2, h);
     lua_pushvalue(L, 2); /* keeps what h->stats points at alive */
@@ -638,9 +713,10 @@ static int l_native_subscription(lua_State *L) { return make_native(L, NATIVE_SU
  * (without mark, or with T nil: its floor, see fast_cached). */
 static int l_native_cached_subscription(lua_State *L) { return make_native(L, NATIVE_CACHED); }
 
-/* core.native_publish(store, { max_category_bytes, header_block }) -> handler: the manager's
- * publish handler, for publishes that wake nobody (the manager registers it only when it has no
- * add-on to tell). */
+/* core.native_publish(store, { max_category_bytes, header_block[, cors][, keys, mismatch_body] })
+ * -> handler: the manager's publish handler, for publishes that wake nobody (the manager
+ * registers it only when it has no add-on to tell). keys: the engine's Idempotency-Keys
+ * (core.new_keys), so keyed publishes are served too; mismatch_body: the 422 answer's body. */
 static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
 
 /* core.native_sse(store, { max_category_bytes, max_categories_per_subscription, heartbeat_ms,
@@ -710,6 +786,9 @@ static int native_gc(lua_State *L) {
   lp_cors_free(&h->cors);
   lp_lua_stats_free(h->stats);
   h->stats = NULL;
+  free(h->mismatch_body);
+  h->mismatch_body = NULL;
+  h->keys = NULL;
   free(h->block);
   h->block = NULL;
   h->enabled = 0;

@@ -15,8 +15,6 @@
 
 #define GAUGE_MT "longpoll.Gauge"
 
-lp_keys *lp_lua_keys_of(lua_State *L, int idx); /* lp_lua_keys.c */
-
 /* What the native stats handler reads besides its store; the handler's userdata keeps every
  * object named here alive (user value 2: the options table), so the pointers stay valid. */
 struct lp_lua_stats {
@@ -229,7 +227,7 @@ int lp_lua_stats_serve(sconn *s, native_handler *nh, lp_store *store, const lp_h
         lp_buf_append(body, st->page_after, st->page_after_len) != 0)
       return 0;
     lp_slice block = {st->page_block, st->page_block_len}, answer = {body->data, body->len};
-    lp_lua_native_answer_200(s, block, head->keep_alive, head->minor == 0, extra, &answer, 1);
+    lp_lua_native_answer(s, "HTTP/1.1 200 OK\r\n", block, head->keep_alive, head->minor == 0, extra, &answer, 1);
     return 1;
   }
   lp_stats_figures f;
@@ -280,7 +278,7 @@ int lp_lua_stats_serve(sconn *s, native_handler *nh, lp_store *store, const lp_h
   lp_slice block = prometheus ? (lp_slice){st->prometheus_block, st->prometheus_block_len}
                               : (lp_slice){nh->block, nh->block_len};
   lp_slice answer = {body->data, body->len};
-  lp_lua_native_answer_200(s, block, head->keep_alive, head->minor == 0, extra, &answer, 1);
+  lp_lua_native_answer(s, "HTTP/1.1 200 OK\r\n", block, head->keep_alive, head->minor == 0, extra, &answer, 1);
   if (body->cap > (1u << 20)) lp_buf_free(body);
   return 1;
 }

@@ -91,7 +91,30 @@ static void test_bounds(void) {
   report("bounds: the oldest keys go first; a big table finds every key, and expires them all", ok);
 }
 
+static void test_check(void) {
+  int ok = 1;
+  lp_slice k;
+  CHECK(lp_keys_check(S("abc"), &k) == 0 && k.len == 3 && memcmp(k.ptr, "abc", 3) == 0);
+  CHECK(lp_keys_check(S("\"abc\""), &k) == 0 && k.len == 3 && memcmp(k.ptr, "abc", 3) == 0);
+  CHECK(lp_keys_check(S("\""), &k) == 0 && k.len == 1); /* one quote: a key as sent */
+  CHECK(lp_keys_check(S("\"\""), &k) == -1);          /* an empty quoted key */
+  CHECK(lp_keys_check(S("\"a\"b\""), &k) == -1);
+  CHECK(lp_keys_check(S("\"a\\b\""), &k) == -1);
+  CHECK(lp_keys_check(S("a\\b"), &k) == 0); /* unquoted: any printable character */
+  CHECK(lp_keys_check(S(""), &k) == -1);
+  CHECK(lp_keys_check(S("tab\there"), &k) == -1);
+  CHECK(lp_keys_check(S("\xc3\xa9"), &k) == -1);
+  char longest[257];
+  memset(longest, 'x', 256);
+  longest[256] = '\0';
+  CHECK(lp_keys_check(S(longest), &k) == -1);
+  longest[255] = '\0';
+  CHECK(lp_keys_check(S(longest), &k) == 0 && k.len == 255);
+  report("the key of a header value: as sent or quoted, 1 to 255 printable ASCII characters", ok);
+}
+
 int main(void) {
+  test_check();
   test_codes();
   test_tickets();
   test_bounds();

@@ -457,6 +457,9 @@ function M.start(options)
         max_category_bytes = o.max_category_bytes,
         header_block = answers.JSON.text,
         cors = manager.cors and manager.cors:native("POST"),
+        -- keyed publishes too: the key is looked up and set in the engine's table, in C
+        keys = engine:core_keys(),
+        mismatch_body = answers.error_body(idempotency.MISMATCH_MESSAGE),
       })
       native.register(handlers.publish, manager.native_publish)
     end
