@@ -279,6 +279,36 @@ describe("Redis native long-poll path: polls parked in C on the cache", function
     end)
   end)
 
+  it("parks polls without since_time from the node's position, woken with the Lua path's bytes", function()
+    nodes_fixture.with(R.url, 2, {}, function(nodes)
+      local A, B = nodes[1], nodes[2]
+      lua_route(B)
+      local e1 = assert(A.publish("a", { n = 1 }))
+      caught_up(B, A)
+      local q = "?category=a&timeout=20"
+      local c_poll, lua_poll = poll(B, "/events", q), poll(B, "/lua", q)
+      wait_until("the polls to wait", function() return rs(B).waiters == 2 end)
+      assert.equals(1, rs(B).cache_parked) -- /events in C; /lua waits in Lua
+      local fast = B.srv:fast_answers()
+      local e2 = assert(A.publish("a", { n = 2 }))
+      local s1, h1, b1 = response(c_poll)
+      local s2, h2, b2 = response(lua_poll)
+      assert.same({ s1, h1, b1 }, { s2, h2, b2 }) -- byte for byte
+      assert.same({ e2.id }, { cjson.decode(b1).events[1].id }) -- e1 came before: not theirs
+      assert.equals(fast + 1, B.srv:fast_answers())
+      assert.truthy(e1.id ~= e2.id)
+      -- its timeout: a Redis mark, as for the Lua waiter
+      c_poll, lua_poll = poll(B, "/events", "?category=a&timeout=1"), poll(B, "/lua", "?category=a&timeout=1")
+      wait_until("the polls to wait", function() return rs(B).waiters == 2 end)
+      s1, h1, b1 = response(c_poll)
+      s2, h2, b2 = response(lua_poll)
+      assert.same({ 200, 200, h2 }, { s1, s2, h1 })
+      local t1, t2 = cjson.decode(b1), cjson.decode(b2)
+      assert.same({ "no events before timeout", "no events before timeout" }, { t1.timeout, t2.timeout })
+      assert.truthy(t1.timestamp >= e2.timestamp)
+    end)
+  end)
+
   it("answers a parked poll's timeout with a Redis mark, as the Lua path does", function()
     nodes_fixture.with(R.url, 2, {}, function(nodes)
       local A, B = nodes[1], nodes[2]
@@ -335,7 +365,8 @@ describe("Redis native long-poll path: polls parked in C on the cache", function
       local e1 = assert(A.publish("a", 1))
       caught_up(B, A)
       local c_poll = poll(B, "/events", cursor("a", e1))
-      wait_until("the poll to wait", function() return rs(B).cache_parked == 1 end)
+      local now_poll = poll(B, "/events", "?category=a&timeout=20") -- no cursor: from B's position
+      wait_until("the polls to wait", function() return rs(B).cache_parked == 2 end)
       -- B loses the first of the next two messages: a gap, the cache is dropped
       B.transport.hold()
       local e2, e3 = assert(A.publish("a", 2)), assert(A.publish("a", 3))
@@ -347,12 +378,23 @@ describe("Redis native long-poll path: polls parked in C on the cache", function
       local t1 = cjson.decode(body)
       assert.equals("no events before timeout", t1.timeout)
       assert.truthy(t1.timestamp >= e1.timestamp - 1 and t1.timestamp < e2.timestamp)
+      status, _, body = response(now_poll)
+      assert.equals(200, status)
+      local t2 = cjson.decode(body)
+      assert.equals("no events before timeout", t2.timeout)
+      assert.truthy(t2.timestamp < e2.timestamp)
       local st = rs(B)
-      assert.equals(1, st.cache_ended)
+      assert.equals(2, st.cache_ended)
       assert.equals(0, st.cache_parked)
       local _, got = B.get({ { "category", "a" }, { "timeout", "5" }, { "since_time", ("%d"):format(t1.timestamp) },
         { "last_id", e1.id } })
       assert.same({ e2.id, e3.id }, { got.events[1].id, got.events[2] and got.events[2].id })
+      -- the poll that had no cursor goes on from its timestamp: it misses neither (it may get e1,
+      -- the event at the node's position when it came, again: at least once at that millisecond)
+      _, got = B.get({ { "category", "a" }, { "timeout", "5" }, { "since_time", ("%d"):format(t2.timestamp) } })
+      local seen = {}
+      for _, e in ipairs(got.events) do seen[#seen + 1] = e.id end
+      assert.same({ e2.id, e3.id }, { seen[#seen - 1], seen[#seen] })
     end)
   end)
 

@@ -321,6 +321,20 @@ static int same_ms_is_moot(entry *e, lp_slice name, int64_t since, const char *l
   return with == without && missed_with == missed_without;
 }
 
+int lp_cache_now(lp_cache *c, const lp_slice *categories, size_t n, lp_cache_pos *cursor) {
+  if (!c->valid || n == 0 || n > ANSWER_MAX_CATEGORIES) return LP_CACHE_MISS;
+  for (size_t i = 0; i < n; i++) {
+    entry *e = find(c, categories[i], hash_name(categories[i]));
+    if (e && after(&c->last, &e->last)) {
+      c->misses++;
+      return LP_CACHE_MISS;
+    }
+  }
+  *cursor = c->last;
+  c->waits++;
+  return LP_CACHE_WAIT;
+}
+
 int lp_cache_answer(lp_cache *c, const lp_slice *categories, size_t n, int64_t since, const char *last_id, lp_buf *out,
                     lp_cache_pos *cursor) {
   if (!c->valid || n == 0) return LP_CACHE_MISS;

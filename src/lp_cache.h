@@ -100,6 +100,12 @@ enum {
 int lp_cache_answer(lp_cache *c, const lp_slice *categories, size_t n, int64_t since, const char *last_id, lp_buf *out,
                     lp_cache_pos *cursor);
 
+/* A long poll without a cursor ("from now on": the Redis engine starts such a waiter at the
+ * node's position): LP_CACHE_WAIT and *cursor = the cache's position when the cache is valid and
+ * holds nothing of these categories beyond it (a read may put a category's events there before
+ * pub/sub brings them: Lua's then, as for lp_cache_answer); LP_CACHE_MISS otherwise. Counts a
+ * wait. */
+int lp_cache_now(lp_cache *c, const lp_slice *categories, size_t n, lp_cache_pos *cursor);
 /* Parks a long poll on the cache: the answer to its cursor was LP_CACHE_WAIT just now (nothing of
  * these categories after it up to the cache's position). The next event of any of the categories
  * that pub/sub brings wakes it (owner->ops->woken, once, during lp_cache_add; the wait is gone

@@ -498,11 +498,6 @@ static int fast_subscription(sconn *s, native_handler *nh, lp_store *store, cons
   return may_park && park(s, nh, store, NULL, 0, head, extra, &sub);
 }
 
-/* A long poll to the manager's handler in Redis mode, served here when the engine's node-local
- * cache (lp_cache) can tell: answered when the cache holds its events, parked on the cache (when
- * may_park) when nothing comes after its cursor up to the cache's position (an LP_CACHE_WAIT).
- * 1 when served, 0 when the Lua handler must run (the cache cannot tell: a read from Redis; no
- * cursor, an error, anything unusual). */
 /* Whether a poll on sub's categories may park on the cache under max_waiting_per_category, which
  * counts the polls parked there and the engine's own waiters together; 0: the Lua handler decides
  * (and refuses when the category is full). */
@@ -520,17 +515,24 @@ static int room_to_park(server *srv, const native_handler *nh, const lp_cache *c
   return 1;
 }
 
+/* A long poll to the manager's handler in Redis mode, served here when the engine's node-local
+ * cache (lp_cache) can tell: answered when the cache holds its events, parked on the cache (when
+ * may_park) when nothing comes after its cursor up to the cache's position (an LP_CACHE_WAIT; a
+ * poll without a cursor waits from that position). 1 when served, 0 when the Lua handler must run
+ * (the cache cannot tell: a read from Redis; an error, anything unusual). */
 static int fast_cached(sconn *s, native_handler *nh, lp_cache *cache, const lp_http_event *head, lp_slice query,
                        int may_park) {
   server *srv = s->srv;
   lp_fast_sub sub;
-  if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1 || !sub.has_since)
-    return 0;
+  if (!cache || lp_fast_parse_subscription(query, &nh->limits, &srv->fast_scratch, &sub) != 1) return 0;
   lp_buf *body = &srv->fast_body;
   lp_buf_reset(body);
   lp_cache_pos cursor;
-  int r = lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since, sub.has_last_id ? sub.last_id : NULL, body,
-                          &cursor);
+  /* without since_time the poll waits for what comes after the node's position, as the Redis
+   * engine's Lua waiter does (Waiters:add) */
+  int r = !sub.has_since ? lp_cache_now(cache, sub.categories, sub.ncategories, &cursor)
+                         : lp_cache_answer(cache, sub.categories, sub.ncategories, sub.since,
+                                           sub.has_last_id ? sub.last_id : NULL, body, &cursor);
   if (r != LP_CACHE_EVENTS && r != LP_CACHE_WAIT) return 0;
   int allowed;
   if (lp_lua_native_cors_lines(nh, head, &srv->fast_extra, &allowed) != 0) return 0;
@@ -539,7 +541,7 @@ static int fast_cached(sconn *s, native_handler *nh, lp_cache *cache, const lp_h
     /* The floor: the cache knows every event of these categories up to cursor and none comes after
      * the client's; some stamped cursor.ts may still come (a later seq). Continuing from the floor
      * skips none, and repeats none the client got unless cursor.ts is its since_time. */
-    int64_t floor = cursor.ts - 1 > sub.since ? cursor.ts - 1 : sub.since;
+    int64_t floor = !sub.has_since || cursor.ts - 1 > sub.since ? cursor.ts - 1 : sub.since;
     return may_park && room_to_park(srv, nh, cache, &sub) && park(s, nh, NULL, cache, floor, head, extra, &sub);
   }
   lp_slice answer = {body->data, body->len};

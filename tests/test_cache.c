@@ -222,6 +222,30 @@ static void test_warmed_category_with_others(void) {
   report("a category warmed beyond pub/sub is answered alone", ok);
 }
 
+static void test_from_now(void) {
+  int ok = 1;
+  lp_cache *c = new_cache(3, 0);
+  lp_slice a = S("a"), ab[2] = {S("a"), S("b")}, b = S("b");
+  lp_cache_pos cur, start = P("e", 5, 0), at = P("e", 30, 3);
+  CHECK(lp_cache_now(c, &a, 1, &cur) == LP_CACHE_MISS); /* not started */
+  lp_cache_start(c, &start);
+  CHECK(lp_cache_now(c, &a, 1, &cur) == LP_CACHE_WAIT && cur.ts == 5 && cur.seq == 0);
+  CHECK(add(c, "e", 10, 1, "a", ID1, "1") == LP_OK);
+  CHECK(lp_cache_now(c, ab, 2, &cur) == LP_CACHE_WAIT && cur.ts == 10 && cur.seq == 1);
+  /* b warmed by a read beyond what pub/sub brought: Lua's to wait from the node's position */
+  lp_cache_event read[1] = {{30, ID3, S("3")}};
+  CHECK(lp_cache_warm(c, S("b"), 5, read, 1, 0, &at) == 1);
+  CHECK(lp_cache_now(c, &b, 1, &cur) == LP_CACHE_MISS);
+  CHECK(lp_cache_now(c, ab, 2, &cur) == LP_CACHE_MISS);
+  CHECK(lp_cache_now(c, &a, 1, &cur) == LP_CACHE_WAIT);
+  CHECK(add(c, "e", 30, 3, "b", ID3, "3") == LP_OK); /* the node caught up */
+  CHECK(lp_cache_now(c, ab, 2, &cur) == LP_CACHE_WAIT && cur.ts == 30);
+  lp_cache_reset(c, 1);
+  CHECK(lp_cache_now(c, &a, 1, &cur) == LP_CACHE_MISS);
+  lp_cache_free(c);
+  report("a poll without a cursor waits from the cache's position, unless a read is ahead of it", ok);
+}
+
 static void test_limits_refusals_resets(void) {
   int ok = 1;
   lp_cache *c = new_cache(3, 1);
@@ -420,6 +444,7 @@ int main(void) {
   test_buffer_rule_and_missed();
   test_warm();
   test_warmed_category_with_others();
+  test_from_now();
   test_limits_refusals_resets();
   test_new_epoch_message();
   test_parked_polls();
