@@ -315,6 +315,21 @@ static lp_store *cm_redis_at(const cm_model *m, int64_t seq) {
   return s;
 }
 
+/* The HTTP engine parks a poll the cache said wait to, from cursor. */
+static void cm_park(cm_model *m, const lp_slice *cats, size_t n, const lp_cache_pos *cursor, unsigned slot) {
+  cm_parked *p = &m->parked[slot % CM_PARKED_MAX];
+  if (p->parked) return;
+  p->w.ops = &CM_PARKED_OPS;
+  p->m = m;
+  p->mask = 0;
+  for (size_t i = 0; i < n; i++) p->mask |= 1u << (unsigned)(cats[i].ptr[0] - 'a');
+  p->cursor = *cursor;
+  if (lp_cache_wait(m->cache, cats, n, &p->w, &p->handle) == LP_OK)
+    p->parked = 1;
+  else
+    m->failure = "a valid cache refused a parked poll";
+}
+
 static void cm_answer(cm_model *m, unsigned mask, unsigned a, unsigned b) {
   lp_slice cats[CM_CATEGORIES];
   size_t n = 0;
@@ -326,7 +341,10 @@ static void cm_answer(cm_model *m, unsigned mask, unsigned a, unsigned b) {
   cm_cursor(m, a, b, &since, &last_id);
   lp_buf_reset(&m->got);
   lp_cache_pos cursor;
-  int r = lp_cache_answer(m->cache, cats, n, since, last_id, &m->got, &cursor);
+  /* a poll without a cursor, now and then: it waits from the cache's position */
+  int from_now = b % 5 == 4;
+  int r = from_now ? lp_cache_now(m->cache, cats, n, &cursor)
+                   : lp_cache_answer(m->cache, cats, n, since, last_id, &m->got, &cursor);
   if (r == LP_CACHE_MISS) {
     m->misses++;
     return;
@@ -336,6 +354,14 @@ static void cm_answer(cm_model *m, unsigned mask, unsigned a, unsigned b) {
   cm_epoch(m, e, sizeof e);
   if (strcmp(cursor.epoch, e) != 0 || cursor.ts > m->ts || (cursor.ts == m->ts && cursor.seq > m->seq)) {
     m->failure = "the cache knows a position beyond Redis's";
+    return;
+  }
+  if (from_now) {
+    /* every event of these categories up to the cursor reached the node (none of them is after
+     * it in the cache), and a parked poll is checked to get the first one after it */
+    if (r != LP_CACHE_WAIT) m->failure = "lp_cache_now answered events";
+    m->checked_waits++;
+    cm_park(m, cats, n, &cursor, a + b);
     return;
   }
   /* the answer must be Redis's as of the position the cache knows everything up to: events
@@ -362,18 +388,7 @@ static void cm_answer(cm_model *m, unsigned mask, unsigned a, unsigned b) {
     m->checked_waits++;
     if (count != 0) m->failure = "the cache said wait where Redis had events";
     /* the HTTP engine parks such a poll */
-    cm_parked *p = &m->parked[(a + b) % CM_PARKED_MAX];
-    if (!p->parked && b % 2 == 0) {
-      p->w.ops = &CM_PARKED_OPS;
-      p->m = m;
-      p->mask = 0;
-      for (size_t i = 0; i < n; i++) p->mask |= 1u << (unsigned)(cats[i].ptr[0] - 'a');
-      p->cursor = cursor;
-      if (lp_cache_wait(m->cache, cats, n, &p->w, &p->handle) == LP_OK)
-        p->parked = 1;
-      else
-        m->failure = "a valid cache refused a parked poll";
-    }
+    if (b % 2 == 0) cm_park(m, cats, n, &cursor, a + b);
   }
 }
 
