@@ -23,7 +23,7 @@ struct lp_keys {
   int64_t window_ms;
   rec **ring; /* records oldest first: ring[head .. head + n - 1] (mod cap) */
   size_t cap, head, n;
-  rec **buckets; /* the map: key -> its live record */
+  rec **buckets;   /* the map: key -> its live record */
   size_t nbuckets; /* a power of two */
   uint64_t next_ticket;
   lp_keys_stats st;
@@ -149,8 +149,7 @@ void lp_keys_expire(lp_keys *k, int64_t now) {
   }
 }
 
-int lp_keys_begin(lp_keys *k, lp_slice key, lp_slice fingerprint, int64_t now, uint64_t *ticket,
-                  lp_keys_prior *prior) {
+int lp_keys_begin(lp_keys *k, lp_slice key, lp_slice fingerprint, int64_t now, uint64_t *ticket, lp_keys_prior *prior) {
   lp_keys_expire(k, now);
   uint64_t h = hash_of(key);
   rec *r = *slot_of(k, key, h);

@@ -53,8 +53,7 @@ void lp_keys_free(lp_keys *k);
 /* Looks key up (after forgetting the keys whose window ended at now). LP_KEYS_NEW: the key is
  * remembered as busy, *ticket names this record for commit or abort. LP_KEYS_REPLAY: *prior is
  * the first event. LP_KEYS_MISMATCH, LP_KEYS_BUSY, LP_KEYS_NOMEM: nothing was remembered. */
-int lp_keys_begin(lp_keys *k, lp_slice key, lp_slice fingerprint, int64_t now, uint64_t *ticket,
-                  lp_keys_prior *prior);
+int lp_keys_begin(lp_keys *k, lp_slice key, lp_slice fingerprint, int64_t now, uint64_t *ticket, lp_keys_prior *prior);
 /* The event of a begun key was stored (id copied). Nothing when the record is gone (evicted, or
  * ticket does not name key's record). 0, or -1 when memory ran out (the key is then forgotten,
  * so a retry publishes again rather than waits forever on a busy key). */

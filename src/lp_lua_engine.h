@@ -232,8 +232,8 @@ int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice
 /* Writes an answer with the status line, the header block and the body pieces (at most 7): the
  * response is done. keep_alive, http10: what the request asked for; extra: the answer's own lines
  * (CORS). */
-void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10,
-                          lp_slice extra, const lp_slice *body, size_t nbody);
+void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10, lp_slice extra,
+                          const lp_slice *body, size_t nbody);
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);

@@ -54,8 +54,8 @@ int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice
   return rc;
 }
 
-void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10,
-                          lp_slice extra, const lp_slice *body, size_t nbody) {
+void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10, lp_slice extra,
+                          const lp_slice *body, size_t nbody) {
   server *srv = s->srv;
   lp_buf *h = &srv->fast_head;
   int keep = keep_alive && lp_conn_may_keep_alive(&s->conn);
@@ -646,7 +646,8 @@ static int make_native(lua_State *L, int kind) {
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
   if (kind != NATIVE_STATS) h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_STATS) h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_STATS)
+    h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
   if (h->kind == NATIVE_SUBSCRIPTION || h->kind == NATIVE_CACHED)
     h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
   if (h->kind == NATIVE_SSE) {

@@ -18,13 +18,13 @@
 /* What the native stats handler reads besides its store; the handler's userdata keeps every
  * object named here alive (user value 2: the options table), so the pointers stay valid. */
 struct lp_lua_stats {
-  lp_keys *keys;                      /* NULL: none (no figures) */
-  const native_handler *polls;        /* the native long-poll handler: its parked polls */
-  const native_handler *streams;      /* the native SSE handler: its streams */
-  const lua_Integer *lua_polls;       /* the Lua long polls' gauge */
-  const lua_Integer *lua_streams;     /* the Lua SSE hub's gauge */
-  int categories_allowed;             /* option stats_categories */
-  uint64_t started_ns;                /* uv_hrtime when made */
+  lp_keys *keys;                       /* NULL: none (no figures) */
+  const native_handler *polls;         /* the native long-poll handler: its parked polls */
+  const native_handler *streams;       /* the native SSE handler: its streams */
+  const lua_Integer *lua_polls;        /* the Lua long polls' gauge */
+  const lua_Integer *lua_streams;      /* the Lua SSE hub's gauge */
+  int categories_allowed;              /* option stats_categories */
+  uint64_t started_ns;                 /* uv_hrtime when made */
   char *prometheus_block, *page_block; /* header lines, owned */
   size_t prometheus_block_len, page_block_len;
   char *page_before, *page_after; /* the dashboard page around its stats URL, owned */
@@ -275,8 +275,8 @@ int lp_lua_stats_serve(sconn *s, native_handler *nh, lp_store *store, const lp_h
   int rc = prometheus ? lp_stats_prometheus(&f, body) : lp_stats_json(&f, body);
   free(page);
   if (rc != 0) return 0;
-  lp_slice block = prometheus ? (lp_slice){st->prometheus_block, st->prometheus_block_len}
-                              : (lp_slice){nh->block, nh->block_len};
+  lp_slice block =
+      prometheus ? (lp_slice){st->prometheus_block, st->prometheus_block_len} : (lp_slice){nh->block, nh->block_len};
   lp_slice answer = {body->data, body->len};
   lp_lua_native_answer(s, "HTTP/1.1 200 OK\r\n", block, head->keep_alive, head->minor == 0, extra, &answer, 1);
   if (body->cap > (1u << 20)) lp_buf_free(body);
@@ -285,10 +285,8 @@ int lp_lua_stats_serve(sconn *s, native_handler *nh, lp_store *store, const lp_h
 
 static const luaL_Reg gauge_methods[] = {{"add", gauge_add}, {"set", gauge_set}, {"get", gauge_get}, {NULL, NULL}};
 
-static const luaL_Reg functions[] = {{"new_gauge", l_new_gauge},
-                                     {"stats_json", l_stats_json},
-                                     {"stats_prometheus", l_stats_prometheus},
-                                     {NULL, NULL}};
+static const luaL_Reg functions[] = {
+    {"new_gauge", l_new_gauge}, {"stats_json", l_stats_json}, {"stats_prometheus", l_stats_prometheus}, {NULL, NULL}};
 
 void lp_lua_stats_open(lua_State *L) {
   if (luaL_newmetatable(L, GAUGE_MT)) {

@@ -8,13 +8,24 @@
 #include "lp_http.h"
 #include "lp_json.h"
 
-const char *const lp_stats_names[LP_STATS_NFIGURES] = {
-    "categories",          "events",           "event_bytes",
-    "buffered_bytes",      "waiting",          "long_polls",
-    "sse_streams",         "published",        "delivered",
-    "dropped",             "evicted",          "last_timestamp",
-    "idempotency_keys",    "idempotency_key_bytes", "idempotency_replays",
-    "idempotency_conflicts", "idempotency_evicted", "idempotency_in_flight"};
+const char *const lp_stats_names[LP_STATS_NFIGURES] = {"categories",
+                                                       "events",
+                                                       "event_bytes",
+                                                       "buffered_bytes",
+                                                       "waiting",
+                                                       "long_polls",
+                                                       "sse_streams",
+                                                       "published",
+                                                       "delivered",
+                                                       "dropped",
+                                                       "evicted",
+                                                       "last_timestamp",
+                                                       "idempotency_keys",
+                                                       "idempotency_key_bytes",
+                                                       "idempotency_replays",
+                                                       "idempotency_conflicts",
+                                                       "idempotency_evicted",
+                                                       "idempotency_in_flight"};
 
 #define UPTIME (-1)
 
@@ -43,8 +54,8 @@ static const metric METRICS[] = {
     {"longpoll_last_event_timestamp_milliseconds", "gauge", "Timestamp of the newest event (epoch ms).",
      LP_STATS_LAST_TIMESTAMP},
     {"longpoll_uptime_seconds", "gauge", "Seconds since the manager started.", UPTIME},
-    {"longpoll_idempotency_keys", "gauge",
-     "Idempotency-Keys remembered (in memory; in Redis mode they live in Redis).", LP_STATS_IDEMPOTENCY_KEYS},
+    {"longpoll_idempotency_keys", "gauge", "Idempotency-Keys remembered (in memory; in Redis mode they live in Redis).",
+     LP_STATS_IDEMPOTENCY_KEYS},
     {"longpoll_idempotency_key_bytes", "gauge", "Bytes the remembered Idempotency-Keys take (in memory).",
      LP_STATS_IDEMPOTENCY_KEY_BYTES},
     {"longpoll_idempotency_replays_total", "counter", "Publishes answered as replays of an Idempotency-Key.",
@@ -115,8 +126,8 @@ static int append_label(lp_buf *out, lp_slice s) {
   int rc = 0;
   for (size_t i = 0; rc == 0 && i < s.len; i++) {
     char c = s.ptr[i];
-    rc = c == '\\' ? lp_buf_append(out, "\\\\", 2)
-         : c == '"' ? lp_buf_append(out, "\\\"", 2)
+    rc = c == '\\'   ? lp_buf_append(out, "\\\\", 2)
+         : c == '"'  ? lp_buf_append(out, "\\\"", 2)
          : c == '\n' ? lp_buf_append(out, "\\n", 2)
                      : lp_buf_append_char(out, c);
   }

@@ -111,7 +111,7 @@ static void cm_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
 
 static void cm_ended(lp_waiter *w) { ((cm_parked *)w)->parked = 0; }
 
-static const lp_waiter_ops CM_PARKED_OPS = {cm_woken, cm_ended};
+static const lp_waiter_ops CM_PARKED_OPS = {.woken = cm_woken, .ended = cm_ended};
 
 static lp_slice cm_slice(const char *s) { return (lp_slice){s, strlen(s)}; }
 

@@ -320,7 +320,7 @@ static void tp_woken(lp_waiter *w, const lp_slice *answer, size_t n) {
 
 static void tp_ended(lp_waiter *w) { ((test_parked *)w)->ended++; }
 
-static const lp_waiter_ops TP_OPS = {tp_woken, tp_ended};
+static const lp_waiter_ops TP_OPS = {.woken = tp_woken, .ended = tp_ended};
 
 static int park1(lp_cache *c, test_parked *t, const char *cat, uint64_t *handle) {
   memset(t, 0, sizeof *t);

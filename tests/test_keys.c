@@ -97,7 +97,7 @@ static void test_check(void) {
   CHECK(lp_keys_check(S("abc"), &k) == 0 && k.len == 3 && memcmp(k.ptr, "abc", 3) == 0);
   CHECK(lp_keys_check(S("\"abc\""), &k) == 0 && k.len == 3 && memcmp(k.ptr, "abc", 3) == 0);
   CHECK(lp_keys_check(S("\""), &k) == 0 && k.len == 1); /* one quote: a key as sent */
-  CHECK(lp_keys_check(S("\"\""), &k) == -1);          /* an empty quoted key */
+  CHECK(lp_keys_check(S("\"\""), &k) == -1);            /* an empty quoted key */
   CHECK(lp_keys_check(S("\"a\"b\""), &k) == -1);
   CHECK(lp_keys_check(S("\"a\\b\""), &k) == -1);
   CHECK(lp_keys_check(S("a\\b"), &k) == 0); /* unquoted: any printable character */

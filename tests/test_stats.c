@@ -65,8 +65,9 @@ static void test_text(void) {
   CHECK(out.len > 0 && out.data[0] == '{' && out.data[out.len - 1] == '}');
   CHECK(has(&out, "\"events\":3,"));
   CHECK(has(&out, "\"idempotency_in_flight\":9,\"uptime_seconds\":1.500,"));
-  const char *by = "\"categories_offset\":10,\"categories_limit\":2,\"by_category\":{\"a\\\"\\\\\\n\":"
-                   "{\"events\":1,\"bytes\":2,\"waiting\":3},\"b\":{\"events\":4,\"bytes\":5,\"waiting\":6}}}";
+  const char *by =
+      "\"categories_offset\":10,\"categories_limit\":2,\"by_category\":{\"a\\\"\\\\\\n\":"
+      "{\"events\":1,\"bytes\":2,\"waiting\":3},\"b\":{\"events\":4,\"bytes\":5,\"waiting\":6}}}";
   CHECK(out.len >= strlen(by) && memcmp(out.data + out.len - strlen(by), by, strlen(by)) == 0);
   lp_buf_reset(&out);
   CHECK(lp_stats_prometheus(&f, &out) == 0);
