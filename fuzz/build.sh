@@ -11,7 +11,7 @@ mkdir -p "$out"
 core="$root/src/lp_buf.c $root/src/lp_json.c $root/src/lp_store.c $root/src/lp_uuid.c $root/src/lp_http.c $root/src/lp_conn.c $root/src/lp_waiter.c $root/src/lp_cache.c $root/src/lp_fast.c $root/src/lp_static.c $root/src/lp_stats.c $root/src/lp_keys.c"
 flags="-std=c11 -D_GNU_SOURCE -g -O1 -fno-omit-frame-pointer -Wall -Wextra -Wshadow
   -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -I$root/src"
-for f in json store http conn cache static; do
+for f in json store http conn cache static keys; do
   extra=
   # fuzz_store and fuzz_http make chosen allocations fail: they wrap the allocator
   case "$f" in store | http) extra="-Wl,--wrap=malloc -Wl,--wrap=calloc -Wl,--wrap=realloc" ;; esac

@@ -59,7 +59,7 @@ run_one() {
 
 status=0
 pids=
-for name in ${FUZZERS:-json store http conn cache static}; do
+for name in ${FUZZERS:-json store http conn cache static keys}; do
   if [ "${FUZZ_JOBS:-1}" -ge 2 ]; then
     run_one "$name" 4096 &
     pids="$pids $!"
