@@ -16,6 +16,7 @@ void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
 void lp_lua_server_open(lua_State *L); /* lp_lua_server.c */
 void lp_lua_stderr_open(lua_State *L); /* lp_lua_stderr.c */
 void lp_lua_cache_open(lua_State *L);  /* lp_lua_cache.c */
+void lp_lua_redis_publish_open(lua_State *L); /* lp_lua_redis_publish.c */
 int lp_lua_fingerprint(lua_State *L);  /* lp_lua_fingerprint.c */
 
 #define STORE_MT "longpoll.Store"
@@ -637,6 +638,7 @@ int luaopen_longpoll_core(lua_State *L) {
   lp_lua_server_open(L);
   lp_lua_stderr_open(L);
   lp_lua_cache_open(L);
+  lp_lua_redis_publish_open(L);
   lua_pushliteral(L, "longpoll.core");
   lua_setfield(L, -2, "_NAME");
   lua_pushliteral(L, LP_CORE_VERSION);

@@ -39,7 +39,7 @@ lp_cache *lp_lua_cache_of(lua_State *L, int idx); /* lp_lua_cache.c */
  * pub/sub brings an event of theirs; user value 1: the cache. NATIVE_SSE (core.native_sse): the
  * manager's SSE handler, whose streams are served here, in C, from the store (see fast_sse);
  * user value 1: the store. */
-enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE };
+enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE, NATIVE_REDIS_PUBLISH };
 
 struct sconn;
 
@@ -133,6 +133,7 @@ typedef struct sconn {
   struct sconn *stream_prev, *stream_next; /* stream_by's list */
   unsigned stream_chunked : 1;             /* HTTP/1.1: chunks; HTTP/1.0: until the connection ends */
   unsigned stream_keep : 1;                /* the connection may serve another request after it */
+  struct pub_entry *publish_pending; /* a publish waiting for Redis's reply (lp_lua_redis_publish.c) */
   char remote[64];
 } sconn;
 
@@ -222,6 +223,15 @@ int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);
+
+/* lp_lua_redis_publish.c: a publish to handler r->h (NATIVE_REDIS_PUBLISH) sent to Redis from C
+ * (1: its answer follows the reply; 0: Lua's turn); the client of s left (its publish's answer is
+ * dropped); whether the value at idx is a publisher (core.redis_publisher); core.redis_publisher
+ * added to the module table on top of L. */
+int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *head, lp_slice body);
+void lp_lua_redis_publish_forget(sconn *s);
+int lp_lua_redis_publisher_check(lua_State *L, int idx);
+void lp_lua_redis_publish_open(lua_State *L);
 
 /* lp_lua_stream.c: an SSE stream to handler nh served on s (1; 0: Lua's turn); its end when the
  * client left (nothing written); its heartbeat, due now; every stream of nh finished cleanly. */

@@ -303,6 +303,14 @@ function Engine:core_cache()
   return shards[1]:core_cache()
 end
 
+-- The C publisher of the one Redis shard (core.redis_publisher), for the HTTP engine's native
+-- publish handler (core.native_redis_publish); nil without one or with several shards.
+function Engine:core_publisher()
+  local shards = self.shards
+  if #shards ~= 1 then return nil end
+  return shards[1]:core_publisher()
+end
+
 -- The C store that indexes this node's own waiters (longpoll.core), for the HTTP engine: its
 -- polls parked on the cache share max_waiting_per_category with these waiters.
 function Engine:core_waiting_store()
@@ -314,16 +322,17 @@ function Engine:stats(with_categories)
   local s = self.store_closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
-  local delivered, keys = 0, 0
+  local delivered, keys, published = 0, 0, self.published
   for i, shard in ipairs(self.shards) do
     shards[i] = shard:stats()
     online = online and shards[i].online
     delivered = delivered + shards[i].delivered
     keys = keys + shards[i].idempotency_keys
+    published = published + shards[i].published_in_c
     if not self.closed then shard:refresh_key_count() end
   end
   -- this node's figures: its own stored publishes, the events it handed to its subscribers
-  s.published, s.delivered = self.published, delivered
+  s.published, s.delivered = published, delivered
   -- the polls the HTTP engine parked on the node-local cache wait too
   if #shards == 1 and not self.store_closed then s.waiting = s.waiting + (shards[1].cache_parked or 0) end
   s.redis = #shards == 1 and shards[1] or shards

@@ -128,6 +128,7 @@ function Link:_open(kind, on_push, on_lost, handshake, on_ready)
     conn = Connection.new(self:_opts_at(host, port), on_push, function(err) on_lost(err, conn) end)
     self[kind] = conn
     self.address = host .. ":" .. port
+    if kind == "cmd" then self.cmd_host, self.cmd_port = host, port end
     conn:connect(checked, function(replies)
       if role then
         local r = replies[1]
@@ -264,6 +265,16 @@ end
 -- Whether both connections are up and synced.
 function Link:is_online()
   return self.online
+end
+
+-- The host and port of the master the command connection reached (nil before the first).
+function Link:master_address()
+  return self.cmd_host, self.cmd_port
+end
+
+-- The SHA of script `name` as the master loaded it (nil before the command connection is up).
+function Link:script_sha(name)
+  return self.shas[name]
 end
 
 -- Whether scripts can be sent now.

@@ -7,6 +7,7 @@ local Cache = require "longpoll.engine.redis.cache"
 local Link = require "longpoll.engine.redis.link"
 local Marks = require "longpoll.engine.redis.marks"
 local Position = require "longpoll.engine.redis.position"
+local scripts = require "longpoll.engine.redis.scripts"
 local Waiters = require "longpoll.engine.redis.waiters"
 
 local tointeger = math.tointeger
@@ -50,11 +51,21 @@ function M.new(opts)
       max_category_bytes = opts.max_category_bytes, max_waiting_per_category = opts.max_waiting_per_category },
       log, opts.max_categories)
   end
+  -- HTTP publishes sent to Redis from C (core.redis_publisher): the call Shard:publish makes,
+  -- so not with per-category rules, WAIT, or a test transport between Redis and the engine
+  local publisher
+  if not opts.limits_of and cfg.wait_replicas == 0 and not cfg.transport then
+    publisher = core.redis_publisher { prefix = prefix, script = scripts.publish,
+      max_event_buffer_size = opts.max_event_buffer_size, ttl_ms = opts.ttl_ms,
+      connect_timeout_ms = cfg.connect_timeout_ms, command_timeout_ms = cfg.command_timeout_ms,
+      user = cfg.user, password = cfg.password, db = cfg.db }
+    self.publisher = publisher
+  end
   self.position = Position.new(log, function()
     if not self.cache then return end
     self.cache:reset("Redis has a new epoch")
     self.cache_from_next_message = true -- every later message reaches it: it starts there
-  end)
+  end, publisher and function(floor) publisher:raise_floor(floor) end)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
   if not reply then
     local where = cfg.sentinels and ("master '%s' (Sentinel)"):format(cfg.master_name)
@@ -104,6 +115,10 @@ function Shard:_sync()
       self.sync_epoch, self.sync_seq = reply[1], seq
       if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = seq }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
+      if self.publisher then
+        local host, port = self.link:master_address()
+        self.publisher:connect(host, port, self.link:script_sha("publish"))
+      end
       self.waiters:fetch_owed()
     end)
   if not ok then self.syncing = false end
@@ -240,6 +255,11 @@ function Shard:core_cache()
   return self.cache and self.cache:core_cache()
 end
 
+-- The C publisher of this Redis's HTTP publishes (core.redis_publisher), or nil.
+function Shard:core_publisher()
+  return self.publisher
+end
+
 function Shard:can_publish()
   return self.link:can_send()
 end
@@ -256,6 +276,7 @@ function Shard:stats()
     s.waiters, s.delivered = s.waiters + s.cache_parked, s.delivered + s.cache_woken
   end
   s.unreplicated = self.unreplicated
+  s.published_in_c = self.publisher and self.publisher:stats().published or 0
   s.idempotency_keys = self.idempotency_keys or 0
   return s
 end
@@ -285,6 +306,7 @@ function Shard:close(done)
     timer:close()
     self.marks:close("Redis engine is closed")
     if self.cache then self.cache:close() end
+    if self.publisher then self.publisher:close() end
     self.waiters:close("manager is shut down")
     self.link:close()
     done()
