@@ -88,9 +88,17 @@ $(BUILD)/test_static_plain: tests/test_static.c tests/tap.h $(CORE_SRC) $(CORE_H
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_static.c $(CORE_SRC) -o $@
 
+$(BUILD)/test_resp: tests/test_resp.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_resp.c $(CORE_SRC) -o $@
+
+$(BUILD)/test_resp_plain: tests/test_resp.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g -Isrc tests/test_resp.c $(CORE_SRC) -o $@
+
 C_TESTS := $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain \
            $(BUILD)/test_conn $(BUILD)/test_conn_plain $(BUILD)/test_cache $(BUILD)/test_cache_plain \
-           $(BUILD)/test_static $(BUILD)/test_static_plain
+           $(BUILD)/test_static $(BUILD)/test_static_plain $(BUILD)/test_resp $(BUILD)/test_resp_plain
 
 test-c: $(C_TESTS)
 	@scripts/run-tests c

@@ -48,6 +48,11 @@ function Position:known_time()
   return self.floor - 1 >= self.ts and self.floor - 1 or self.ts
 end
 
+-- The floor: the smallest timestamp the next event may get.
+function Position:current_floor()
+  return self.floor
+end
+
 -- The floor as a script argument.
 function Position:floor_arg()
   return ("%d"):format(self.floor)

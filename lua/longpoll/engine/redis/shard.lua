@@ -51,21 +51,13 @@ function M.new(opts)
       max_category_bytes = opts.max_category_bytes, max_waiting_per_category = opts.max_waiting_per_category },
       log, opts.max_categories)
   end
-  -- HTTP publishes sent to Redis from C (core.redis_publisher): the call Shard:publish makes,
-  -- so not with per-category rules, WAIT, or a test transport between Redis and the engine
-  local publisher
-  if not opts.limits_of and cfg.wait_replicas == 0 and not cfg.transport then
-    publisher = core.redis_publisher { prefix = prefix, script = scripts.publish,
-      max_event_buffer_size = opts.max_event_buffer_size, ttl_ms = opts.ttl_ms,
-      connect_timeout_ms = cfg.connect_timeout_ms, command_timeout_ms = cfg.command_timeout_ms,
-      user = cfg.user, password = cfg.password, db = cfg.db }
-    self.publisher = publisher
-  end
   self.position = Position.new(log, function()
     if not self.cache then return end
     self.cache:reset("Redis has a new epoch")
     self.cache_from_next_message = true -- every later message reaches it: it starts there
-  end, publisher and function(floor) publisher:raise_floor(floor) end)
+  end, function(floor)
+    if self.publisher then self.publisher:raise_floor(floor) end
+  end)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
   if not reply then
     local where = cfg.sentinels and ("master '%s' (Sentinel)"):format(cfg.master_name)
@@ -74,6 +66,15 @@ function M.new(opts)
   end
   self.position:observe(reply[1], int(reply[2]), int(reply[3]))
   self.position:handed_out(int(reply[4]))
+  -- HTTP publishes sent to Redis from C (core.redis_publisher): the call Shard:publish makes,
+  -- so not with per-category rules, WAIT, or a test transport between Redis and the engine
+  if not opts.limits_of and cfg.wait_replicas == 0 and not cfg.transport then
+    self.publisher = core.redis_publisher { prefix = prefix, script = scripts.publish,
+      max_event_buffer_size = opts.max_event_buffer_size, ttl_ms = opts.ttl_ms,
+      connect_timeout_ms = cfg.connect_timeout_ms, command_timeout_ms = cfg.command_timeout_ms,
+      user = cfg.user, password = cfg.password, db = cfg.db }
+    self.publisher:raise_floor(self.position:current_floor())
+  end
   self.link = Link.new(cfg, { self.channel, self.node_channel }, log, {
     message = function(payload) self:_on_message(payload) end,
     ready = function() self:_sync() end,
