@@ -6,7 +6,6 @@ local async = require "support.async"
 local fixture = require "support.fixture"
 local redis = require "support.redis"
 local nodes_fixture = require "support.nodes"
-local cjson = require "cjson"
 
 local with_server = fixture.with_server
 local wait_until = async.wait_or_fail

@@ -16,8 +16,10 @@ void lp_lua_http_open(lua_State *L);   /* lp_lua_http.c */
 void lp_lua_server_open(lua_State *L); /* lp_lua_server.c */
 void lp_lua_stderr_open(lua_State *L); /* lp_lua_stderr.c */
 void lp_lua_cache_open(lua_State *L);  /* lp_lua_cache.c */
-void lp_lua_redis_publish_open(lua_State *L); /* lp_lua_redis_publish.c */
 int lp_lua_fingerprint(lua_State *L);  /* lp_lua_fingerprint.c */
+
+/* lp_lua_redis_publish.c */
+void lp_lua_redis_publish_open(lua_State *L);
 
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"

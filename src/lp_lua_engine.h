@@ -133,7 +133,7 @@ typedef struct sconn {
   struct sconn *stream_prev, *stream_next; /* stream_by's list */
   unsigned stream_chunked : 1;             /* HTTP/1.1: chunks; HTTP/1.0: until the connection ends */
   unsigned stream_keep : 1;                /* the connection may serve another request after it */
-  struct pub_entry *publish_pending; /* a publish waiting for Redis's reply (lp_lua_redis_publish.c) */
+  struct pub_entry *publish_pending;       /* a publish waiting for Redis's reply (lp_lua_redis_publish.c) */
   char remote[64];
 } sconn;
 

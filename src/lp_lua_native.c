@@ -583,7 +583,8 @@ static int make_native(lua_State *L, int kind) {
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
   h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_REDIS_PUBLISH) h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
+  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_REDIS_PUBLISH)
+    h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
   if (h->kind == NATIVE_SUBSCRIPTION || h->kind == NATIVE_CACHED)
     h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
   if (h->kind == NATIVE_SSE) {
@@ -724,7 +725,8 @@ int lp_lua_native_route(lua_State *L, server *srv) {
   const char *path = luaL_checklstring(L, 3, &len);
   native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
   if (h && post == ROUTE_OPTIONS && !h->cors.on) h = NULL; /* only preflights are answered */
-  if (h && post != ROUTE_OPTIONS && (post == ROUTE_POST) != (h->kind == NATIVE_PUBLISH || h->kind == NATIVE_REDIS_PUBLISH))
+  if (h && post != ROUTE_OPTIONS &&
+      (post == ROUTE_POST) != (h->kind == NATIVE_PUBLISH || h->kind == NATIVE_REDIS_PUBLISH))
     h = NULL; /* not for this method */
   lp_slice p = {path, len};
   native_route *r = find_route(srv, post, p);

@@ -52,13 +52,13 @@ typedef struct pub_write {
 } pub_write;
 
 struct publisher {
-  luv_handle_t walk;   /* what uv.walk sees of our handles (as lp_lua_server.c's) */
-  publisher **shadow;  /* the shadow object's pointer to us */
-  publisher **box;     /* the userdata's pointer to us, NULL once collected */
+  luv_handle_t walk;  /* what uv.walk sees of our handles (as lp_lua_server.c's) */
+  publisher **shadow; /* the shadow object's pointer to us */
+  publisher **box;    /* the userdata's pointer to us, NULL once collected */
   uv_loop_t *loop;
-  uv_timer_t timer;    /* the connect timeout and the overdue reply */
+  uv_timer_t timer;     /* the connect timeout and the overdue reply */
   uv_prepare_t flusher; /* writes the turn's commands before the loop waits */
-  int handles;         /* open uv handles, connections included */
+  int handles;          /* open uv handles, connections included */
   int closed;
   lp_redis_publish_config cfg; /* its slices point into strings */
   char *strings;
@@ -305,7 +305,7 @@ static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
       if (r.type == LP_RESP_ERROR) return lost(p, "AUTH or SELECT refused");
       if (--c->handshake_left == 0) p->ready = 1;
     } else if (p->head) {
-      settle(p, &r); /* answers, which may run the next request of that client */
+      settle(p, &r);            /* answers, which may run the next request of that client */
       if (p->conn != c) return; /* that closed the connection: in is gone */
     } else {
       return lost(p, "a reply nobody asked for");
@@ -528,13 +528,13 @@ static int l_redis_publisher(lua_State *L) {
   p->strings = malloc(total);
   if (!p->strings) return luaL_error(L, "out of memory");
   char *at = p->strings;
-#define KEEP(field, a, alen, b)            \
-  do {                                     \
-    memcpy(at, a, alen);                   \
-    memcpy(at + alen, b, strlen(b));       \
-    field.ptr = at;                        \
-    field.len = alen + strlen(b);          \
-    at += field.len;                       \
+#define KEEP(field, a, alen, b)      \
+  do {                               \
+    memcpy(at, a, alen);             \
+    memcpy(at + alen, b, strlen(b)); \
+    field.ptr = at;                  \
+    field.len = alen + strlen(b);    \
+    at += field.len;                 \
   } while (0)
   KEEP(p->cfg.clock_key, prefix, plen, "clock");
   KEEP(p->cfg.stream_prefix, prefix, plen, "s:");
@@ -678,8 +678,10 @@ static int shadow_is_active(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg publisher_methods[] = {{"connect", publisher_connect}, {"raise_floor", publisher_raise_floor},
-                                             {"stats", publisher_stats},     {"close", publisher_close},
+static const luaL_Reg publisher_methods[] = {{"connect", publisher_connect},
+                                             {"raise_floor", publisher_raise_floor},
+                                             {"stats", publisher_stats},
+                                             {"close", publisher_close},
                                              {NULL, NULL}};
 static const luaL_Reg shadow_methods[] = {
     {"get_type", shadow_get_type}, {"is_closing", shadow_is_closing}, {"is_active", shadow_is_active}, {NULL, NULL}};

@@ -7,7 +7,8 @@
 int lp_resp_append_bulk(lp_buf *out, lp_slice s) {
   size_t before = out->len;
   if (lp_buf_append_char(out, '$') != 0 || lp_buf_append_i64(out, (int64_t)s.len) != 0 ||
-      lp_buf_append(out, "\r\n", 2) != 0 || lp_buf_append(out, s.ptr, s.len) != 0 || lp_buf_append(out, "\r\n", 2) != 0) {
+      lp_buf_append(out, "\r\n", 2) != 0 || lp_buf_append(out, s.ptr, s.len) != 0 ||
+      lp_buf_append(out, "\r\n", 2) != 0) {
     out->len = before;
     return -1;
   }
@@ -69,9 +70,7 @@ static long read_at(const char *p, size_t len, lp_resp_reply *r, int depth) {
       r->type = p[0] == '+' ? LP_RESP_STATUS : LP_RESP_ERROR;
       r->str = line;
       return taken;
-    case ':':
-      r->type = LP_RESP_INTEGER;
-      return parse_int(line.ptr, line.len, &r->integer) == 0 ? taken : -1;
+    case ':': r->type = LP_RESP_INTEGER; return parse_int(line.ptr, line.len, &r->integer) == 0 ? taken : -1;
     case '$': {
       int64_t blen;
       if (parse_int(line.ptr, line.len, &blen) != 0 || blen < -1 || blen > (int64_t)LP_RESP_MAX_BULK) return -1;
@@ -99,8 +98,7 @@ static long read_at(const char *p, size_t len, lp_resp_reply *r, int depth) {
         lp_resp_reply item;
         long k = read_at(p + taken, len - (size_t)taken, &item, depth + 1);
         if (k <= 0) return k;
-        if (i < LP_RESP_MAX_ITEMS && (item.type == LP_RESP_BULK || item.type == LP_RESP_STATUS))
-          r->items[i] = item.str;
+        if (i < LP_RESP_MAX_ITEMS && (item.type == LP_RESP_BULK || item.type == LP_RESP_STATUS)) r->items[i] = item.str;
         taken += k;
       }
       return taken;
