@@ -35,7 +35,7 @@ build = {
         "src/lp_buf.c", "src/lp_json.c", "src/lp_store.c", "src/lp_uuid.c", "src/lp_http.c",
         "src/lp_conn.c", "src/lp_fast.c", "src/lp_lua.c", "src/lp_lua_json.c", "src/lp_lua_http.c", "src/lp_lua_server.c", "src/lp_lua_native.c", "src/lp_lua_stream.c", "src/lp_lua_fingerprint.c",
         "src/lp_lua_stderr.c", "src/lp_waiter.c", "src/lp_deadlines.c", "src/lp_cors.c", "src/lp_cache.c", "src/lp_sse.c", "src/lp_lua_cache.c",
-        "src/lp_static.c", "src/lp_lua_static.c",
+        "src/lp_static.c", "src/lp_lua_static.c", "src/lp_resp.c", "src/lp_redis_publish.c", "src/lp_lua_redis_publish.c",
       },
       defines = { "_GNU_SOURCE" },
       incdirs = { "src", "$(LIBUV_INCDIR)" },

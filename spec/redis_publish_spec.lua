@@ -99,6 +99,15 @@ describe("Redis native publish path", function()
     end, { setup = routes })
   end)
 
+  it("connects to the address the engine's link resolved a host name to", function()
+    local url = R.url:gsub("127%.0%.0%.1", "localhost")
+    with_server(options { redis = nodes_fixture.redis_option(url) }, function(t)
+      online(t)
+      assert.equals(200, (post(t.port, "/publish", '{"category":"a","data":1}')))
+      assert.equals(1, t.srv:fast_answers())
+    end, { setup = routes })
+  end)
+
   it("leaves bad bodies, Idempotency-Keys and wrappers to Lua, which answers as before", function()
     with_server(options(), function(t)
       online(t)
@@ -176,23 +185,30 @@ describe("Redis native publish path", function()
     local o = options { redis = nodes_fixture.redis_option(R.url, { command_timeout_ms = 300 }) }
     with_server(o, function(t)
       online(t)
-      -- Redis stops answering: the publishes wait, then the connection counts as lost
-      R:cli("CLIENT PAUSE 1500 ALL")
-      local answers = {}
-      for i = 1, 3 do
-        answers[i] = async.event()
-        async.spawn(function()
-          answers[i]:set(post(t.port, i == 3 and "/lua" or "/publish", '{"category":"a","data":1}'))
-        end)
+      -- Redis stops answering: the publishes wait, then the connection counts as lost; first
+      -- with C's publishes alone in flight (the Lua connections wait for nothing), then Lua's
+      local function paused(paths)
+        R:cli("CLIENT PAUSE 1500 WRITE") -- reads (the engine's own) go on
+        local answers = {}
+        for i, path in ipairs(paths) do
+          answers[i] = async.event()
+          async.spawn(function() answers[i]:set(post(t.port, path, '{"category":"a","data":1}')) end)
+        end
+        local bodies = {}
+        for i = 1, #paths do
+          local status, _, body = answers[i]:wait(10000)
+          assert.equals(503, status)
+          bodies[i] = body
+        end
+        R:cli("CLIENT UNPAUSE")
+        return bodies
       end
-      local bodies = {}
-      for i = 1, 3 do
-        local status, _, body = answers[i]:wait(10000)
-        assert.equals(503, status)
-        bodies[i] = body
-      end
+      local bodies = paused { "/publish", "/publish" }
       assert.equals('{"error":"publish failed: Redis connection lost: no reply within 300 ms"}', bodies[1])
-      assert.same({ bodies[1], bodies[1] }, { bodies[2], bodies[3] })
+      assert.equals(bodies[1], bodies[2])
+      assert.is_true(t.manager.engine:stats().redis.command_connected) -- C's own check, not Lua's
+      online(t)
+      assert.same({ bodies[1] }, paused { "/lua" })
       -- it connects again, and publishes go through C again
       wait_until("the pause to end", function() return R:cli("PING") == "PONG" end)
       wait_until("C to publish again", function()
@@ -237,6 +253,24 @@ describe("Redis native publish path", function()
       assert.equals(200, (post(t.port, "/publish", body)))
       assert.equals(2, #stream(R, "a"))
     end, { setup = routes })
+  end)
+
+  it("leaves a publish on a connection above max_connections to Lua, which refuses it as before", function()
+    local server_opts = { host = "127.0.0.1", port = 0, max_connections = 1, reserve_connections = 2 }
+    with_server(options(), function(t)
+      online(t)
+      -- a waiting poll fills max_connections
+      local poll = async.connect(t.port)
+      poll:send("GET /events?category=w&timeout=20 HTTP/1.1\r\n\r\n")
+      wait_until("the poll to wait", function() return t.srv:connection_count() == 1 end)
+      local s1, _, b1 = post(t.port, "/publish", '{"category":"a","data":1}')
+      local s2, _, b2 = post(t.port, "/lua", '{"category":"a","data":1}')
+      assert.equals(503, s1)
+      assert.same({ s1, b1 }, { s2, b2 })
+      assert.equals('{"error":"too many connections"}', b1)
+      assert.equals(0, t.manager.engine:core_publisher():stats().published)
+      poll:close()
+    end, { setup = routes, server = server_opts })
   end)
 
   it("is not used with an add-on, a debug logger, per-category rules or WAIT", function()

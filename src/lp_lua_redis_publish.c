@@ -68,6 +68,7 @@ struct publisher {
   int handshake_count;
   char host[64];
   int port;
+  int wanted; /* connect() said where, and no disconnect() came after it */
   uint64_t connect_timeout_ms, command_timeout_ms;
   pub_conn *conn; /* NULL: none; ready when conn && !conn->handshake_left && connected */
   int ready;
@@ -360,7 +361,8 @@ static void start_connect(publisher *p) {
 }
 
 /* A reply overdue by command_timeout_ms (or a connection not made in connect_timeout_ms) means
- * Redis hangs or the network dropped us silently: give up on the connection. */
+ * Redis hangs or the network dropped us silently: give up on the connection. Without one (lost),
+ * connect again, RETRY_MS after the last failure at the soonest. */
 static void on_timer(uv_timer_t *t) {
   publisher *p = CONTAINER(t, publisher, timer);
   pub_conn *c = p->conn;
@@ -373,6 +375,8 @@ static void on_timer(uv_timer_t *t) {
   } else if (p->head && now - p->head->sent_at > p->command_timeout_ms) {
     snprintf(why, sizeof why, "no reply within %llu ms", (unsigned long long)p->command_timeout_ms);
     lost(p, why);
+  } else if (!c && p->wanted && !p->closed && now >= p->retry_at) {
+    start_connect(p);
   }
 }
 
@@ -404,10 +408,11 @@ static int epoch_candidate(char out[17]) {
 int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
   publisher *p = route_publisher(srv, r);
-  if (!p || p->closed || s->publish_pending) return 0;
+  /* a connection above the cap may not wait for a reply: the Lua handler refuses it */
+  if (!p || p->closed || s->publish_pending || s->reserve) return 0;
   if (!p->ready) {
     /* not connected: Lua publishes (or says Redis is unavailable) while a connection starts */
-    if (!p->conn && p->port && uv_now(p->loop) >= p->retry_at) start_connect(p);
+    if (!p->conn && p->wanted && uv_now(p->loop) >= p->retry_at) start_connect(p);
     return 0;
   }
   /* an idempotent publish (Idempotency-Key, issue 17) is the Lua handler's: it looks the key up */
@@ -592,11 +597,26 @@ static int publisher_connect(lua_State *L) {
   p->sha.ptr = p->sha_text;
   p->sha.len = 40;
   int same = p->port == port && strcmp(p->host, host) == 0;
-  if (same && p->conn) return 0;
+  if (same && p->conn) {
+    p->wanted = 1;
+    return 0;
+  }
   if (p->conn) drop_conn(p, "", "Redis master moved");
   snprintf(p->host, sizeof p->host, "%s", host);
   p->port = (int)port;
+  p->wanted = 1;
   start_connect(p);
+  return 0;
+}
+
+/* publisher:disconnect(reason): the engine lost its link to the master (a failover, Redis away):
+ * the connection goes (publishes in flight fail with "Redis connection lost: <reason>") and
+ * publishes take the Lua path until publisher:connect again. */
+static int publisher_disconnect(lua_State *L) {
+  publisher *p = check_publisher(L);
+  const char *reason = luaL_checkstring(L, 2);
+  p->wanted = 0;
+  if (p->conn) lost(p, reason);
   return 0;
 }
 
@@ -678,11 +698,9 @@ static int shadow_is_active(lua_State *L) {
   return 1;
 }
 
-static const luaL_Reg publisher_methods[] = {{"connect", publisher_connect},
-                                             {"raise_floor", publisher_raise_floor},
-                                             {"stats", publisher_stats},
-                                             {"close", publisher_close},
-                                             {NULL, NULL}};
+static const luaL_Reg publisher_methods[] = {
+    {"connect", publisher_connect}, {"disconnect", publisher_disconnect}, {"raise_floor", publisher_raise_floor},
+    {"stats", publisher_stats},     {"close", publisher_close},           {NULL, NULL}};
 static const luaL_Reg shadow_methods[] = {
     {"get_type", shadow_get_type}, {"is_closing", shadow_is_closing}, {"is_active", shadow_is_active}, {NULL, NULL}};
 

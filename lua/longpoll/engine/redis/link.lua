@@ -128,7 +128,6 @@ function Link:_open(kind, on_push, on_lost, handshake, on_ready)
     conn = Connection.new(self:_opts_at(host, port), on_push, function(err) on_lost(err, conn) end)
     self[kind] = conn
     self.address = host .. ":" .. port
-    if kind == "cmd" then self.cmd_host, self.cmd_port = host, port end
     conn:connect(checked, function(replies)
       if role then
         local r = replies[1]
@@ -267,9 +266,10 @@ function Link:is_online()
   return self.online
 end
 
--- The host and port of the master the command connection reached (nil before the first).
+-- The IP and port of the master the command connection reached (nil without one).
 function Link:master_address()
-  return self.cmd_host, self.cmd_port
+  if not self.cmd then return nil end
+  return self.cmd:peer()
 end
 
 -- The SHA of script `name` as the master loaded it (nil before the command connection is up).

@@ -87,7 +87,11 @@ function M.new(opts)
       self.waiters:all_owe_a_read()
       self.marks:fail_all(why)
     end,
-    offline = function() end,
+    -- the C publisher's connection goes too (a failover may have moved the master): publishes
+    -- take the Lua path until the next sync tells it where the master is
+    offline = function(why)
+      if self.publisher then self.publisher:disconnect(why) end
+    end,
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
@@ -117,8 +121,8 @@ function Shard:_sync()
       if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = seq }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
       if self.publisher then
-        local host, port = self.link:master_address()
-        self.publisher:connect(host, port, self.link:script_sha("publish"))
+        local ip, port = self.link:master_address()
+        if ip then self.publisher:connect(ip, port, self.link:script_sha("publish")) end
       end
       self.waiters:fetch_owed()
     end)
