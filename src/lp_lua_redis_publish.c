@@ -682,6 +682,36 @@ static int publisher_gc(lua_State *L) {
 
 int lp_lua_redis_publisher_check(lua_State *L, int idx) { return publisher_of(L, idx) != NULL; }
 
+/* core.redis_event(payload) -> epoch, seq, timestamp, category, id, data_json, json | nil: an
+ * event message of the shard's pub/sub channel read in one call, with the event's JSON made
+ * (lp_event_json_append, the one format); nil when the payload is not a valid event message. */
+static int l_redis_event(lua_State *L) {
+  size_t len;
+  const char *payload = luaL_checklstring(L, 1, &len);
+  lp_redis_event ev;
+  if (lp_redis_event_parse(payload, len, &ev) != 0) {
+    luaL_pushfail(L);
+    return 1;
+  }
+  char id[LP_UUID_LEN + 1];
+  memcpy(id, ev.id.ptr, LP_UUID_LEN);
+  id[LP_UUID_LEN] = 0;
+  lp_buf json = LP_BUF_INIT;
+  if (lp_event_json_append(&json, ev.category, ev.data_json, id, ev.ts) != LP_OK) {
+    lp_buf_free(&json);
+    return luaL_error(L, "out of memory");
+  }
+  lua_pushlstring(L, ev.epoch.ptr, ev.epoch.len);
+  lua_pushinteger(L, (lua_Integer)ev.seq);
+  lua_pushinteger(L, (lua_Integer)ev.ts);
+  lua_pushlstring(L, ev.category.ptr, ev.category.len);
+  lua_pushlstring(L, id, LP_UUID_LEN);
+  lua_pushlstring(L, ev.data_json.ptr, ev.data_json.len);
+  lua_pushlstring(L, json.data, json.len); /* cannot raise after the others: memory errors aside */
+  lp_buf_free(&json);
+  return 7;
+}
+
 /* What uv.walk hands to Lua for the publisher's handles. */
 static int shadow_get_type(lua_State *L) {
   lua_pushliteral(L, "longpoll_redis_publisher");
@@ -719,4 +749,6 @@ void lp_lua_redis_publish_open(lua_State *L) {
   lua_pop(L, 1);
   lua_pushcfunction(L, l_redis_publisher);
   lua_setfield(L, -2, "redis_publisher");
+  lua_pushcfunction(L, l_redis_event);
+  lua_setfield(L, -2, "redis_event");
 }

@@ -4,6 +4,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "lp_json.h"
+#include "lp_uuid.h"
+
 #define PUBLISH_ARGC 14 /* EVALSHA, sha, 3, three keys, eight arguments */
 
 static lp_slice str(const char *s) {
@@ -88,4 +91,37 @@ int lp_redis_publish_reply(const lp_resp_reply *r, lp_slice *epoch, int64_t *ts,
   }
   *message = str("unexpected reply to the publish script");
   return -1;
+}
+
+/* The digits at *at up to the byte stop, into *v; *at moves past stop. */
+static int field_i64(const char *p, size_t len, size_t *at, char stop, int64_t *v) {
+  const char *end = memchr(p + *at, stop, len - *at);
+  if (!end) return -1;
+  lp_slice s = {p + *at, (size_t)(end - (p + *at))};
+  if (to_i64(s, v) != 0) return -1;
+  *at = (size_t)(end - p) + 1;
+  return 0;
+}
+
+int lp_redis_event_parse(const char *p, size_t len, lp_redis_event *ev) {
+  if (len < 2 || p[0] != 'E' || p[1] != ' ') return -1;
+  size_t at = 2;
+  const char *sp = memchr(p + at, ' ', len - at);
+  if (!sp || sp == p + at) return -1;
+  ev->epoch.ptr = p + at;
+  ev->epoch.len = (size_t)(sp - (p + at));
+  at = (size_t)(sp - p) + 1;
+  int64_t clen;
+  if (field_i64(p, len, &at, ' ', &ev->seq) != 0 || field_i64(p, len, &at, ' ', &ev->ts) != 0 ||
+      field_i64(p, len, &at, '\n', &clen) != 0)
+    return -1;
+  if ((uint64_t)clen > len - at || len - at - (size_t)clen < LP_UUID_LEN) return -1;
+  ev->category.ptr = p + at;
+  ev->category.len = (size_t)clen;
+  ev->id.ptr = p + at + (size_t)clen;
+  ev->id.len = LP_UUID_LEN;
+  ev->data_json.ptr = ev->id.ptr + LP_UUID_LEN;
+  ev->data_json.len = len - at - (size_t)clen - LP_UUID_LEN;
+  if (!lp_uuid_is_valid(ev->id.ptr, ev->id.len) || !lp_utf8_is_valid(ev->category.ptr, ev->category.len)) return -1;
+  return 0;
 }

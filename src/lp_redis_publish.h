@@ -1,7 +1,7 @@
 /* lp_redis_publish: the Redis engine's publish script call (engine/redis/shard.lua Shard:publish,
- * scripts.lua M.publish) made and its reply read, without I/O: the same EVALSHA, with the same
- * keys and arguments, as the Lua engine sends for a publish without Idempotency-Key, per-category
- * rules or WAIT. */
+ * scripts.lua M.publish) made and its reply and pub/sub message read, without I/O: the same
+ * EVALSHA, with the same keys and arguments, as the Lua engine sends for a publish without
+ * Idempotency-Key, per-category rules or WAIT. */
 #ifndef LP_REDIS_PUBLISH_H
 #define LP_REDIS_PUBLISH_H
 
@@ -35,5 +35,15 @@ int lp_redis_publish_head(lp_buf *out, int eval, lp_slice sha_or_script);
  * timestamp, seq }; 1 for NOSCRIPT (the script must be sent by its text); -1 for an error reply or
  * anything else (*message, pointing into the reply or static, says what). */
 int lp_redis_publish_reply(const lp_resp_reply *r, lp_slice *epoch, int64_t *ts, int64_t *seq, lp_slice *message);
+
+/* An event as the publish script announces it on P.."events". */
+typedef struct lp_redis_event {
+  lp_slice epoch, category, id, data_json; /* point into the message */
+  int64_t seq, ts;
+} lp_redis_event;
+
+/* Reads "E <epoch> <seq> <timestamp> <category length>\n<category><event id><data JSON>": 0 with
+ * *ev filled (the id a UUID, the category UTF-8), -1 when the message is not such an event. */
+int lp_redis_event_parse(const char *p, size_t len, lp_redis_event *ev);
 
 #endif

@@ -129,12 +129,38 @@ static void test_publish_reply(void) {
   report("redis publish: the reply, NOSCRIPT, errors and odd replies", ok);
 }
 
+static void test_event_message(void) {
+  int ok = 1;
+  lp_redis_event ev;
+  const char *id = "0b5f3d2e-7c1a-4e6b-9f00-123456789abc";
+  char msg[256];
+  snprintf(msg, sizeof msg, "E 00112233aabbccdd 42 1700000000123 5\nn\xc3\xa9ws%s{\"n\":1}", id);
+  CHECK(lp_redis_event_parse(msg, strlen(msg), &ev) == 0);
+  CHECK(eq(ev.epoch, "00112233aabbccdd") && ev.seq == 42 && ev.ts == 1700000000123);
+  CHECK(eq(ev.category, "n\xc3\xa9ws") && eq(ev.id, id) && eq(ev.data_json, "{\"n\":1}"));
+  /* a category with a space and a newline in it: its length says where it ends */
+  snprintf(msg, sizeof msg, "E e 1 2 3\na \n%s1", id);
+  CHECK(lp_redis_event_parse(msg, strlen(msg), &ev) == 0 && eq(ev.category, "a \n") && eq(ev.data_json, "1"));
+  const char *bad[] = {"M t e 1 2 3",
+                       "E e 1 2\n",
+                       "E  1 2 3\nabc",
+                       "E e x 2 3\nabc",
+                       "E e 1 2 99\nabc",
+                       "E e 1 2 1\na0b5f3d2e-7c1a-4e6b-9f00-123456789ab",
+                       "E e 1 2 1\nazzzzzzzz-7c1a-4e6b-9f00-123456789abc1",
+                       "E e 1 2 1\n\xff"
+                       "0b5f3d2e-7c1a-4e6b-9f00-123456789abc1"};
+  for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) CHECK(lp_redis_event_parse(bad[i], strlen(bad[i]), &ev) == -1);
+  report("redis publish: the event message on pub/sub, and malformed ones", ok);
+}
+
 int main(void) {
   test_command();
   test_replies();
   test_partial_and_broken();
   test_publish_call();
   test_publish_reply();
+  test_event_message();
   printf("1..%d\n", test_no);
   return failures ? 1 : 0;
 }

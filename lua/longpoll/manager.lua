@@ -353,11 +353,13 @@ function M.start(options)
   }, Manager)
   local host = {
     log = function(level, message, fields) manager:log(level, message, fields) end,
-    on_event = function(event)
+  }
+  if #manager.add_ons > 0 then -- without add-ons no event need be handed over
+    host.on_event = function(event)
       hooks.call(manager.add_ons, "on_publish", function(msg, fields) manager:log("error", msg, fields) end,
         hooks.event(event))
-    end,
-  }
+    end
+  end
   local engine, eerr
   if o.redis then
     for i, a in ipairs(manager.add_ons) do

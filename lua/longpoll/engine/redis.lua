@@ -43,11 +43,11 @@ end
 
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
--- host = { log = function(level, message, fields), on_event = function(event) }.
+-- host = { log = function(level, message, fields), on_event = function(event) (optional) }.
 -- Blocks at most connect_timeout_ms to check Redis once.
 function M.new(options, host)
   local log = host.log or noop
-  local on_event = host.on_event or noop
+  local on_event = host.on_event
   local self = setmetatable({ log = log, closed = false, shards = {},
     -- idempotent publish: the keys live in Redis (the publish script); this node only knows
     -- which of its own publishes are in flight
@@ -62,10 +62,13 @@ function M.new(options, host)
     max_categories = options.max_categories,
     max_waiting_per_category = options.max_waiting_per_category,
   }
-  local function host_event(ev)
-    local event = { id = ev.id, timestamp = ev.ts, category = ev.category, data_json = ev.data_json, json = ev.json }
-    local ok, herr = pcall(on_event, event)
-    if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
+  local host_event = noop
+  if on_event then
+    host_event = function(ev)
+      local event = { id = ev.id, timestamp = ev.ts, category = ev.category, data_json = ev.data_json, json = ev.json }
+      local ok, herr = pcall(on_event, event)
+      if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
+    end
   end
   local limits_of = cached_limits(options, log)
   local node_id = Position.epoch_candidate()

@@ -11,6 +11,7 @@ local scripts = require "longpoll.engine.redis.scripts"
 local Waiters = require "longpoll.engine.redis.waiters"
 
 local tointeger = math.tointeger
+local redis_event = core.redis_event
 
 local Shard = {}
 Shard.__index = Shard
@@ -166,15 +167,10 @@ end
 function Shard:_on_message(payload)
   local kind = payload:sub(1, 2)
   if kind == "E " then
-    local epoch, seq, ts, clen, at = payload:match("^E (%S+) (%d+) (%d+) (%d+)\n()")
+    local epoch, seq, ts, category, id, data_json, json = redis_event(payload)
     if not epoch then return self.log("error", "bad event message from Redis", {}) end
-    clen, ts = int(clen), int(ts)
-    local category, id, data_json = payload:sub(at, at + clen - 1), payload:sub(at + clen, at + clen + 35),
-      payload:sub(at + clen + 36)
-    local json = core.event_json(ts, category, data_json, id)
-    if not json then return self.log("error", "bad event message from Redis", { category = category }) end
     return self:_on_event_message({
-      epoch = epoch, seq = int(seq), ts = ts, category = category, id = id, data_json = data_json, json = json,
+      epoch = epoch, seq = seq, ts = ts, category = category, id = id, data_json = data_json, json = json,
     })
   elseif kind == "M " then
     local token, epoch, seq, last, T = payload:match("^M (%S+) (%S+) (%d+) (%d+) (%d+)$")
