@@ -273,6 +273,23 @@ describe("Redis native publish path", function()
     end, { setup = routes, server = server_opts })
   end)
 
+  it("logs a malformed event message on the events channel and goes on", function()
+    local errors = {}
+    local o = options { logger = function(level, message) if level == "error" then errors[#errors + 1] = message end end }
+    with_server(o, function(t)
+      wait_until("the node online", function() return t.manager.engine:stats().redis_online end)
+      R:cli("PUBLISH longpoll:events 'E e 1 2 99\nshort'")
+      wait_until("the error logged", function() return #errors == 1 end)
+      assert.equals("bad event message from Redis", errors[1])
+      local done = async.event()
+      assert(t.manager:publish("a", 1, function(event) done:set(event) end))
+      assert(done:wait(5000))
+      local status, got = t.get({ { "category", "a" }, { "timeout", "5" }, { "since_time", "0" } })
+      assert.equals(200, status)
+      assert.equals(1, got.events[1].data)
+    end, { setup = routes })
+  end)
+
   it("is not used with an add-on, a debug logger, per-category rules or WAIT", function()
     local cases = {
       { add_on = { on_publish = function() end } },
