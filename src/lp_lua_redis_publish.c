@@ -234,6 +234,17 @@ static void flush_soon(publisher *p) {
   if (!uv_is_active((uv_handle_t *)&p->flusher)) uv_prepare_start(&p->flusher, on_flush);
 }
 
+/* e waits for the next reply after those in flight. */
+static void enqueue(publisher *p, pub_entry *e) {
+  e->next = NULL;
+  if (p->tail)
+    p->tail->next = e;
+  else
+    p->head = e;
+  p->tail = e;
+  p->in_flight++;
+}
+
 /* Sends e's command again, by the script's text (Redis lost the script: NOSCRIPT). */
 static int resend_by_text(publisher *p, pub_entry *e) {
   size_t before = p->out.len;
@@ -243,13 +254,7 @@ static int resend_by_text(publisher *p, pub_entry *e) {
     return -1;
   }
   e->evaled = 1;
-  e->next = NULL;
-  if (p->tail)
-    p->tail->next = e;
-  else
-    p->head = e;
-  p->tail = e;
-  p->in_flight++;
+  enqueue(p, e);
   flush_soon(p);
   return 0;
 }
@@ -452,12 +457,7 @@ int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *h
   e->tail_len = tail->len;
   if (extra_len) memcpy(e->bytes, srv->fast_extra.data, extra_len);
   memcpy(e->bytes + extra_len, tail->data, tail->len);
-  if (p->tail)
-    p->tail->next = e;
-  else
-    p->head = e;
-  p->tail = e;
-  p->in_flight++;
+  enqueue(p, e);
   s->publish_pending = e;
   if (tail->cap > (1u << 20)) lp_buf_free(tail);
   flush_soon(p);
