@@ -182,7 +182,11 @@ describe("Redis native publish path", function()
   end)
 
   it("answers every publish in flight with the Lua handler's error when the connection is lost", function()
-    local o = options { redis = nodes_fixture.redis_option(R.url, { command_timeout_ms = 300 }) }
+    local failed = {}
+    local o = options { redis = nodes_fixture.redis_option(R.url, { command_timeout_ms = 300 }),
+      logger = { level = "warn", sink = function(_, message, fields)
+        if message == "publish failed" then failed[#failed + 1] = fields end
+      end } }
     with_server(o, function(t)
       online(t)
       -- Redis stops answering: the publishes wait, then the connection counts as lost; first
@@ -207,8 +211,12 @@ describe("Redis native publish path", function()
       assert.equals('{"error":"publish failed: Redis connection lost: no reply within 300 ms"}', bodies[1])
       assert.equals(bodies[1], bodies[2])
       assert.is_true(t.manager.engine:stats().redis.command_connected) -- C's own check, not Lua's
+      -- each is logged as the engine logs a failed publish
+      assert.same({ category = "a", error = "Redis connection lost: no reply within 300 ms" }, failed[1])
+      assert.equals(2, #failed)
       online(t)
       assert.same({ bodies[1] }, paused { "/lua" })
+      assert.same(failed[1], failed[3]) -- the Lua path's line
       -- it connects again, and publishes go through C again
       wait_until("the pause to end", function() return R:cli("PING") == "PONG" end)
       wait_until("C to publish again", function()

@@ -28,8 +28,9 @@ typedef struct pub_entry {
   const native_handler *nh; /* the route's handler: its header block */
   uint64_t sent_at;
   unsigned keep : 1, http10 : 1, evaled : 1;
-  size_t extra_len; /* the answer's own lines (CORS), first in bytes */
-  size_t tail_len;  /* the command after its head (lp_redis_publish_tail), after them */
+  size_t extra_len;    /* the answer's own lines (CORS), first in bytes */
+  size_t category_len; /* the category (for the log), after them */
+  size_t tail_len;     /* the command after its head (lp_redis_publish_tail), last */
   char bytes[];
 } pub_entry;
 
@@ -78,6 +79,8 @@ struct publisher {
   size_t in_flight;
   int64_t floor;
   uint64_t published, failed;
+  lua_State *L; /* main thread: the log function runs there */
+  int log_ref;  /* log(level, message, fields), LUA_NOREF: none */
 };
 
 static publisher *publisher_of(lua_State *L, int idx) {
@@ -115,9 +118,26 @@ static void answer_success(pub_entry *e) {
   answer(e, "HTTP/1.1 200 OK\r\n", SUCCESS);
 }
 
+/* The engine's line for a failed publish (Engine:publish): warn "publish failed" with the category
+ * and the error. The log function runs protected; it may close the publisher. */
+static void log_failed(publisher *p, const pub_entry *e, lp_slice why) {
+  if (p->log_ref == LUA_NOREF) return;
+  lua_State *L = p->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->log_ref);
+  lua_pushliteral(L, "warn");
+  lua_pushliteral(L, "publish failed");
+  lua_createtable(L, 0, 2);
+  lua_pushlstring(L, e->bytes + e->extra_len, e->category_len);
+  lua_setfield(L, -2, "category");
+  lua_pushlstring(L, why.ptr, why.len);
+  lua_setfield(L, -2, "error");
+  if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1); /* the log's own failure is not the publish's */
+}
+
 /* The Lua handler's 503 for a failed publish: {"error":"publish failed: <why>"}. */
 static void answer_failed(publisher *p, pub_entry *e, lp_slice why) {
   p->failed++;
+  log_failed(p, e, why);
   lp_buf body = LP_BUF_INIT;
   lp_buf msg = LP_BUF_INIT;
   int rc = lp_buf_append_str(&msg, "publish failed: ");
@@ -248,7 +268,7 @@ static void enqueue(publisher *p, pub_entry *e) {
 /* Sends e's command again, by the script's text (Redis lost the script: NOSCRIPT). */
 static int resend_by_text(publisher *p, pub_entry *e) {
   size_t before = p->out.len;
-  lp_slice tail = {e->bytes + e->extra_len, e->tail_len};
+  lp_slice tail = {e->bytes + e->extra_len + e->category_len, e->tail_len};
   if (lp_redis_publish_head(&p->out, 1, p->script) != 0 || lp_buf_append(&p->out, tail.ptr, tail.len) != 0) {
     p->out.len = before;
     return -1;
@@ -436,11 +456,11 @@ int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *h
   if (ok) ok = lp_lua_native_cors_lines(r->h, head, &srv->fast_extra, &allowed) == 0;
   if (ok) ok = lp_uuid_v4(id) == 0 && epoch_candidate(epoch) == 0;
   if (ok) ok = lp_redis_publish_tail(tail, &p->cfg, category, data, id, epoch, p->floor) == 0;
-  lp_buf_free(&pb.category);
-  if (!ok) return 0; /* the Lua handler answers (a bad request: its 400) */
   size_t extra_len = srv->fast_extra.len;
-  pub_entry *e = malloc(sizeof *e + extra_len + tail->len);
-  if (!e) return 0;
+  pub_entry *e = ok ? malloc(sizeof *e + extra_len + category.len + tail->len) : NULL;
+  if (e) memcpy(e->bytes + extra_len, category.ptr, category.len);
+  lp_buf_free(&pb.category);
+  if (!e) return 0; /* the Lua handler answers (a bad request: its 400) */
   size_t before = p->out.len;
   if (lp_redis_publish_head(&p->out, 0, p->sha) != 0 || lp_buf_append(&p->out, tail->data, tail->len) != 0) {
     p->out.len = before;
@@ -454,9 +474,10 @@ int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *h
   e->keep = head->keep_alive != 0;
   e->http10 = head->minor == 0;
   e->extra_len = extra_len;
+  e->category_len = category.len;
   e->tail_len = tail->len;
   if (extra_len) memcpy(e->bytes, srv->fast_extra.data, extra_len);
-  memcpy(e->bytes + extra_len, tail->data, tail->len);
+  memcpy(e->bytes + extra_len + e->category_len, tail->data, tail->len);
   enqueue(p, e);
   s->publish_pending = e;
   if (tail->cap > (1u << 20)) lp_buf_free(tail);
@@ -499,7 +520,7 @@ static int64_t opt_int(lua_State *L, int t, const char *k, int64_t min) {
 static void on_handle_closed(uv_handle_t *h) { handle_closed(CONTAINER(h->data, publisher, walk)); }
 
 /* core.redis_publisher{ prefix, script, max_event_buffer_size, ttl_ms, connect_timeout_ms,
- *   command_timeout_ms[, user, password, db] } -> publisher. prefix: the shard's key prefix
+ *   command_timeout_ms[, user, password, db, log] } -> publisher. prefix: the shard's key prefix
  * (keys P.."clock", P.."s:"..category, P.."d:"..category, channel P.."events"); script: the
  * publish script's text. It connects once told where (publisher:connect). */
 static int l_redis_publisher(lua_State *L) {
@@ -527,6 +548,15 @@ static int l_redis_publisher(lua_State *L) {
   p->closed = 1; /* until it is whole */
   p->walk.ref = p->walk.callbacks[0] = p->walk.callbacks[1] = LUA_NOREF;
   p->walk.ctx = luv_context(L);
+  p->log_ref = LUA_NOREF;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  p->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "log");
+  if (lua_isfunction(L, -1))
+    p->log_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  else
+    lua_pop(L, 1);
   p->loop = loop;
   /* the strings: clock key, stream prefix, dropped prefix, channel, script */
   size_t total = 4 * plen + 16 + slen;
@@ -674,6 +704,8 @@ static int publisher_gc(lua_State *L) {
   close_publisher(p);
   luaL_unref(L, LUA_REGISTRYINDEX, p->walk.ref);
   p->walk.ref = LUA_NOREF;
+  luaL_unref(L, LUA_REGISTRYINDEX, p->log_ref);
+  p->log_ref = LUA_NOREF;
   p->box = NULL;
   p->handles++; /* released at once when no handle is still closing */
   handle_closed(p);

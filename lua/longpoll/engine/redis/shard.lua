@@ -73,7 +73,7 @@ function M.new(opts)
     self.publisher = core.redis_publisher { prefix = prefix, script = scripts.publish,
       max_event_buffer_size = opts.max_event_buffer_size, ttl_ms = opts.ttl_ms,
       connect_timeout_ms = cfg.connect_timeout_ms, command_timeout_ms = cfg.command_timeout_ms,
-      user = cfg.user, password = cfg.password, db = cfg.db }
+      user = cfg.user, password = cfg.password, db = cfg.db, log = log }
     self.publisher:raise_floor(self.position:current_floor())
   end
   self.link = Link.new(cfg, { self.channel, self.node_channel }, log, {
