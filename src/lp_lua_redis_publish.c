@@ -134,17 +134,22 @@ static void log_failed(publisher *p, const pub_entry *e, lp_slice why) {
   if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1); /* the log's own failure is not the publish's */
 }
 
-/* The Lua handler's 503 for a failed publish: {"error":"publish failed: <why>"}. */
+/* The Lua handler's 503 for a failed publish: {"error":"publish failed: <why>"}. why may point
+ * into the bytes read: it is copied before the log runs (which may close the publisher). */
 static void answer_failed(publisher *p, pub_entry *e, lp_slice why) {
+  static const char PREFIX[] = "publish failed: ";
   p->failed++;
-  log_failed(p, e, why);
   lp_buf body = LP_BUF_INIT;
   lp_buf msg = LP_BUF_INIT;
-  int rc = lp_buf_append_str(&msg, "publish failed: ");
+  int rc = lp_buf_append_str(&msg, PREFIX);
   if (rc == 0) rc = lp_buf_append(&msg, why.ptr, why.len);
   if (rc == 0 && !lp_utf8_is_valid(msg.data, msg.len)) {
     lp_buf_reset(&msg);
     rc = lp_buf_append_str(&msg, "publish failed: Redis answered in bytes that are not UTF-8");
+  }
+  if (rc == 0) {
+    lp_slice logged = {msg.data + sizeof PREFIX - 1, msg.len - (sizeof PREFIX - 1)};
+    log_failed(p, e, logged);
   }
   if (rc == 0) rc = lp_buf_append_str(&body, "{\"error\":");
   if (rc == 0) rc = lp_json_append_string(&body, msg.data, msg.len);
