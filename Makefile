@@ -7,10 +7,12 @@ CC        ?= gcc
 CFLAGS    ?= -O2 -g
 WARN      := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wstrict-prototypes -Werror=implicit-function-declaration
 CORE_SRC  := src/lp_buf.c src/lp_json.c src/lp_store.c src/lp_uuid.c src/lp_http.c src/lp_conn.c src/lp_fast.c \
-             src/lp_waiter.c src/lp_deadlines.c src/lp_cors.c src/lp_cache.c src/lp_sse.c src/lp_static.c src/lp_keys.c src/lp_stats.c src/lp_fingerprint.c
+             src/lp_waiter.c src/lp_deadlines.c src/lp_cors.c src/lp_cache.c src/lp_sse.c src/lp_static.c src/lp_keys.c src/lp_stats.c src/lp_fingerprint.c \
+             src/lp_resp.c src/lp_redis_publish.c
 # the Lua binding; the server engine runs on luv's libuv loop
 LUA_SRC   := src/lp_lua.c src/lp_lua_json.c src/lp_lua_http.c src/lp_lua_server.c src/lp_lua_native.c src/lp_lua_stream.c src/lp_lua_stderr.c \
-             src/lp_lua_fingerprint.c src/lp_lua_cache.c src/lp_lua_static.c src/lp_lua_keys.c src/lp_lua_stats.c
+             src/lp_lua_fingerprint.c src/lp_lua_cache.c src/lp_lua_static.c src/lp_lua_keys.c src/lp_lua_stats.c \
+             src/lp_lua_redis_publish.c
 LUV_LIBS  := -llua5.4-luv -luv
 CORE_HDR  := $(wildcard src/*.h)
 BUILD     := build
@@ -103,10 +105,18 @@ $(BUILD)/test_stats_plain: tests/test_stats.c tests/tap.h $(CORE_SRC) $(CORE_HDR
 	@mkdir -p $(BUILD)
 	$(CC) $(WARN) -O1 -g -Isrc tests/test_stats.c $(CORE_SRC) -o $@
 
+$(BUILD)/test_resp: tests/test_resp.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g $(SANITIZE) -Isrc tests/test_resp.c $(CORE_SRC) -o $@
+
+$(BUILD)/test_resp_plain: tests/test_resp.c tests/tap.h $(CORE_SRC) $(CORE_HDR)
+	@mkdir -p $(BUILD)
+	$(CC) $(WARN) -O1 -g -Isrc tests/test_resp.c $(CORE_SRC) -o $@
+
 C_TESTS := $(BUILD)/test_core $(BUILD)/test_core_plain $(BUILD)/test_http $(BUILD)/test_http_plain \
            $(BUILD)/test_conn $(BUILD)/test_conn_plain $(BUILD)/test_cache $(BUILD)/test_cache_plain \
            $(BUILD)/test_static $(BUILD)/test_static_plain $(BUILD)/test_keys $(BUILD)/test_keys_plain \
-           $(BUILD)/test_stats $(BUILD)/test_stats_plain
+           $(BUILD)/test_stats $(BUILD)/test_stats_plain $(BUILD)/test_resp $(BUILD)/test_resp_plain
 
 test-c: $(C_TESTS)
 	@scripts/run-tests c

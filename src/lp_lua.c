@@ -19,6 +19,9 @@ void lp_lua_cache_open(lua_State *L);  /* lp_lua_cache.c */
 void lp_lua_keys_open(lua_State *L);   /* lp_lua_keys.c */
 int lp_lua_fingerprint(lua_State *L);  /* lp_lua_fingerprint.c */
 
+/* lp_lua_redis_publish.c */
+void lp_lua_redis_publish_open(lua_State *L);
+
 #define STORE_MT "longpoll.Store"
 #define LP_CORE_VERSION "0.1.0"
 
@@ -639,6 +642,7 @@ int luaopen_longpoll_core(lua_State *L) {
   lp_lua_stderr_open(L);
   lp_lua_cache_open(L);
   lp_lua_keys_open(L);
+  lp_lua_redis_publish_open(L);
   lua_pushliteral(L, "longpoll.core");
   lua_setfield(L, -2, "_NAME");
   lua_pushliteral(L, LP_CORE_VERSION);

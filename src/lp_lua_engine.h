@@ -42,7 +42,7 @@ lp_keys *lp_lua_keys_of(lua_State *L, int idx);   /* lp_lua_keys.c */
  * manager's SSE handler, whose streams are served here, in C, from the store (see fast_sse);
  * user value 1: the store. NATIVE_STATS (core.native_stats): the manager's stats handler in memory
  * mode (lp_lua_stats.c); user value 1: the store, 2: its options (which hold what it reads). */
-enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE, NATIVE_STATS };
+enum { NATIVE_SUBSCRIPTION = 1, NATIVE_PUBLISH, NATIVE_CACHED, NATIVE_SSE, NATIVE_STATS, NATIVE_REDIS_PUBLISH };
 
 typedef struct lp_lua_stats lp_lua_stats; /* lp_lua_stats.c */
 
@@ -143,6 +143,7 @@ typedef struct sconn {
   struct sconn *stream_prev, *stream_next; /* stream_by's list */
   unsigned stream_chunked : 1;             /* HTTP/1.1: chunks; HTTP/1.0: until the connection ends */
   unsigned stream_keep : 1;                /* the connection may serve another request after it */
+  struct pub_entry *publish_pending;       /* a publish waiting for Redis's reply (lp_lua_redis_publish.c) */
   char remote[64];
 } sconn;
 
@@ -237,6 +238,15 @@ void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);
+
+/* lp_lua_redis_publish.c: a publish to handler r->h (NATIVE_REDIS_PUBLISH) sent to Redis from C
+ * (1: its answer follows the reply; 0: Lua's turn); the client of s left (its publish's answer is
+ * dropped); whether the value at idx is a publisher (core.redis_publisher); core.redis_publisher
+ * added to the module table on top of L. */
+int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *head, lp_slice body);
+void lp_lua_redis_publish_forget(sconn *s);
+int lp_lua_redis_publisher_check(lua_State *L, int idx);
+void lp_lua_redis_publish_open(lua_State *L);
 
 /* lp_lua_stream.c: an SSE stream to handler nh served on s (1; 0: Lua's turn); its end when the
  * client left (nothing written); its heartbeat, due now; every stream of nh finished cleanly. */

@@ -570,7 +570,8 @@ int lp_lua_native_serve(sconn *s, const lp_http_event *head, lp_slice body) {
                      : r->h->kind == NATIVE_STATS  ? lp_lua_stats_serve(s, r->h, route_store(srv, r), head, path, query)
                      : r->h->kind == NATIVE_SUBSCRIPTION
                          ? fast_subscription(s, r->h, route_store(srv, r), head, query, 1)
-                         : fast_publish(s, r, head, body);
+                     : r->h->kind == NATIVE_REDIS_PUBLISH ? lp_lua_redis_publish_serve(s, r, head, body)
+                                                          : fast_publish(s, r, head, body);
         if (served) return 1;
         s->native_declined = 1; /* the Lua handler it falls to need not ask again (res:native) */
       }
@@ -587,7 +588,10 @@ int lp_lua_native_handback(sconn *s, native_handler *h, lp_store *store, lp_cach
                                    : fast_subscription(s, h, store, head, query, !watched);
 }
 
-void lp_lua_native_unpark(sconn *s) { unpark(s, 1); }
+void lp_lua_native_unpark(sconn *s) {
+  unpark(s, 1);
+  lp_lua_redis_publish_forget(s);
+}
 
 void lp_lua_native_timer_arm(server *srv) { poll_timer_arm(srv); }
 
@@ -636,6 +640,8 @@ static void read_cors(lua_State *L, int t, lp_cors *c) {
 static int make_native(lua_State *L, int kind) {
   if (kind == NATIVE_CACHED)
     luaL_argcheck(L, lp_lua_cache_of(L, 1) != NULL, 1, "a cache expected");
+  else if (kind == NATIVE_REDIS_PUBLISH)
+    luaL_argcheck(L, lp_lua_redis_publisher_check(L, 1), 1, "a Redis publisher expected");
   else
     luaL_argcheck(L, lp_lua_store_of(L, 1) != NULL, 1, "an open store expected");
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -646,7 +652,7 @@ static int make_native(lua_State *L, int kind) {
   luaL_setmetatable(L, NATIVE_MT);
   h->kind = kind;
   if (kind != NATIVE_STATS) h->limits.max_category_bytes = opt_size_at(L, 2, "max_category_bytes");
-  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_STATS)
+  if (h->kind != NATIVE_PUBLISH && h->kind != NATIVE_REDIS_PUBLISH && h->kind != NATIVE_STATS)
     h->limits.max_categories = opt_size_at(L, 2, "max_categories_per_subscription");
   if (h->kind == NATIVE_SUBSCRIPTION || h->kind == NATIVE_CACHED)
     h->limits.max_timeout_s = (int64_t)opt_size_at(L, 2, "max_longpoll_timeout_seconds");
@@ -721,6 +727,11 @@ static int l_native_cached_subscription(lua_State *L) { return make_native(L, NA
  * registers it only when it has no add-on to tell). keys: the engine's Idempotency-Keys
  * (core.new_keys), so keyed publishes are served too; mismatch_body: the 422 answer's body. */
 static int l_native_publish(lua_State *L) { return make_native(L, NATIVE_PUBLISH); }
+
+/* core.native_redis_publish(publisher, { max_category_bytes, header_block[, cors] }) -> handler:
+ * the manager's publish handler in Redis mode, for publishes its publisher (core.redis_publisher)
+ * sends to Redis from C (lp_lua_redis_publish.c). */
+static int l_native_redis_publish(lua_State *L) { return make_native(L, NATIVE_REDIS_PUBLISH); }
 
 /* core.native_sse(store, { max_category_bytes, max_categories_per_subscription, heartbeat_ms,
  *   retry_ms, header_block[, cors] }) -> handler: the manager's SSE handler in memory mode, whose
@@ -815,7 +826,8 @@ int lp_lua_native_route(lua_State *L, server *srv) {
   const char *path = luaL_checklstring(L, 3, &len);
   native_handler *h = lua_isnoneornil(L, 4) ? NULL : luaL_checkudata(L, 4, NATIVE_MT);
   if (h && post == ROUTE_OPTIONS && !h->cors.on) h = NULL; /* only preflights are answered */
-  if (h && post != ROUTE_OPTIONS && (post == ROUTE_POST) != (h->kind == NATIVE_PUBLISH))
+  if (h && post != ROUTE_OPTIONS &&
+      (post == ROUTE_POST) != (h->kind == NATIVE_PUBLISH || h->kind == NATIVE_REDIS_PUBLISH))
     h = NULL; /* not for this method */
   lp_slice p = {path, len};
   native_route *r = find_route(srv, post, p);
@@ -854,6 +866,7 @@ void lp_lua_native_free(lua_State *L, server *srv) {
 
 static const luaL_Reg functions[] = {{"native_subscription", l_native_subscription},
                                      {"native_publish", l_native_publish},
+                                     {"native_redis_publish", l_native_redis_publish},
                                      {"native_cached_subscription", l_native_cached_subscription},
                                      {"native_sse", l_native_sse},
                                      {"native_stats", l_native_stats},

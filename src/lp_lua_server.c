@@ -913,8 +913,8 @@ static int conn_native(lua_State *L) {
   native_handler *h = luaL_checkudata(L, 2, NATIVE_MT);
   sconn *s = box->s;
   int answered = 0;
-  if (s && h->enabled && h->kind != NATIVE_PUBLISH && !s->native_declined && s->srv->current == s &&
-      s->srv->current_head && s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
+  if (s && h->enabled && h->kind != NATIVE_PUBLISH && h->kind != NATIVE_REDIS_PUBLISH && !s->native_declined &&
+      s->srv->current == s && s->srv->current_head && s->conn.phase == LP_CONN_ANSWERING && s->request_bytes == 0) {
     const lp_http_event *head = s->srv->current_head;
     lp_slice path, query;
     if (head->method.len == 3 && memcmp(head->method.ptr, "GET", 3) == 0 &&

@@ -355,11 +355,13 @@ function M.start(options)
   }, Manager)
   local host = {
     log = function(level, message, fields) manager:log(level, message, fields) end,
-    on_event = function(event)
+  }
+  if #manager.add_ons > 0 then -- without add-ons no event need be handed over
+    host.on_event = function(event)
       hooks.call(manager.add_ons, "on_publish", function(msg, fields) manager:log("error", msg, fields) end,
         hooks.event(event))
-    end,
-  }
+    end
+  end
   local engine, eerr
   if o.redis then
     for i, a in ipairs(manager.add_ons) do
@@ -419,6 +421,7 @@ function M.start(options)
   -- the same store and with the same rules (lp_fast.c mirrors subscription.lua): catch-ups are
   -- answered, the others wait parked in C until a publish or their timeout answers them; with
   -- the `cors` option the C path writes the policy's headers and answers its preflights too
+  local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
   if not o.clock and engine.core_store then
     manager.native = core.native_subscription(engine:core_store(), {
       max_category_bytes = o.max_category_bytes,
@@ -451,7 +454,6 @@ function M.start(options)
     native.register(handlers.stats, manager.native_stats)
     -- publishes too, when nothing but the store has to hear of them: no add-on, and no logger
     -- that takes the debug line of each publish (a publish that wakes a Lua waiter stays Lua's)
-    local debug_logged = type(o.logger) == "function" or (type(o.logger) == "table" and o.logger.level == "debug")
     if #manager.add_ons == 0 and not debug_logged then
       manager.native_publish = core.native_publish(engine:core_store(), {
         max_category_bytes = o.max_category_bytes,
@@ -486,6 +488,17 @@ function M.start(options)
         waiting_store = engine:core_waiting_store(),
       })
       native.register(handlers.subscription, manager.native)
+    end
+    -- publishes too, sent to Redis from C (the engine's script call, lp_lua_redis_publish.c),
+    -- when nothing but Redis has to hear of them (as in memory mode: no add-on, no debug line)
+    local publisher = engine:core_publisher()
+    if publisher and #manager.add_ons == 0 and not debug_logged then
+      manager.native_publish = core.native_redis_publish(publisher, {
+        max_category_bytes = o.max_category_bytes,
+        header_block = answers.JSON.text,
+        cors = manager.cors and manager.cors:native("POST"),
+      })
+      native.register(handlers.publish, manager.native_publish)
     end
   end
   manager.subscription_handler = handlers.subscription

@@ -24,7 +24,7 @@ function M.wall_clock_ms()
 end
 
 -- M.new(options, host) -> engine. options: the manager's checked options plus ttl_ms;
--- host.log(level, message, fields), host.on_event(event).
+-- host.log(level, message, fields), host.on_event(event) (optional).
 function M.new(options, host)
   local self = setmetatable({
     host = host,
@@ -95,7 +95,7 @@ local function fan_out(self, item)
       call(self, "follow", w.on_events, { event }, false)
     end
   end
-  call(self, "on_event", self.host.on_event, event)
+  if self.host.on_event then call(self, "on_event", self.host.on_event, event) end
 end
 
 -- Events go out strictly in the store's order: a publish made while another one is being

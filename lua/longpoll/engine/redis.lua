@@ -43,11 +43,11 @@ end
 
 -- require("longpoll.engine.redis").new(options, host) -> engine | nil, message
 -- options: the manager's checked options with options.redis and options.ttl_ms;
--- host = { log = function(level, message, fields), on_event = function(event) }.
+-- host = { log = function(level, message, fields), on_event = function(event) (optional) }.
 -- Blocks at most connect_timeout_ms to check Redis once.
 function M.new(options, host)
   local log = host.log or noop
-  local on_event = host.on_event or noop
+  local on_event = host.on_event
   local self = setmetatable({ log = log, closed = false, shards = {},
     -- idempotent publish: the keys live in Redis (the publish script); this node only knows
     -- which of its own publishes are in flight
@@ -62,10 +62,13 @@ function M.new(options, host)
     max_categories = options.max_categories,
     max_waiting_per_category = options.max_waiting_per_category,
   }
-  local function host_event(ev)
-    local event = { id = ev.id, timestamp = ev.ts, category = ev.category, data_json = ev.data_json, json = ev.json }
-    local ok, herr = pcall(on_event, event)
-    if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
+  local host_event = noop
+  if on_event then
+    host_event = function(ev)
+      local event = { id = ev.id, timestamp = ev.ts, category = ev.category, data_json = ev.data_json, json = ev.json }
+      local ok, herr = pcall(on_event, event)
+      if not ok then log("error", "on_event failed", { error = tostring(herr) }) end
+    end
   end
   local limits_of = cached_limits(options, log)
   local node_id = Position.epoch_candidate()
@@ -303,6 +306,14 @@ function Engine:core_cache()
   return shards[1]:core_cache()
 end
 
+-- The C publisher of the one Redis shard (core.redis_publisher), for the HTTP engine's native
+-- publish handler (core.native_redis_publish); nil without one or with several shards.
+function Engine:core_publisher()
+  local shards = self.shards
+  if #shards ~= 1 then return nil end
+  return shards[1]:core_publisher()
+end
+
 -- The C store that indexes this node's own waiters (longpoll.core), for the HTTP engine: its
 -- polls parked on the cache share max_waiting_per_category with these waiters.
 function Engine:core_waiting_store()
@@ -314,16 +325,17 @@ function Engine:stats(with_categories)
   local s = self.store_closed and { closed = true } or self.store:stats(with_categories)
   local shards = {}
   local online = true
-  local delivered, keys = 0, 0
+  local delivered, keys, published = 0, 0, self.published
   for i, shard in ipairs(self.shards) do
     shards[i] = shard:stats()
     online = online and shards[i].online
     delivered = delivered + shards[i].delivered
     keys = keys + shards[i].idempotency_keys
+    published = published + shards[i].published_in_c
     if not self.closed then shard:refresh_key_count() end
   end
   -- this node's figures: its own stored publishes, the events it handed to its subscribers
-  s.published, s.delivered = self.published, delivered
+  s.published, s.delivered = published, delivered
   -- the polls the HTTP engine parked on the node-local cache wait too
   if #shards == 1 and not self.store_closed then s.waiting = s.waiting + (shards[1].cache_parked or 0) end
   s.redis = #shards == 1 and shards[1] or shards

@@ -145,6 +145,11 @@ function Connection:send(argv)
   return true
 end
 
+-- The address (IP, port) the connection went to, once it started connecting.
+function Connection:peer()
+  return self.ip, self.opts.port
+end
+
 -- How many commands wait for their reply.
 function Connection:in_flight()
   return self.tail - self.head + 1
@@ -206,6 +211,7 @@ function Connection:connect(handshake, on_ready)
   end
   local function start(ip)
     if self.closed then return end
+    self.ip = ip
     self.tcp = uv.new_tcp()
     self.tcp:unref()
     local ok, started, err = pcall(self.tcp.connect, self.tcp, ip, o.port, on_connected)

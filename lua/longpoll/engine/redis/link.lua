@@ -266,6 +266,17 @@ function Link:is_online()
   return self.online
 end
 
+-- The IP and port of the master the command connection reached (nil without one).
+function Link:master_address()
+  if not self.cmd then return nil end
+  return self.cmd:peer()
+end
+
+-- The SHA of script `name` as the master loaded it (nil before the command connection is up).
+function Link:script_sha(name)
+  return self.shas[name]
+end
+
 -- Whether scripts can be sent now.
 function Link:can_send()
   return self.cmd ~= nil and self.cmd_ready

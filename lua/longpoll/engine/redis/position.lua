@@ -9,10 +9,16 @@ Position.__index = Position
 local M = {}
 
 -- log(level, message, fields): where a change of epoch is reported; on_new_epoch(): called
--- when Redis turns out to have lost its data (optional).
-function M.new(log, on_new_epoch)
+-- when Redis turns out to have lost its data (optional); on_floor(floor): called when the floor
+-- rose (optional: the C publisher's copy follows it).
+function M.new(log, on_new_epoch, on_floor)
   return setmetatable({ epoch = nil, ts = 0, seq = 0, floor = 0, old_epochs = {}, log = log,
-    on_new_epoch = on_new_epoch }, Position)
+    on_new_epoch = on_new_epoch, on_floor = on_floor }, Position)
+end
+
+local function raise(self, floor)
+  self.floor = floor
+  if self.on_floor then self.on_floor(floor) end
 end
 
 -- Notes a position Redis reported (an event, a read, a mark).
@@ -29,17 +35,22 @@ function Position:observe(epoch, ts, seq)
   elseif ts > self.ts or (ts == self.ts and seq > self.seq) then
     self.ts, self.seq = ts, seq
   end
-  if ts > self.floor then self.floor = ts end
+  if ts > self.floor then raise(self, ts) end
 end
 
 -- Notes a timestamp T handed out for a timeout answer: later events get more.
 function Position:handed_out(T)
-  if T + 1 > self.floor then self.floor = T + 1 end
+  if T + 1 > self.floor then raise(self, T + 1) end
 end
 
 -- The largest timestamp this node knows was issued (events or timeout answers).
 function Position:known_time()
   return self.floor - 1 >= self.ts and self.floor - 1 or self.ts
+end
+
+-- The floor: the smallest timestamp the next event may get.
+function Position:current_floor()
+  return self.floor
 end
 
 -- The floor as a script argument.

@@ -7,9 +7,11 @@ local Cache = require "longpoll.engine.redis.cache"
 local Link = require "longpoll.engine.redis.link"
 local Marks = require "longpoll.engine.redis.marks"
 local Position = require "longpoll.engine.redis.position"
+local scripts = require "longpoll.engine.redis.scripts"
 local Waiters = require "longpoll.engine.redis.waiters"
 
 local tointeger = math.tointeger
+local redis_event = core.redis_event
 
 local Shard = {}
 Shard.__index = Shard
@@ -54,6 +56,8 @@ function M.new(opts)
     if not self.cache then return end
     self.cache:reset("Redis has a new epoch")
     self.cache_from_next_message = true -- every later message reaches it: it starts there
+  end, function(floor)
+    if self.publisher then self.publisher:raise_floor(floor) end
   end)
   local reply, err = Link.probe(cfg, self.clock_key, { "0", "", "", Position.epoch_candidate() })
   if not reply then
@@ -63,6 +67,15 @@ function M.new(opts)
   end
   self.position:observe(reply[1], int(reply[2]), int(reply[3]))
   self.position:handed_out(int(reply[4]))
+  -- HTTP publishes sent to Redis from C (core.redis_publisher): the call Shard:publish makes,
+  -- so not with per-category rules, WAIT, or a test transport between Redis and the engine
+  if not opts.limits_of and cfg.wait_replicas == 0 and not cfg.transport then
+    self.publisher = core.redis_publisher { prefix = prefix, script = scripts.publish,
+      max_event_buffer_size = opts.max_event_buffer_size, ttl_ms = opts.ttl_ms,
+      connect_timeout_ms = cfg.connect_timeout_ms, command_timeout_ms = cfg.command_timeout_ms,
+      user = cfg.user, password = cfg.password, db = cfg.db, log = log }
+    self.publisher:raise_floor(self.position:current_floor())
+  end
   self.link = Link.new(cfg, { self.channel, self.node_channel }, log, {
     message = function(payload) self:_on_message(payload) end,
     ready = function() self:_sync() end,
@@ -75,7 +88,11 @@ function M.new(opts)
       self.waiters:all_owe_a_read()
       self.marks:fail_all(why)
     end,
-    offline = function() end,
+    -- the C publisher's connection goes too (a failover may have moved the master): publishes
+    -- take the Lua path until the next sync tells it where the master is
+    offline = function(why)
+      if self.publisher then self.publisher:disconnect(why) end
+    end,
   })
   self.marks = Marks.new(self.link, self.position, self.clock_key, self.node_channel, log)
   self.waiters = Waiters.new { store = opts.store, link = self.link, position = self.position, marks = self.marks,
@@ -104,6 +121,10 @@ function Shard:_sync()
       self.sync_epoch, self.sync_seq = reply[1], seq
       if self.cache then self.cache:start({ epoch = reply[1], ts = int(reply[2]), seq = seq }) end
       self.log("info", "Redis available", { epoch = self.position.epoch, seq = self.position.seq })
+      if self.publisher then
+        local ip, port = self.link:master_address()
+        if ip then self.publisher:connect(ip, port, self.link:script_sha("publish")) end
+      end
       self.waiters:fetch_owed()
     end)
   if not ok then self.syncing = false end
@@ -146,15 +167,10 @@ end
 function Shard:_on_message(payload)
   local kind = payload:sub(1, 2)
   if kind == "E " then
-    local epoch, seq, ts, clen, at = payload:match("^E (%S+) (%d+) (%d+) (%d+)\n()")
+    local epoch, seq, ts, category, id, data_json, json = redis_event(payload)
     if not epoch then return self.log("error", "bad event message from Redis", {}) end
-    clen, ts = int(clen), int(ts)
-    local category, id, data_json = payload:sub(at, at + clen - 1), payload:sub(at + clen, at + clen + 35),
-      payload:sub(at + clen + 36)
-    local json = core.event_json(ts, category, data_json, id)
-    if not json then return self.log("error", "bad event message from Redis", { category = category }) end
     return self:_on_event_message({
-      epoch = epoch, seq = int(seq), ts = ts, category = category, id = id, data_json = data_json, json = json,
+      epoch = epoch, seq = seq, ts = ts, category = category, id = id, data_json = data_json, json = json,
     })
   elseif kind == "M " then
     local token, epoch, seq, last, T = payload:match("^M (%S+) (%S+) (%d+) (%d+) (%d+)$")
@@ -240,6 +256,11 @@ function Shard:core_cache()
   return self.cache and self.cache:core_cache()
 end
 
+-- The C publisher of this Redis's HTTP publishes (core.redis_publisher), or nil.
+function Shard:core_publisher()
+  return self.publisher
+end
+
 function Shard:can_publish()
   return self.link:can_send()
 end
@@ -256,6 +277,7 @@ function Shard:stats()
     s.waiters, s.delivered = s.waiters + s.cache_parked, s.delivered + s.cache_woken
   end
   s.unreplicated = self.unreplicated
+  s.published_in_c = self.publisher and self.publisher:stats().published or 0
   s.idempotency_keys = self.idempotency_keys or 0
   return s
 end
@@ -285,6 +307,7 @@ function Shard:close(done)
     timer:close()
     self.marks:close("Redis engine is closed")
     if self.cache then self.cache:close() end
+    if self.publisher then self.publisher:close() end
     self.waiters:close("manager is shut down")
     self.link:close()
     done()
