@@ -96,19 +96,8 @@ static void answer(pub_entry *e, const char *status_line, lp_slice body) {
   sconn *s = e->s;
   if (s) {
     s->publish_pending = NULL;
-    server *srv = s->srv;
-    int keep = e->keep && lp_conn_may_keep_alive(&s->conn);
-    char length[48];
-    snprintf(length, sizeof length, "Content-Length: %zu\r\n", body.len);
     lp_slice extra = {e->bytes, e->extra_len}, block = {e->nh->block, e->nh->block_len};
-    if (lp_lua_native_head(&srv->fast_head, srv, status_line, extra, block, length, keep, e->http10) != 0) {
-      lp_conn_abort(&s->conn);
-    } else {
-      lp_slice bufs[2] = {{srv->fast_head.data, srv->fast_head.len}, body};
-      lp_conn_write(&s->conn, bufs, 2);
-      srv->fast_answers++;
-      lp_conn_response_done(&s->conn, keep, now_ms(srv));
-    }
+    lp_lua_native_answer(s, status_line, block, e->keep, e->http10, extra, &body, 1);
   }
   free(e);
 }
