@@ -220,7 +220,8 @@ def write_report(res, info, args):
         "cursor with nothing after it (a wait) parks in C on the cache, one it cannot vouch for goes to",
         "Lua and the engine.",
         "Without the cache every catch-up is a script round trip to Redis. Publish: one Redis script round",
-        "trip per event, and the Lua publish path.",
+        "trip per event, sent and answered in C (src/lp_lua_redis_publish.c: its own connection,",
+        "pipelined); the node learns of its event through pub/sub, as of any other node's.",
     ]
     two, fan_n = res.get("two_nodes"), res.get("fan_n")
     if two:
@@ -283,7 +284,7 @@ def write_report(res, info, args):
         f"| 3 masters (`--redis-shards`) | {three or 0:,.0f} | "
         f"{med(res['publish']['longpoll --redis-shards (3 masters)'], 'server_cpu_pct') or 0:.0f} |",
         "",
-        "One node's publish rate is bound by the node (its Lua and HTTP work on one core), not by Redis:",
+        "One node's publish rate is bound by the node, not by Redis (with several masters its publishes take the Lua path; the C publisher serves one master):",
         "shards spread Redis's work and memory over several masters, and pay off with several nodes.",
         "",
     ]
