@@ -235,6 +235,9 @@ int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice
  * (CORS). */
 void lp_lua_native_answer(sconn *s, const char *status_line, lp_slice block, int keep_alive, int http10, lp_slice extra,
                           const lp_slice *body, size_t nbody);
+/* The object a native route's handler serves from (its user value 1: a store, a cache, a
+ * publisher), as of(L, idx) reads it from the stack; NULL when it is none. */
+void *lp_lua_native_route_object(server *srv, native_route *r, void *(*of)(lua_State *L, int idx));
 void lp_lua_native_free(lua_State *L, server *srv);
 int lp_lua_native_route(lua_State *L, server *srv);
 void lp_lua_native_open(lua_State *L);

@@ -22,23 +22,19 @@ static native_route *find_route(server *srv, int post, lp_slice path) {
   return NULL;
 }
 
-static lp_store *route_store(server *srv, native_route *r) {
+void *lp_lua_native_route_object(server *srv, native_route *r, void *(*of)(lua_State *L, int idx)) {
   lua_State *L = srv->L;
   lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
   lua_getiuservalue(L, -1, 1);
-  lp_store *store = lp_lua_store_of(L, -1);
+  void *object = of(L, -1);
   lua_pop(L, 2);
-  return store;
+  return object;
 }
 
-static lp_cache *route_cache(server *srv, native_route *r) {
-  lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
-  lua_getiuservalue(L, -1, 1);
-  lp_cache *cache = lp_lua_cache_of(L, -1);
-  lua_pop(L, 2);
-  return cache;
-}
+static void *store_of(lua_State *L, int idx) { return lp_lua_store_of(L, idx); }
+static void *cache_of(lua_State *L, int idx) { return lp_lua_cache_of(L, idx); }
+static lp_store *route_store(server *srv, native_route *r) { return lp_lua_native_route_object(srv, r, store_of); }
+static lp_cache *route_cache(server *srv, native_route *r) { return lp_lua_native_route_object(srv, r, cache_of); }
 
 int lp_lua_native_head(lp_buf *h, server *srv, const char *status_line, lp_slice extra, lp_slice block,
                        const char *framing, int keep, int http10) {
@@ -368,29 +364,32 @@ static int fast_preflight(sconn *s, const native_handler *nh, const lp_http_even
   return 1;
 }
 
-/* An Idempotency-Key's answer when the key was seen before (a replay: 200 naming the first event,
+/* The answer to a keyed publish, naming its event ({"success":true,"id":..,"timestamp":..}), the
+ * same for the first request and its replays; the answer's own lines are in srv->fast_extra. */
+static void answer_keyed(sconn *s, native_handler *nh, const lp_http_event *head, lp_slice id, int64_t timestamp) {
+  server *srv = s->srv;
+  static const char HEAD[] = "{\"success\":true,\"id\":\"";
+  char tail[64];
+  snprintf(tail, sizeof tail, "\",\"timestamp\":%lld}", (long long)timestamp);
+  lp_slice pieces[3] = {{HEAD, sizeof HEAD - 1}, id, {tail, strlen(tail)}};
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  answer_200(s, nh, head->keep_alive, head->minor == 0, extra, pieces, 3);
+}
+
+/* An Idempotency-Key's answer when the key was seen before (a replay: the first event's answer
  * with Idempotent-Replayed; a mismatch: 422), as publish_request in manager.lua writes it. */
 static void answer_seen_key(sconn *s, native_handler *nh, const lp_http_event *head, int code,
                             const lp_keys_prior *prior) {
   server *srv = s->srv;
-  lp_slice block = {nh->block, nh->block_len};
   if (code == LP_KEYS_REPLAY) {
-    lp_buf *body = &srv->fast_body;
-    lp_buf_reset(body);
-    char ts[32];
-    snprintf(ts, sizeof ts, "%lld", (long long)prior->timestamp);
-    if (lp_buf_append_str(&srv->fast_extra, "Idempotent-Replayed: true\r\n") != 0 ||
-        lp_buf_append_str(body, "{\"success\":true,\"id\":\"") != 0 ||
-        lp_buf_append(body, prior->id.ptr, prior->id.len) != 0 || lp_buf_append_str(body, "\",\"timestamp\":") != 0 ||
-        lp_buf_append_str(body, ts) != 0 || lp_buf_append_char(body, '}') != 0) {
+    if (lp_buf_append_str(&srv->fast_extra, "Idempotent-Replayed: true\r\n") != 0) {
       lp_conn_abort(&s->conn); /* counted as a replay already: no half answer */
       return;
     }
-    lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len}, answer = {body->data, body->len};
-    lp_lua_native_answer(s, "HTTP/1.1 200 OK\r\n", block, head->keep_alive, head->minor == 0, extra, &answer, 1);
+    answer_keyed(s, nh, head, prior->id, prior->timestamp);
     return;
   }
-  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len};
+  lp_slice extra = {srv->fast_extra.data, srv->fast_extra.len}, block = {nh->block, nh->block_len};
   lp_slice answer = {nh->mismatch_body, strlen(nh->mismatch_body)};
   lp_lua_native_answer(s, "HTTP/1.1 422 Unprocessable Content\r\n", block, head->keep_alive, head->minor == 0, extra,
                        &answer, 1);
@@ -457,14 +456,9 @@ static int fast_publish(sconn *s, native_route *r, const lp_http_event *head, lp
     answer_200(s, nh, head->keep_alive, head->minor == 0, extra, &SUCCESS, 1);
     return 1;
   }
-  /* with the key the answer names the event, the same for the first request and replays */
   lp_slice id = {out.id, strlen(out.id)};
   if (lp_keys_commit(nh->keys, ticket, key, id, out.timestamp) != 0) lp_keys_abort(nh->keys, ticket, key);
-  char tail[64];
-  snprintf(tail, sizeof tail, "\",\"timestamp\":%lld}", (long long)out.timestamp);
-  static const char HEAD[] = "{\"success\":true,\"id\":\"";
-  lp_slice pieces[3] = {{HEAD, sizeof HEAD - 1}, id, {tail, strlen(tail)}};
-  answer_200(s, nh, head->keep_alive, head->minor == 0, extra, pieces, 3);
+  answer_keyed(s, nh, head, id, out.timestamp);
   return 1;
 }
 

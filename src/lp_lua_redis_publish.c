@@ -402,14 +402,7 @@ static void on_timer(uv_timer_t *t) {
 /* ---------------------------------------------------------------------------------------------
  * The way in (lp_lua_native.c) */
 
-static publisher *route_publisher(server *srv, native_route *r) {
-  lua_State *L = srv->L;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, r->ref);
-  lua_getiuservalue(L, -1, 1);
-  publisher *p = publisher_of(L, -1);
-  lua_pop(L, 2);
-  return p;
-}
+static void *publisher_at(lua_State *L, int idx) { return publisher_of(L, idx); }
 
 /* Hex of 8 random bytes: a 16-character epoch candidate (Position.epoch_candidate). */
 static int epoch_candidate(char out[17]) {
@@ -426,7 +419,7 @@ static int epoch_candidate(char out[17]) {
 
 int lp_lua_redis_publish_serve(sconn *s, native_route *r, const lp_http_event *head, lp_slice body) {
   server *srv = s->srv;
-  publisher *p = route_publisher(srv, r);
+  publisher *p = lp_lua_native_route_object(srv, r, publisher_at);
   /* a connection above the cap may not wait for a reply: the Lua handler refuses it */
   if (!p || p->closed || s->publish_pending || s->reserve) return 0;
   if (!p->ready) {
